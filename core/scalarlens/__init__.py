@@ -1,0 +1,144 @@
+"""ScalarLens: derived scalars from transformer activations, through a registry of plugins.
+
+    >>> from scalarlens import registry, DstConfig
+    >>> deriver = registry.get("mlp.post_act", DstConfig(layer_indices=[0]))
+
+Everything public is re-exported here; the implementation lives in private modules, one idea
+each.  The plugin contract is ``scalarlens.hookspecs``.
+"""
+
+from __future__ import annotations
+
+from ._activations import ActivationsAndMetadata, RawActivationStore
+from ._config import DstConfig, FrozenOptions
+from ._deriver import DeriveContext, ScalarDeriver, identity_kernel, raw_deriver
+from ._dst import DerivedScalarType, DstAndPass, raw_dst
+from ._layers import (
+    IDENTITY,
+    LAST_LAYER,
+    NO_LAYERS,
+    NOT_NEEDED,
+    PREVIOUS_LAYER,
+    IdentityLayerIndexer,
+    LayerIndexer,
+    NoLayersLayerIndexer,
+    OffsetLayerIndexer,
+    StaticLayerIndexer,
+)
+from ._model import (
+    CallableObjective,
+    CaptureRequest,
+    DirectionObjective,
+    Intervention,
+    LogitDiffObjective,
+    LogProbObjective,
+    ModelAdapter,
+    ModelDims,
+    NodeObjective,
+    Objective,
+    RunResult,
+)
+from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
+from ._plugins import ENTRY_POINT_GROUP, PluginInfo
+from ._registry import Registry, registry
+from ._sources import DerivedScalarSource, DstReference, RawScalarSource, ScalarSource
+from ._vocab import (
+    ActivationLocationType,
+    Dimension,
+    LocationWithinLayer,
+    NodeType,
+    PassType,
+    WeightLocationType,
+    resolve_shape,
+)
+from .exceptions import (
+    CheckpointError,
+    ConfigError,
+    DeriverBuildError,
+    DstConflictError,
+    DstCycleError,
+    MissingActivationError,
+    ModelInputError,
+    PluginLoadError,
+    RegistrationError,
+    ScalarLensError,
+    ShapeError,
+    TokenizerError,
+    UnknownDstError,
+    UnsupportedPassError,
+)
+from .hookspecs import PLUGIN_API_VERSION, hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "IDENTITY",
+    "LAST_LAYER",
+    "NOT_NEEDED",
+    "NO_LAYERS",
+    "PLUGIN_API_VERSION",
+    "PREVIOUS_LAYER",
+    "ActivationLocationType",
+    "ActivationsAndMetadata",
+    "CallableObjective",
+    "CaptureRequest",
+    "CheckpointError",
+    "ConfigError",
+    "DeriveContext",
+    "DerivedScalarSource",
+    "DerivedScalarType",
+    "DeriverBuildError",
+    "Dimension",
+    "DirectionObjective",
+    "DstAndPass",
+    "DstConfig",
+    "DstConflictError",
+    "DstCycleError",
+    "DstReference",
+    "EvaluationCounter",
+    "FrozenOptions",
+    "IdentityLayerIndexer",
+    "Intervention",
+    "LayerIndexer",
+    "LocationWithinLayer",
+    "LogProbObjective",
+    "LogitDiffObjective",
+    "MissingActivationError",
+    "ModelAdapter",
+    "ModelDims",
+    "ModelInputError",
+    "NoLayersLayerIndexer",
+    "NodeObjective",
+    "NodeType",
+    "Objective",
+    "OffsetLayerIndexer",
+    "PassType",
+    "Plan",
+    "PluginInfo",
+    "PluginLoadError",
+    "RawActivationStore",
+    "RawScalarSource",
+    "RegistrationError",
+    "Registry",
+    "RunResult",
+    "ScalarDeriver",
+    "ScalarLensError",
+    "ScalarSource",
+    "ShapeError",
+    "StaticLayerIndexer",
+    "TokenizerError",
+    "UnknownDstError",
+    "UnsupportedPassError",
+    "WeightLocationType",
+    "__version__",
+    "derive_from_raw",
+    "execute_plan",
+    "hookimpl",
+    "identity_kernel",
+    "make_plan",
+    "raw_deriver",
+    "raw_dst",
+    "registry",
+    "resolve_shape",
+]

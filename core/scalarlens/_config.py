@@ -1,0 +1,160 @@
+"""``DstConfig``: the few settings every deriver shares, plus a typed slot per plugin.
+
+The reference's config is a grab-bag of DST-specific fields validated loosely.  Here the shared
+fields are few and validated on construction, and each plugin keeps its own options under its
+own namespace, validated by its own attrs class through ``DstConfig.plugin_options``.
+Everything is JSON-serialisable so a deriver can be rebuilt in another process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
+
+import attrs
+
+from .exceptions import ConfigError
+
+T = TypeVar("T")
+
+
+class FrozenOptions(Mapping[str, Any]):
+    """A read-only, hashable mapping of JSON-serialisable values."""
+
+    __slots__ = ("_data", "_key")
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        raw = dict(data or {})
+        try:
+            key = json.dumps(raw, sort_keys=True)
+        except TypeError as exc:
+            raise ConfigError(
+                f"DstConfig.options must be JSON-serialisable (plain dicts, lists, strings, "
+                f"numbers): {exc}"
+            ) from None
+        self._data: dict[str, Any] = json.loads(key)
+        self._key = key
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenOptions):
+            return self._key == other._key
+        return isinstance(other, Mapping) and self._data == dict(other)
+
+    def __repr__(self) -> str:
+        return f"FrozenOptions({self._data!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self._key)  # type: ignore[no-any-return]
+
+
+def _to_layers(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = (value,)
+    try:
+        layers = tuple(value)
+    except TypeError:
+        raise ConfigError(
+            f"DstConfig.layer_indices must be None or a sequence of ints, got {value!r}"
+        ) from None
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise ConfigError(
+                f"DstConfig.layer_indices must hold non-negative ints, got {layer!r} in {value!r}"
+            )
+    return tuple(sorted(set(layers)))
+
+
+def _check_device(_: object, __: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or value.split(":")[0] not in {"cpu", "cuda", "mps", "xpu", "meta"}:
+        raise ConfigError(
+            f"DstConfig.device must be a torch device string such as 'cpu' or 'cuda:0', "
+            f"got {value!r}"
+        )
+
+
+def _check_bool(inst: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"DstConfig.{attribute.name} must be True or False, got {value!r}")
+
+
+@attrs.frozen
+class DstConfig:
+    """Settings a deriver is built with.
+
+    * ``layer_indices`` — the layers to compute (``None``: all). Sub-derivers compute only what
+      these layers need.
+    * ``derive_gradients`` — also derive the BACKWARD pass of DSTs that support it.
+    * ``device`` — where derived tensors live (``None``: where the activations are).
+    * ``detach_final_ln_scale`` — treat the final LayerNorm's scale as a constant in the backward
+      pass, which makes direct effects sum exactly to the objective (reference §5.2 item 11).
+    * ``options`` — per-plugin option namespaces: ``{"sae": {"path": ...}}``; each plugin
+      validates its own namespace through ``plugin_options``.
+    """
+
+    layer_indices: tuple[int, ...] | None = attrs.field(default=None, converter=_to_layers)
+    derive_gradients: bool = attrs.field(default=False, validator=_check_bool)
+    device: str | None = attrs.field(default=None, validator=_check_device)
+    detach_final_ln_scale: bool = attrs.field(default=False, validator=_check_bool)
+    options: FrozenOptions = attrs.field(factory=FrozenOptions, converter=FrozenOptions)
+
+    def plugin_options(self, namespace: str, schema: type[T]) -> T:
+        """Validate and return the options a plugin keeps under ``namespace``.
+
+        ``schema`` is an attrs class; unknown keys and validator failures become ``ConfigError``
+        naming the namespace and field.
+        """
+        raw = self.options.get(namespace, {})
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"DstConfig.options[{namespace!r}] must be a mapping, got {raw!r}")
+        fields = {f.name for f in attrs.fields(schema)}  # type: ignore[misc]
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ConfigError(
+                f"DstConfig.options[{namespace!r}]: unknown field(s) {unknown}; "
+                f"valid fields: {sorted(fields)}"
+            )
+        try:
+            return schema(**raw)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"DstConfig.options[{namespace!r}]: {exc}") from exc
+
+    def with_options(self, namespace: str, **values: Any) -> DstConfig:
+        merged = self.options.to_dict()
+        merged[namespace] = {**merged.get(namespace, {}), **values}
+        return attrs.evolve(self, options=merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer_indices": None if self.layer_indices is None else list(self.layer_indices),
+            "derive_gradients": self.derive_gradients,
+            "device": self.device,
+            "detach_final_ln_scale": self.detach_final_ln_scale,
+            "options": self.options.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DstConfig:
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"DstConfig: unknown field(s) {unknown}; valid: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,217 @@
+"""``ScalarDeriver``: how one DST is computed, layer by layer, from its sources.
+
+A deriver is a frozen value: its DST, the config it was built with, its ordered sources and a
+per-layer kernel ``fn(inputs, layer, ctx) -> tensor``.  Weights are *not* closed over at build
+time; the kernel asks ``ctx.weight(...)`` at derive time, so derivers stay light, device-free
+and rebuildable elsewhere from ``to_serializable_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._config import DstConfig
+from ._dst import DerivedScalarType
+from ._layers import IDENTITY, LayerIndexer
+from ._sources import DerivedScalarSource, DstReference, RawScalarSource, ScalarSource
+from ._vocab import ActivationLocationType, Dimension, PassType, WeightLocationType
+from .exceptions import ConfigError, UnsupportedPassError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._model import ModelAdapter, ModelDims
+
+LayerIndex = int | None
+
+
+@attrs.frozen
+class DeriveContext:
+    """What a kernel may consult besides its input tensors."""
+
+    pass_type: PassType
+    config: DstConfig
+    dst: DerivedScalarType
+    model: ModelAdapter | None = None
+
+    def weight(self, location: WeightLocationType, layer: LayerIndex = None) -> torch.Tensor:
+        """A model weight, read now through the adapter (never cached in the deriver)."""
+        if self.model is None:
+            raise ConfigError(
+                f"{self.dst.name} reads the weight {location.value!r} but no model was given; "
+                "pass `model=` to the executor (scalarlens.derive does this for you)"
+            )
+        return self.model.weight(location, layer)
+
+    @property
+    def dims(self) -> ModelDims:
+        if self.model is None:
+            raise ConfigError(f"{self.dst.name} needs the model's dimensions but no model was given")
+        return self.model.dims
+
+
+Inputs = tuple["torch.Tensor | None", ...]
+Kernel = Callable[[Inputs, LayerIndex, DeriveContext], "torch.Tensor"]
+
+
+def _freeze_sizes(value: Mapping[Dimension, int] | None) -> tuple[tuple[Dimension, int], ...]:
+    return tuple(sorted((value or {}).items()))
+
+
+@attrs.frozen
+class ScalarDeriver:
+    """Computes ``dst`` from ``sub_scalar_sources`` with a per-layer kernel.
+
+    ``derivable_pass_types`` declares what the kernel can produce: ``FORWARD`` (the value) and,
+    for derivers whose kernel passes gradients through, ``BACKWARD`` (the gradient of the
+    objective with respect to the value).  Asking for anything else fails at planning time.
+    """
+
+    dst: DerivedScalarType
+    config: DstConfig
+    sub_scalar_sources: tuple[ScalarSource, ...] = attrs.field(converter=tuple)
+    tensor_calculate_derived_scalar_fn: Kernel = attrs.field(eq=False)
+    derivable_pass_types: frozenset[PassType] = attrs.field(
+        default=frozenset({PassType.FORWARD}), converter=frozenset
+    )
+    dimension_sizes: tuple[tuple[Dimension, int], ...] = attrs.field(
+        default=None, converter=_freeze_sizes
+    )
+
+    def __attrs_post_init__(self) -> None:
+        extra = self.derivable_pass_types - self.dst.pass_types
+        if extra:
+            raise UnsupportedPassError(
+                f"deriver for {self.dst.name} claims pass(es) {sorted(p.value for p in extra)} "
+                f"that the DST does not declare ({sorted(p.value for p in self.dst.pass_types)})"
+            )
+
+    # --- introspection --------------------------------------------------------------------
+
+    @property
+    def parameter_sizes(self) -> dict[Dimension, int]:
+        return dict(self.dimension_sizes)
+
+    def check_pass(self, pass_type: PassType, needed_by: str = "") -> None:
+        if pass_type not in self.derivable_pass_types:
+            who = f" (needed by {needed_by})" if needed_by else ""
+            raise UnsupportedPassError(
+                f"{self.dst.name} cannot be derived for the {pass_type.value} pass{who}; it "
+                f"supports {sorted(p.value for p in self.derivable_pass_types)}"
+            )
+
+    def raw_requirements(
+        self, pass_type: PassType = PassType.FORWARD
+    ) -> frozenset[tuple[ActivationLocationType, PassType]]:
+        """Every raw (location, pass) this deriver's tree reads when asked for ``pass_type``."""
+        self.check_pass(pass_type)
+        found: set[tuple[ActivationLocationType, PassType]] = set()
+        for source in self.sub_scalar_sources:
+            resolved = pass_type if source.pass_type is None else source.pass_type
+            if isinstance(source, RawScalarSource):
+                found.add((source.location, resolved))
+            elif isinstance(source, DerivedScalarSource):
+                found |= source.scalar_deriver.raw_requirements(resolved)
+            elif isinstance(source, DstReference):
+                raise ConfigError(
+                    f"{self.dst.name} still holds an unresolved reference to "
+                    f"{source.dst_name!r}; build derivers through a Registry"
+                )
+        return frozenset(found)
+
+    def needs_backward(self, pass_type: PassType = PassType.FORWARD) -> bool:
+        return any(p is PassType.BACKWARD for _, p in self.raw_requirements(pass_type))
+
+    def to_serializable_dict(self) -> dict[str, Any]:
+        """Enough to rebuild this deriver elsewhere: ``registry.from_serializable_dict(d)``."""
+        return {"dst": self.dst.name, "config": self.config.to_dict()}
+
+    # --- transforms (names kept from the reference) ---------------------------------------
+
+    def apply_transform_fn_to_output(
+        self,
+        transform_fn: Callable[[torch.Tensor], torch.Tensor],
+        pass_type_to_transform: PassType,
+        output_dst: DerivedScalarType,
+    ) -> ScalarDeriver:
+        """A new deriver computing ``transform_fn(self's output)`` on every layer."""
+        return self.apply_layerwise_transform_fn_to_output(
+            lambda tensor, _layer, _ctx: transform_fn(tensor), pass_type_to_transform, output_dst
+        )
+
+    def apply_layerwise_transform_fn_to_output(
+        self,
+        layerwise_transform_fn: Callable[[torch.Tensor, LayerIndex, DeriveContext], torch.Tensor],
+        pass_type_to_transform: PassType,
+        output_dst: DerivedScalarType,
+    ) -> ScalarDeriver:
+        """Like ``apply_transform_fn_to_output`` with the layer and context passed along."""
+
+        def kernel(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+            (tensor,) = inputs
+            assert tensor is not None
+            return layerwise_transform_fn(tensor, layer, ctx)
+
+        return ScalarDeriver(
+            dst=output_dst,
+            config=self.config,
+            sub_scalar_sources=(DerivedScalarSource(self, pass_type_to_transform),),
+            tensor_calculate_derived_scalar_fn=kernel,
+        )
+
+    def apply_layerwise_transform_fn_to_output_and_other_tensor(
+        self,
+        layerwise_transform_fn: Callable[
+            [torch.Tensor, torch.Tensor | None, LayerIndex, DeriveContext], torch.Tensor
+        ],
+        pass_type_to_transform: PassType,
+        output_dst: DerivedScalarType,
+        other_scalar_source: ScalarSource,
+    ) -> ScalarDeriver:
+        """Combine this deriver's output with one more source (typically a gradient direction).
+
+        The other tensor is ``None`` where its indexer says the layer needs nothing from it.
+        """
+
+        def kernel(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+            tensor, other = inputs
+            assert tensor is not None
+            return layerwise_transform_fn(tensor, other, layer, ctx)
+
+        return ScalarDeriver(
+            dst=output_dst,
+            config=self.config,
+            sub_scalar_sources=(
+                DerivedScalarSource(self, pass_type_to_transform, IDENTITY),
+                other_scalar_source,
+            ),
+            tensor_calculate_derived_scalar_fn=kernel,
+        )
+
+
+def identity_kernel(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    """Kernel of raw twins: hand the single input through unchanged."""
+    (tensor,) = inputs
+    assert tensor is not None
+    return tensor
+
+
+def raw_deriver(
+    dst: DerivedScalarType, location: ActivationLocationType, config: DstConfig
+) -> ScalarDeriver:
+    """The deriver of a raw twin: the captured value, or its gradient when asked for BACKWARD."""
+    from ._layers import NO_LAYERS
+
+    return ScalarDeriver(
+        dst=dst,
+        config=config,
+        sub_scalar_sources=(
+            RawScalarSource(location, None, NO_LAYERS if location.has_no_layers else IDENTITY),
+        ),
+        tensor_calculate_derived_scalar_fn=identity_kernel,
+        derivable_pass_types=frozenset(PassType),
+    )
+

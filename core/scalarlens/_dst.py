@@ -1,0 +1,90 @@
+"""``DerivedScalarType``: an open, self-describing set of named quantities.
+
+The reference keeps DSTs in a closed enum plus a dozen parallel tables; here each DST is one
+frozen value carrying all of its metadata, so a plugin creates a new one in one statement and
+nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from ._vocab import (
+    ActivationLocationType,
+    Dimension,
+    LocationWithinLayer,
+    NodeType,
+    PassType,
+    ShapeSpec,
+)
+from .exceptions import RegistrationError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+
+
+def _check_name(_: object, __: attrs.Attribute[str], name: str) -> None:
+    if not _NAME.match(name):
+        raise RegistrationError(
+            f"invalid DST name {name!r}: use dotted lowercase words such as 'mlp.write_norm'"
+        )
+
+
+def _check_shape(_: object, __: attrs.Attribute[ShapeSpec], shape: ShapeSpec) -> None:
+    if not shape or not shape[0].is_token_axis:
+        raise RegistrationError(
+            f"a DST shape must start with a token axis (tokens or token_pairs), got {shape!r}"
+        )
+
+
+@attrs.frozen
+class DerivedScalarType:
+    """A named per-prompt quantity and everything a caller needs to know about its tensor.
+
+    ``shape`` is per prompt and per layer; its first axis is a token axis.  ``location`` is
+    declared explicitly (never guessed) and only used to decide causality.  ``pass_types`` lists
+    what a deriver of this DST may be asked for: ``FORWARD`` is the value, ``BACKWARD`` is the
+    objective's gradient with respect to the value.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    shape: ShapeSpec = attrs.field(converter=tuple, validator=_check_shape)
+    node_type: NodeType
+    location: LocationWithinLayer | None = None
+    pass_types: frozenset[PassType] = attrs.field(
+        default=frozenset({PassType.FORWARD}), converter=frozenset
+    )
+    description: str = ""
+    has_no_layers: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def uses_token_pairs(self) -> bool:
+        return Dimension.TOKEN_PAIRS in self.shape
+
+
+def raw_dst(location: ActivationLocationType, description: str) -> DerivedScalarType:
+    """The DST twin of a raw activation location: same name, shape and metadata."""
+    return DerivedScalarType(
+        name=location.value,
+        shape=location.shape,
+        node_type=location.node_type,
+        location=location.location_within_layer,
+        pass_types=frozenset(PassType),
+        description=description,
+        has_no_layers=location.has_no_layers,
+    )
+
+
+@attrs.frozen
+class DstAndPass:
+    """The key of a derived store entry: one DST in one pass."""
+
+    dst: DerivedScalarType
+    pass_type: PassType
+
+    def __str__(self) -> str:
+        return f"{self.dst.name}/{self.pass_type.value}"

@@ -1,0 +1,291 @@
+"""Planning and execution: one DAG for many requested DSTs.
+
+``make_plan`` turns requested (deriver, pass) pairs into a DAG whose nodes are
+(DST, config without layer selection, pass).  Shared sub-derivers therefore appear once and are
+evaluated once, each node computes only the layers its consumers need (layer demands flow down
+through the sources' layer indexers), and the plan states the exact raw (location, pass,
+layers) to capture and whether a backward pass is needed — all before any model runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+
+from ._activations import ActivationsAndMetadata, RawActivationStore
+from ._config import DstConfig
+from ._deriver import DeriveContext, ScalarDeriver
+from ._dst import DerivedScalarType, DstAndPass
+from ._layers import NOT_NEEDED
+from ._model import CaptureRequest
+from ._sources import DerivedScalarSource, DstReference, RawScalarSource
+from ._vocab import ActivationLocationType, PassType
+from .exceptions import ConfigError, MissingActivationError, ShapeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._model import ModelAdapter
+
+LayerIndex = int | None
+NodeKey = tuple[DerivedScalarType, DstConfig, PassType]
+RawKey = tuple[ActivationLocationType, PassType]
+
+
+def node_key(deriver: ScalarDeriver, pass_type: PassType) -> NodeKey:
+    """Derivers equal up to layer selection share a node: they compute the same thing."""
+    return (deriver.dst, attrs.evolve(deriver.config, layer_indices=None), pass_type)
+
+
+@attrs.frozen
+class Edge:
+    """Input ``position`` of a node: a raw key or another node, through an indexer."""
+
+    source: ScalarSourceLike
+    producer: NodeKey | RawKey
+    is_raw: bool
+
+
+ScalarSourceLike = RawScalarSource | DerivedScalarSource
+
+
+@attrs.define
+class PlanNode:
+    key: NodeKey
+    deriver: ScalarDeriver
+    pass_type: PassType
+    edges: list[Edge]
+    layers: set[LayerIndex] = attrs.field(factory=set)
+
+    @property
+    def dst(self) -> DerivedScalarType:
+        return self.deriver.dst
+
+
+@attrs.define
+class EvaluationCounter:
+    """Counts kernel calls (one per node and layer), in total and per DST name."""
+
+    by_dst: Counter[str] = attrs.field(factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_dst.values())
+
+    def reset(self) -> None:
+        self.by_dst.clear()
+
+
+@attrs.frozen
+class Plan:
+    """The DAG plus what it needs from a model run."""
+
+    requests: tuple[tuple[NodeKey, tuple[LayerIndex, ...]], ...]
+    nodes: tuple[PlanNode, ...]  # producers before consumers
+    raw_layers: Mapping[RawKey, frozenset[LayerIndex]]
+    n_layers: int
+
+    @property
+    def needs_backward(self) -> bool:
+        return any(p is PassType.BACKWARD for _, p in self.raw_layers)
+
+    @property
+    def captures(self) -> tuple[CaptureRequest, ...]:
+        out = []
+        for (location, pass_type), layers in sorted(
+            self.raw_layers.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value)
+        ):
+            ints = frozenset(layer for layer in layers if layer is not None)
+            out.append(CaptureRequest(location, pass_type, None if location.has_no_layers else ints))
+        return tuple(out)
+
+    def describe(self) -> str:
+        lines = [f"{len(self.nodes)} derivation node(s); backward pass: {self.needs_backward}"]
+        for node in self.nodes:
+            layers = sorted(node.layers, key=lambda x: -1 if x is None else x)
+            lines.append(f"  {node.dst.name}/{node.pass_type.value} layers={layers}")
+        lines.append("captures:")
+        for c in self.captures:
+            layers = "-" if c.layers is None else sorted(c.layers)
+            lines.append(f"  {c.location.value}/{c.pass_type.value} layers={layers}")
+        return "\n".join(lines)
+
+
+def _requested_layers(deriver: ScalarDeriver, n_layers: int) -> tuple[LayerIndex, ...]:
+    if deriver.dst.has_no_layers:
+        return (None,)
+    layers = deriver.config.layer_indices
+    if layers is None:
+        return tuple(range(n_layers))
+    bad = [layer for layer in layers if layer >= n_layers]
+    if bad:
+        raise ConfigError(
+            f"{deriver.dst.name}: layer index {bad[0]} is out of range; the model has "
+            f"{n_layers} layers (valid: 0..{n_layers - 1})"
+        )
+    return layers
+
+
+def make_plan(
+    requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int
+) -> Plan:
+    """Build the deduplicated, layer-pruned DAG for ``requests`` on an ``n_layers`` model."""
+    nodes: dict[NodeKey, PlanNode] = {}
+    order: list[NodeKey] = []  # post-order: producers first
+
+    def visit(deriver: ScalarDeriver, pass_type: PassType, needed_by: str) -> NodeKey:
+        deriver.check_pass(pass_type, needed_by)
+        key = node_key(deriver, pass_type)
+        if key in nodes:
+            return key
+        edges: list[Edge] = []
+        node = PlanNode(key, deriver, pass_type, edges)
+        nodes[key] = node
+        for source in deriver.sub_scalar_sources:
+            resolved = pass_type if source.pass_type is None else source.pass_type
+            if isinstance(source, RawScalarSource):
+                edges.append(Edge(source, (source.location, resolved), True))
+            elif isinstance(source, DerivedScalarSource):
+                child = visit(source.scalar_deriver, resolved, deriver.dst.name)
+                edges.append(Edge(source, child, False))
+            elif isinstance(source, DstReference):
+                raise ConfigError(
+                    f"{deriver.dst.name} holds an unresolved reference to {source.dst_name!r}; "
+                    "build derivers with registry.get so references are resolved"
+                )
+            else:
+                raise ConfigError(f"{deriver.dst.name}: unknown source type {type(source).__name__}")
+        order.append(key)
+        return key
+
+    request_keys = []
+    for deriver, pass_type in requests:
+        key = visit(deriver, pass_type, "")
+        layers = _requested_layers(deriver, n_layers)
+        nodes[key].layers.update(layers)
+        request_keys.append((key, layers))
+
+    raw_layers: dict[RawKey, set[LayerIndex]] = {}
+    # Consumers before producers, so every demand on a node is known before it is passed on.
+    for key in reversed(order):
+        node = nodes[key]
+        for edge in node.edges:
+            needed = {
+                edge.source.layer_indexer.source_layer(layer, n_layers) for layer in node.layers
+            }
+            needed.discard(NOT_NEEDED)
+            if edge.is_raw:
+                raw_key = edge.producer
+                assert isinstance(raw_key[0], ActivationLocationType)
+                raw_layers.setdefault(raw_key, set()).update(needed)  # type: ignore[arg-type]
+            else:
+                nodes[edge.producer].layers.update(needed)  # type: ignore[index,arg-type]
+
+    return Plan(
+        requests=tuple(request_keys),
+        nodes=tuple(nodes[k] for k in order),
+        raw_layers={k: frozenset(v) for k, v in raw_layers.items()},
+        n_layers=n_layers,
+    )
+
+
+def execute_plan(
+    plan: Plan,
+    raw_store: RawActivationStore,
+    *,
+    model: ModelAdapter | None = None,
+    counter: EvaluationCounter | None = None,
+) -> dict[DstAndPass, ActivationsAndMetadata]:
+    """Evaluate every node once, layer by layer, and return the requested results.
+
+    Intermediate results are dropped as soon as their last consumer has run, so peak memory is
+    bounded by what is live, not by the whole DAG.
+    """
+    import torch
+
+    remaining_uses: Counter[NodeKey] = Counter()
+    for node in plan.nodes:
+        for edge in node.edges:
+            if not edge.is_raw:
+                remaining_uses[edge.producer] += 1  # type: ignore[index]
+    requested = {key for key, _ in plan.requests}
+
+    results: dict[NodeKey, dict[LayerIndex, torch.Tensor]] = {}
+    with torch.no_grad():
+        for node in plan.nodes:
+            ctx = DeriveContext(node.pass_type, node.deriver.config, node.dst, model)
+            kernel = node.deriver.tensor_calculate_derived_scalar_fn
+            out: dict[LayerIndex, torch.Tensor] = {}
+            for layer in sorted(node.layers, key=lambda x: -1 if x is None else x):
+                inputs = tuple(
+                    _input(edge, layer, plan.n_layers, raw_store, results, node) for edge in node.edges
+                )
+                value = kernel(inputs, layer, ctx)
+                if counter is not None:
+                    counter.by_dst[node.dst.name] += 1
+                if value.ndim != len(node.dst.shape):
+                    raise ShapeError(
+                        f"{node.dst.name} (layer {layer}) returned a {value.ndim}-d tensor of "
+                        f"shape {tuple(value.shape)}; its declared shape is "
+                        f"{[d.value for d in node.dst.shape]}"
+                    )
+                if node.deriver.config.device is not None:
+                    value = value.to(node.deriver.config.device)
+                out[layer] = value.detach()
+            results[node.key] = out
+            for edge in node.edges:
+                if not edge.is_raw:
+                    producer: NodeKey = edge.producer  # type: ignore[assignment]
+                    remaining_uses[producer] -= 1
+                    if remaining_uses[producer] == 0 and producer not in requested:
+                        del results[producer]
+
+    final: dict[DstAndPass, ActivationsAndMetadata] = {}
+    for key, layers in plan.requests:
+        dst, _, pass_type = key
+        by_layer = {layer: results[key][layer] for layer in layers}
+        name = DstAndPass(dst, pass_type)
+        if name in final:  # same DST requested twice with different layers: merge
+            by_layer = {**final[name].activations_by_layer_index, **by_layer}
+        final[name] = ActivationsAndMetadata(dst, pass_type, by_layer)
+    return final
+
+
+def _input(
+    edge: Edge,
+    layer: LayerIndex,
+    n_layers: int,
+    raw_store: RawActivationStore,
+    results: Mapping[NodeKey, Mapping[LayerIndex, torch.Tensor]],
+    node: PlanNode,
+) -> torch.Tensor | None:
+    source_layer = edge.source.layer_indexer.source_layer(layer, n_layers)
+    if source_layer is NOT_NEEDED:
+        return None
+    if edge.is_raw:
+        location, pass_type = edge.producer  # type: ignore[misc]
+        entry = raw_store.get(location, pass_type)
+        try:
+            return entry.activations_by_layer_index[source_layer]
+        except KeyError:
+            raise MissingActivationError(
+                f"{node.dst.name} (layer {layer}) needs {location.value}/{pass_type.value} at "
+                f"layer {source_layer}, which was not captured; captured layers: "
+                f"{list(entry.layer_indices)}"
+            ) from None
+    return results[edge.producer][source_layer]  # type: ignore[index]
+
+
+def derive_from_raw(
+    requests: Sequence[tuple[ScalarDeriver, PassType]],
+    raw_store: RawActivationStore,
+    *,
+    n_layers: int,
+    model: ModelAdapter | None = None,
+    counter: EvaluationCounter | None = None,
+) -> dict[DstAndPass, ActivationsAndMetadata]:
+    """Plan and execute in one call (for stores captured elsewhere)."""
+    return execute_plan(make_plan(requests, n_layers), raw_store, model=model, counter=counter)

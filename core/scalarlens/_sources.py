@@ -1,0 +1,93 @@
+"""Scalar sources: the inputs of a deriver.
+
+A source is a raw captured activation, another deriver's output, or a *reference by name* to
+another DST.  References are what let a plugin chain onto a DST from a different plugin without
+importing it: the registry resolves them into derived sources when the deriver is built.
+
+``pass_type=None`` means "whatever pass the consuming deriver is asked for", which is how a raw
+twin serves both the value and its gradient through one declaration.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import attrs
+
+from ._config import DstConfig
+from ._layers import IDENTITY, LayerIndexer, NoLayersLayerIndexer
+from ._vocab import ActivationLocationType, PassType
+from .exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from ._deriver import ScalarDeriver
+
+
+@runtime_checkable
+class ScalarSource(Protocol):
+    """An input of a deriver: where it comes from, in which pass, through which layer indexer."""
+
+    @property
+    def pass_type(self) -> PassType | None: ...
+
+    @property
+    def layer_indexer(self) -> LayerIndexer: ...
+
+    def describe(self) -> str: ...
+
+
+def _check_raw_indexer(
+    inst: RawScalarSource, _: attrs.Attribute[LayerIndexer], indexer: LayerIndexer
+) -> None:
+    if inst.location.has_no_layers and not isinstance(indexer, NoLayersLayerIndexer):
+        raise ConfigError(
+            f"raw source {inst.location.value} has no layers: use NoLayersLayerIndexer "
+            f"(got {indexer.describe()})"
+        )
+
+
+@attrs.frozen
+class RawScalarSource:
+    """A captured activation (or its gradient) at a model location."""
+
+    location: ActivationLocationType
+    pass_type: PassType | None = PassType.FORWARD
+    layer_indexer: LayerIndexer = attrs.field(default=IDENTITY, validator=_check_raw_indexer)
+
+    def describe(self) -> str:
+        return f"raw {self.location.value}/{_pass_name(self.pass_type)} [{self.layer_indexer.describe()}]"
+
+
+@attrs.frozen
+class DerivedScalarSource:
+    """The output of another deriver."""
+
+    scalar_deriver: ScalarDeriver
+    pass_type: PassType | None = PassType.FORWARD
+    layer_indexer: LayerIndexer = IDENTITY
+
+    def describe(self) -> str:
+        return (
+            f"{self.scalar_deriver.dst.name}/{_pass_name(self.pass_type)} "
+            f"[{self.layer_indexer.describe()}]"
+        )
+
+
+@attrs.frozen
+class DstReference:
+    """Another DST named by its key, resolved by the registry at build time.
+
+    ``config=None`` builds the referenced DST with the consuming deriver's config.
+    """
+
+    dst_name: str
+    pass_type: PassType | None = PassType.FORWARD
+    layer_indexer: LayerIndexer = IDENTITY
+    config: DstConfig | None = None
+
+    def describe(self) -> str:
+        return f"ref {self.dst_name}/{_pass_name(self.pass_type)} [{self.layer_indexer.describe()}]"
+
+
+def _pass_name(pass_type: PassType | None) -> str:
+    return "same-pass" if pass_type is None else pass_type.value

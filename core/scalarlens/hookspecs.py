@@ -1,0 +1,46 @@
+"""The whole plugin contract.
+
+A plugin is a module (or object) named by an entry point in the ``scalarlens`` group.  It
+implements any of the hooks below, decorated with ``scalarlens.hookimpl``, and may declare
+``SCALARLENS_PLUGIN_API = 1`` (the contract version it was written for; a different major
+version makes the registry skip it with a clear error instead of failing later).
+
+Each hook is called once per plugin, when the registry first loads.  One plugin raising or
+returning the wrong type is recorded as failed and skipped; the others keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ._config import DstConfig
+    from ._deriver import ScalarDeriver
+    from ._dst import DerivedScalarType
+    from ._model import ModelAdapter
+
+PROJECT_NAME = "scalarlens"
+PLUGIN_API_VERSION = 1
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+@hookspec
+def scalarlens_derivers() -> Mapping[DerivedScalarType, Callable[[DstConfig], ScalarDeriver]]:
+    """Return the DSTs this plugin provides, each with a factory ``config -> ScalarDeriver``.
+
+    Factories may chain onto other plugins' DSTs by naming them in a ``DstReference`` source;
+    the registry resolves references when ``registry.get`` builds the deriver.
+    """
+
+
+@hookspec
+def scalarlens_model_loaders() -> Mapping[str, Callable[[str], ModelAdapter]]:
+    """Return model loaders keyed by a spec name or ``scheme:`` prefix.
+
+    ``load_model("myarch:/path")`` calls the loader registered under ``"myarch:"`` with the whole
+    spec; a loader registered under a plain name (``"tiny-induction"``) matches that name only.
+    """
