@@ -87,7 +87,9 @@ class ActivationsAndMetadata:
         """Keep the listed layers (and the layer-less ``None`` entry); ``None`` keeps all."""
         if layers is None:
             return self
-        kept = {k: v for k, v in self.activations_by_layer_index.items() if k is None or k in layers}
+        kept = {
+            k: v for k, v in self.activations_by_layer_index.items() if k is None or k in layers
+        }
         return ActivationsAndMetadata(self.dst, self.pass_type, kept)
 
     def apply_transform_fn_to_activations(
@@ -115,7 +117,9 @@ class ActivationsAndMetadata:
     def sum(self) -> float:
         return float(sum(float(t.sum()) for t in self.activations_by_layer_index.values()))
 
-    def allclose(self, other: ActivationsAndMetadata, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+    def allclose(
+        self, other: ActivationsAndMetadata, rtol: float = 1e-5, atol: float = 1e-8
+    ) -> bool:
         """Same layers, same shapes, close values; labels are ignored on purpose."""
         import torch
 
@@ -156,8 +160,11 @@ class RawActivationStore:
                 if (layer is None) != location.has_no_layers:
                     raise ShapeError(
                         f"{location.value}: layer key {layer!r} is wrong; "
-                        + ("use None for this layer-less location" if location.has_no_layers
-                           else "this location needs integer layer keys")
+                        + (
+                            "use None for this layer-less location"
+                            if location.has_no_layers
+                            else "this location needs integer layer keys"
+                        )
                     )
             entries[(location, pass_type)] = ActivationsAndMetadata(
                 raw_dst(location, ""), pass_type, by_layer

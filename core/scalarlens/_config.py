@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -82,7 +82,13 @@ def _to_layers(value: Any) -> tuple[int, ...] | None:
 def _check_device(_: object, __: attrs.Attribute[str | None], value: str | None) -> None:
     if value is None:
         return
-    if not isinstance(value, str) or value.split(":")[0] not in {"cpu", "cuda", "mps", "xpu", "meta"}:
+    if not isinstance(value, str) or value.split(":")[0] not in {
+        "cpu",
+        "cuda",
+        "mps",
+        "xpu",
+        "meta",
+    }:
         raise ConfigError(
             f"DstConfig.device must be a torch device string such as 'cpu' or 'cuda:0', "
             f"got {value!r}"
@@ -123,7 +129,7 @@ class DstConfig:
         raw = self.options.get(namespace, {})
         if not isinstance(raw, Mapping):
             raise ConfigError(f"DstConfig.options[{namespace!r}] must be a mapping, got {raw!r}")
-        fields = {f.name for f in attrs.fields(schema)}  # type: ignore[misc]
+        fields = {f.name for f in attrs.fields(cast(Any, schema))}
         unknown = sorted(set(raw) - fields)
         if unknown:
             raise ConfigError(

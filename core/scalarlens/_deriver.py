@@ -8,14 +8,14 @@ and rebuildable elsewhere from ``to_serializable_dict()``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ._config import DstConfig
 from ._dst import DerivedScalarType
-from ._layers import IDENTITY, LayerIndexer
+from ._layers import IDENTITY
 from ._sources import DerivedScalarSource, DstReference, RawScalarSource, ScalarSource
 from ._vocab import ActivationLocationType, Dimension, PassType, WeightLocationType
 from .exceptions import ConfigError, UnsupportedPassError
@@ -49,12 +49,22 @@ class DeriveContext:
     @property
     def dims(self) -> ModelDims:
         if self.model is None:
-            raise ConfigError(f"{self.dst.name} needs the model's dimensions but no model was given")
+            raise ConfigError(
+                f"{self.dst.name} needs the model's dimensions but no model was given"
+            )
         return self.model.dims
 
 
 Inputs = tuple["torch.Tensor | None", ...]
 Kernel = Callable[[Inputs, LayerIndex, DeriveContext], "torch.Tensor"]
+
+
+def _to_sources(value: Iterable[ScalarSource]) -> tuple[ScalarSource, ...]:
+    return tuple(value)
+
+
+def _to_passes(value: Iterable[PassType]) -> frozenset[PassType]:
+    return frozenset(value)
 
 
 def _freeze_sizes(value: Mapping[Dimension, int] | None) -> tuple[tuple[Dimension, int], ...]:
@@ -72,10 +82,10 @@ class ScalarDeriver:
 
     dst: DerivedScalarType
     config: DstConfig
-    sub_scalar_sources: tuple[ScalarSource, ...] = attrs.field(converter=tuple)
+    sub_scalar_sources: tuple[ScalarSource, ...] = attrs.field(converter=_to_sources)
     tensor_calculate_derived_scalar_fn: Kernel = attrs.field(eq=False)
     derivable_pass_types: frozenset[PassType] = attrs.field(
-        default=frozenset({PassType.FORWARD}), converter=frozenset
+        default=frozenset({PassType.FORWARD}), converter=_to_passes
     )
     dimension_sizes: tuple[tuple[Dimension, int], ...] = attrs.field(
         default=None, converter=_freeze_sizes
@@ -214,4 +224,3 @@ def raw_deriver(
         tensor_calculate_derived_scalar_fn=identity_kernel,
         derivable_pass_types=frozenset(PassType),
     )
-

@@ -8,6 +8,7 @@ nothing else needs editing.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import attrs
 
@@ -38,6 +39,14 @@ def _check_shape(_: object, __: attrs.Attribute[ShapeSpec], shape: ShapeSpec) ->
         )
 
 
+def _to_shape(value: Iterable[Dimension]) -> ShapeSpec:
+    return tuple(value)
+
+
+def _to_passes(value: Iterable[PassType]) -> frozenset[PassType]:
+    return frozenset(value)
+
+
 @attrs.frozen
 class DerivedScalarType:
     """A named per-prompt quantity and everything a caller needs to know about its tensor.
@@ -49,11 +58,11 @@ class DerivedScalarType:
     """
 
     name: str = attrs.field(validator=_check_name)
-    shape: ShapeSpec = attrs.field(converter=tuple, validator=_check_shape)
+    shape: ShapeSpec = attrs.field(converter=_to_shape, validator=_check_shape)
     node_type: NodeType
     location: LocationWithinLayer | None = None
     pass_types: frozenset[PassType] = attrs.field(
-        default=frozenset({PassType.FORWARD}), converter=frozenset
+        default=frozenset({PassType.FORWARD}), converter=_to_passes
     )
     description: str = ""
     has_no_layers: bool = False

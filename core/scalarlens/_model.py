@@ -9,7 +9,7 @@ this protocol and contributing a loader through the ``scalarlens_model_loaders``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
@@ -34,6 +34,10 @@ __all__ = [
     "Objective",
     "RunResult",
 ]
+
+
+def _layer_set(value: Iterable[int] | None) -> frozenset[int] | None:
+    return None if value is None else frozenset(value)
 
 
 @attrs.frozen
@@ -68,9 +72,7 @@ class CaptureRequest:
 
     location: ActivationLocationType
     pass_type: PassType
-    layers: frozenset[int] | None = attrs.field(
-        default=None, converter=lambda v: None if v is None else frozenset(v)
-    )
+    layers: frozenset[int] | None = attrs.field(default=None, converter=_layer_set)
 
 
 # --- backward objectives -------------------------------------------------------------------
@@ -141,9 +143,7 @@ class Intervention:
 
     location: ActivationLocationType
     fn: Callable[[torch.Tensor, LayerIndex], torch.Tensor] = attrs.field(eq=False)
-    layers: frozenset[int] | None = attrs.field(
-        default=None, converter=lambda v: None if v is None else frozenset(v)
-    )
+    layers: frozenset[int] | None = attrs.field(default=None, converter=_layer_set)
     name: str = "intervention"
 
 
@@ -153,9 +153,9 @@ class RunResult:
 
     tokens: tuple[int, ...]
     logits: torch.Tensor = attrs.field(eq=False)
-    captured: Mapping[tuple[ActivationLocationType, PassType], Mapping[LayerIndex, torch.Tensor]] = (
-        attrs.field(eq=False)
-    )
+    captured: Mapping[
+        tuple[ActivationLocationType, PassType], Mapping[LayerIndex, torch.Tensor]
+    ] = attrs.field(eq=False)
     objective_value: float | None = None
 
 

@@ -99,7 +99,9 @@ class Plan:
             self.raw_layers.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value)
         ):
             ints = frozenset(layer for layer in layers if layer is not None)
-            out.append(CaptureRequest(location, pass_type, None if location.has_no_layers else ints))
+            out.append(
+                CaptureRequest(location, pass_type, None if location.has_no_layers else ints)
+            )
         return tuple(out)
 
     def describe(self) -> str:
@@ -109,8 +111,8 @@ class Plan:
             lines.append(f"  {node.dst.name}/{node.pass_type.value} layers={layers}")
         lines.append("captures:")
         for c in self.captures:
-            layers = "-" if c.layers is None else sorted(c.layers)
-            lines.append(f"  {c.location.value}/{c.pass_type.value} layers={layers}")
+            shown = "-" if c.layers is None else sorted(c.layers)
+            lines.append(f"  {c.location.value}/{c.pass_type.value} layers={shown}")
         return "\n".join(lines)
 
 
@@ -129,9 +131,7 @@ def _requested_layers(deriver: ScalarDeriver, n_layers: int) -> tuple[LayerIndex
     return layers
 
 
-def make_plan(
-    requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int
-) -> Plan:
+def make_plan(requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int) -> Plan:
     """Build the deduplicated, layer-pruned DAG for ``requests`` on an ``n_layers`` model."""
     nodes: dict[NodeKey, PlanNode] = {}
     order: list[NodeKey] = []  # post-order: producers first
@@ -157,7 +157,9 @@ def make_plan(
                     "build derivers with registry.get so references are resolved"
                 )
             else:
-                raise ConfigError(f"{deriver.dst.name}: unknown source type {type(source).__name__}")
+                raise ConfigError(
+                    f"{deriver.dst.name}: unknown source type {type(source).__name__}"
+                )
         order.append(key)
         return key
 
@@ -177,6 +179,8 @@ def make_plan(
                 edge.source.layer_indexer.source_layer(layer, n_layers) for layer in node.layers
             }
             needed.discard(NOT_NEEDED)
+            if not needed:
+                continue
             if edge.is_raw:
                 raw_key = edge.producer
                 assert isinstance(raw_key[0], ActivationLocationType)
@@ -221,7 +225,8 @@ def execute_plan(
             out: dict[LayerIndex, torch.Tensor] = {}
             for layer in sorted(node.layers, key=lambda x: -1 if x is None else x):
                 inputs = tuple(
-                    _input(edge, layer, plan.n_layers, raw_store, results, node) for edge in node.edges
+                    _input(edge, layer, plan.n_layers, raw_store, results, node)
+                    for edge in node.edges
                 )
                 value = kernel(inputs, layer, ctx)
                 if counter is not None:

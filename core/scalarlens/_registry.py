@@ -116,7 +116,7 @@ class Registry:
             return
         try:
             plugin = candidate.load()
-        except BaseException as exc:  # noqa: BLE001 - any import failure must stay contained
+        except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             self._plugins[candidate.name] = attrs.evolve(
@@ -171,6 +171,7 @@ class Registry:
                 break
             problem = check_derivers_result(result)
             if problem is None:
+                assert isinstance(result, Mapping)
                 for dst, factory in result.items():
                     self._provisions.setdefault(dst.name, []).append(
                         Provision(dst, factory, info.name)
@@ -182,10 +183,15 @@ class Registry:
                     continue
                 try:
                     loaders = impl.function()
-                    for key, loader in dict(loaders).items():
+                    if not isinstance(loaders, Mapping):
+                        raise TypeError(
+                            f"returned {type(loaders).__name__}, expected a mapping of "
+                            "spec name to loader"
+                        )
+                    for key, loader in loaders.items():
                         self._model_loaders[key] = (loader, info.name)
                 except Exception as exc:
-                    problem = f"scalarlens_model_loaders() raised {format_error(exc)}"
+                    problem = f"scalarlens_model_loaders() failed: {format_error(exc)}"
         if problem is not None:
             pm.unregister(plugin)
             self._drop_provisions(info.name)
@@ -202,9 +208,7 @@ class Registry:
                 self._provisions[name] = kept
             else:
                 del self._provisions[name]
-        self._model_loaders = {
-            k: v for k, v in self._model_loaders.items() if v[1] != plugin_name
-        }
+        self._model_loaders = {k: v for k, v in self._model_loaders.items() if v[1] != plugin_name}
 
     def unregister(self, name: str) -> None:
         """Remove a plugin and everything it contributed."""
@@ -217,7 +221,11 @@ class Registry:
         del self._plugins[name]
 
     def register_factory(
-        self, dst: DerivedScalarType, factory: Factory, *, plugin: str = LOCAL_PLUGIN,
+        self,
+        dst: DerivedScalarType,
+        factory: Factory,
+        *,
+        plugin: str = LOCAL_PLUGIN,
         override: bool = False,
     ) -> None:
         """Register one factory in process.  ``override=True`` replaces every other provider."""
@@ -332,7 +340,7 @@ class Registry:
         memo: dict[tuple[str, DstConfig], ScalarDeriver],
     ) -> ScalarDeriver:
         if name in stack:
-            cycle = " -> ".join((*stack[stack.index(name):], name))
+            cycle = " -> ".join((*stack[stack.index(name) :], name))
             raise DstCycleError(f"DST references form a cycle: {cycle}")
         if (name, config) in memo:
             return memo[(name, config)]

@@ -10,7 +10,7 @@ twin serves both the value and its gradient through one declaration.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -37,7 +37,7 @@ class ScalarSource(Protocol):
 
 
 def _check_raw_indexer(
-    inst: RawScalarSource, _: attrs.Attribute[LayerIndexer], indexer: LayerIndexer
+    inst: RawScalarSource, _: attrs.Attribute[Any], indexer: LayerIndexer
 ) -> None:
     if inst.location.has_no_layers and not isinstance(indexer, NoLayersLayerIndexer):
         raise ConfigError(
@@ -55,7 +55,8 @@ class RawScalarSource:
     layer_indexer: LayerIndexer = attrs.field(default=IDENTITY, validator=_check_raw_indexer)
 
     def describe(self) -> str:
-        return f"raw {self.location.value}/{_pass_name(self.pass_type)} [{self.layer_indexer.describe()}]"
+        indexer = self.layer_indexer.describe()
+        return f"raw {self.location.value}/{_pass_name(self.pass_type)} [{indexer}]"
 
 
 @attrs.frozen

@@ -126,7 +126,13 @@ class ActivationLocationType(str, enum.Enum):
         member.has_no_layers = has_no_layers
         return member
 
-    RESID_POST_EMBEDDING = ("resid.post_emb", (_T, _D), NodeType.RESIDUAL_STREAM_CHANNEL, None, True)
+    RESID_POST_EMBEDDING = (
+        "resid.post_emb",
+        (_T, _D),
+        NodeType.RESIDUAL_STREAM_CHANNEL,
+        None,
+        True,
+    )
     ATTN_INPUT_LAYER_NORM_SCALE = ("attn_ln.scale", (_T, _ONE), NodeType.LAYER, _LOC.ATTN)
     ATTN_QUERY = ("attn.q", (_T, _H, _DK), NodeType.QK_CHANNEL, _LOC.ATTN)
     ATTN_KEY = ("attn.k", (_S, _H, _DK), NodeType.QK_CHANNEL, _LOC.ATTN)
@@ -136,14 +142,20 @@ class ActivationLocationType(str, enum.Enum):
     ATTN_WEIGHTED_SUM_OF_VALUES = ("attn.v_out", (_T, _H, _DV), NodeType.V_CHANNEL, _LOC.ATTN)
     RESID_DELTA_ATTN = ("resid.delta_attn", (_T, _D), NodeType.RESIDUAL_STREAM_CHANNEL, _LOC.ATTN)
     RESID_POST_ATTN = (
-        "resid.post_attn", (_T, _D), NodeType.RESIDUAL_STREAM_CHANNEL, _LOC.RESID_POST_ATTN
+        "resid.post_attn",
+        (_T, _D),
+        NodeType.RESIDUAL_STREAM_CHANNEL,
+        _LOC.RESID_POST_ATTN,
     )
     MLP_INPUT_LAYER_NORM_SCALE = ("mlp_ln.scale", (_T, _ONE), NodeType.LAYER, _LOC.MLP)
     MLP_PRE_ACT = ("mlp.pre_act", (_T, _F), NodeType.MLP_NEURON, _LOC.MLP)
     MLP_POST_ACT = ("mlp.post_act", (_T, _F), NodeType.MLP_NEURON, _LOC.MLP)
     RESID_DELTA_MLP = ("resid.delta_mlp", (_T, _D), NodeType.RESIDUAL_STREAM_CHANNEL, _LOC.MLP)
     RESID_POST_MLP = (
-        "resid.post_mlp", (_T, _D), NodeType.RESIDUAL_STREAM_CHANNEL, _LOC.RESID_POST_MLP
+        "resid.post_mlp",
+        (_T, _D),
+        NodeType.RESIDUAL_STREAM_CHANNEL,
+        _LOC.RESID_POST_MLP,
     )
     RESID_FINAL_LAYER_NORM_SCALE = ("resid.ln_f.scale", (_T, _ONE), NodeType.LAYER, None, True)
     LOGITS = ("logits", (_T, _V), NodeType.VOCAB_TOKEN, None, True)
@@ -159,7 +171,9 @@ class WeightLocationType(str, enum.Enum):
     shape: ShapeSpec
     has_no_layers: bool
 
-    def __new__(cls, value: str, shape: ShapeSpec, has_no_layers: bool = False) -> WeightLocationType:
+    def __new__(
+        cls, value: str, shape: ShapeSpec, has_no_layers: bool = False
+    ) -> WeightLocationType:
         member = str.__new__(cls, value)
         member._value_ = value
         member.shape = shape

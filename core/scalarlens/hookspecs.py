@@ -28,6 +28,7 @@ PLUGIN_API_VERSION = 1
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
+
 @hookspec
 def scalarlens_derivers() -> Mapping[DerivedScalarType, Callable[[DstConfig], ScalarDeriver]]:
     """Return the DSTs this plugin provides, each with a factory ``config -> ScalarDeriver``.
@@ -35,6 +36,7 @@ def scalarlens_derivers() -> Mapping[DerivedScalarType, Callable[[DstConfig], Sc
     Factories may chain onto other plugins' DSTs by naming them in a ``DstReference`` source;
     the registry resolves references when ``registry.get`` builds the deriver.
     """
+    return {}
 
 
 @hookspec
@@ -44,3 +46,4 @@ def scalarlens_model_loaders() -> Mapping[str, Callable[[str], ModelAdapter]]:
     ``load_model("myarch:/path")`` calls the loader registered under ``"myarch:"`` with the whole
     spec; a loader registered under a plain name (``"tiny-induction"``) matches that name only.
     """
+    return {}
