@@ -9,7 +9,9 @@ each.  The plugin contract is ``scalarlens.hookspecs``.
 
 from __future__ import annotations
 
-from ._activations import ActivationsAndMetadata, RawActivationStore
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._config import DstConfig, FrozenOptions
 from ._deriver import DeriveContext, ScalarDeriver, identity_kernel, raw_deriver
 from ._dst import DerivedScalarType, DstAndPass, raw_dst
@@ -25,20 +27,6 @@ from ._layers import (
     OffsetLayerIndexer,
     StaticLayerIndexer,
 )
-from ._model import (
-    CallableObjective,
-    CaptureRequest,
-    DirectionObjective,
-    Intervention,
-    LogitDiffObjective,
-    LogProbObjective,
-    ModelAdapter,
-    ModelDims,
-    NodeObjective,
-    Objective,
-    RunResult,
-)
-from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
 from ._plugins import ENTRY_POINT_GROUP, PluginInfo
 from ._registry import Registry, registry
 from ._sources import DerivedScalarSource, DstReference, RawScalarSource, ScalarSource
@@ -68,6 +56,46 @@ from .exceptions import (
     UnsupportedPassError,
 )
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
+
+if TYPE_CHECKING:
+    from ._activations import ActivationsAndMetadata, RawActivationStore
+    from ._model import (
+        CallableObjective,
+        CaptureRequest,
+        DirectionObjective,
+        Intervention,
+        LogitDiffObjective,
+        LogProbObjective,
+        ModelAdapter,
+        ModelDims,
+        NodeObjective,
+        Objective,
+        RunResult,
+    )
+    from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
+
+# Imported on first use: resolving a deriver needs none of these, and keeping them out of
+# `import scalarlens` keeps the startup budget (see benchmarks/bench_startup.py).
+_LAZY = {
+    "._activations": ("ActivationsAndMetadata", "RawActivationStore"),
+    "._model": (
+        "CallableObjective", "CaptureRequest", "DirectionObjective", "Intervention",
+        "LogitDiffObjective", "LogProbObjective", "ModelAdapter", "ModelDims", "NodeObjective",
+        "Objective", "RunResult",
+    ),
+    "._plan": ("EvaluationCounter", "Plan", "derive_from_raw", "execute_plan", "make_plan"),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'scalarlens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -9,8 +9,9 @@ error, so one broken distribution never takes the registry down.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -47,13 +48,24 @@ class PluginInfo:
 
 @attrs.frozen
 class PluginCandidate:
-    """An entry point found on the path, not yet imported."""
+    """An entry point found on the path, not yet imported.
+
+    The distribution's name and version are read lazily (parsing ``METADATA`` costs more than
+    discovery itself) — only ``registry.plugins()`` and error messages need them.
+    """
 
     name: str
     value: str
-    distribution: str | None
-    version: str | None
     load: Callable[[], object] = attrs.field(eq=False, repr=False)
+    dist: Any = attrs.field(default=None, eq=False, repr=False)
+
+    def distribution_and_version(self) -> tuple[str | None, str | None]:
+        if self.dist is None:
+            return None, None
+        try:
+            return self.dist.metadata["Name"], self.dist.version
+        except Exception:  # a distribution with unreadable metadata still loads
+            return None, None
 
 
 def _split_env(name: str) -> list[str]:
@@ -74,29 +86,27 @@ def preferences_from_env() -> dict[str, str]:
     return out
 
 
+def _entry_points(group: str) -> Iterable[Any]:
+    # The standard library's reader is several times faster than the backport here, and torch
+    # has already imported it; the backport only fills in for Pythons without ``EntryPoint.dist``.
+    if sys.version_info >= (3, 10):
+        from importlib.metadata import entry_points
+    else:  # pragma: no cover
+        from importlib_metadata import entry_points
+    return entry_points(group=group)
+
+
 def discover_candidates() -> list[PluginCandidate]:
     """Entry points of the ``scalarlens`` group, honouring the autoload switches."""
-    import importlib_metadata
-
     autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").lower() in ("", "0", "false", "no")
     explicit = set(_split_env(ENV_LOAD))
     if not autoload and not explicit:
         return []
-    found = []
-    for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if not autoload and ep.name not in explicit:
-            continue
-        dist = ep.dist
-        found.append(
-            PluginCandidate(
-                name=ep.name,
-                value=ep.value,
-                distribution=None if dist is None else dist.name,
-                version=None if dist is None else dist.version,
-                load=ep.load,
-            )
-        )
-    return found
+    return [
+        PluginCandidate(name=ep.name, value=ep.value, load=ep.load, dist=ep.dist)
+        for ep in _entry_points(ENTRY_POINT_GROUP)
+        if autoload or ep.name in explicit
+    ]
 
 
 def format_error(exc: BaseException) -> str:

@@ -8,7 +8,6 @@ recursively, detecting cycles.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +79,7 @@ class Registry:
         self._plugins: dict[str, PluginInfo] = {}
         self._provisions: dict[str, list[Provision]] = {}
         self._model_loaders: dict[str, tuple[Callable[[str], ModelAdapter], str]] = {}
+        self._candidates: dict[str, PluginCandidate] = {}
 
     # --- loading --------------------------------------------------------------------------
 
@@ -105,13 +105,13 @@ class Registry:
 
     def _load_candidate(self, candidate: PluginCandidate, blocked: frozenset[str]) -> None:
         info = PluginInfo(
-            name=candidate.name,
-            distribution=candidate.distribution,
-            version=candidate.version,
-            module=candidate.value,
+            name=candidate.name, distribution=None, version=None, module=candidate.value,
             status="loaded",
         )
-        if candidate.name in blocked or (candidate.distribution or "") in blocked:
+        self._candidates[candidate.name] = candidate
+        if candidate.name in blocked or (
+            blocked and candidate.distribution_and_version()[0] in blocked
+        ):
             self._plugins[candidate.name] = attrs.evolve(info, status="blocked")
             return
         try:
@@ -252,9 +252,19 @@ class Registry:
 
     # --- queries --------------------------------------------------------------------------
 
+    def _info(self, name: str) -> PluginInfo:
+        """A plugin's record, with distribution name and version filled in on first need."""
+        info = self._plugins[name]
+        candidate = self._candidates.get(name)
+        if candidate is not None and info.distribution is None:
+            distribution, version = candidate.distribution_and_version()
+            info = attrs.evolve(info, distribution=distribution, version=version)
+            self._plugins[name] = info
+        return info
+
     def plugins(self) -> tuple[PluginInfo, ...]:
         self._ensure_loaded()
-        return tuple(self._plugins.values())
+        return tuple(self._info(name) for name in list(self._plugins))
 
     def names(self) -> tuple[str, ...]:
         self._ensure_loaded()
@@ -277,7 +287,7 @@ class Registry:
     def provider(self, name: str | DerivedScalarType) -> PluginInfo:
         """The plugin that provides a DST (after conflict resolution)."""
         plugin = self._provision(name if isinstance(name, str) else name.name).plugin
-        return self._plugins[plugin]
+        return self._info(plugin)
 
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
@@ -300,7 +310,7 @@ class Registry:
             for offer in offers:
                 if offer.plugin == preferred:
                     return offer
-        who = "; ".join(self._plugins[o.plugin].where() for o in offers)
+        who = "; ".join(self._info(o.plugin).where() for o in offers)
         raise DstConflictError(
             f"DST {name!r} is provided by more than one plugin: {who}. Choose one with "
             f"Registry(prefer={{{name!r}: '<plugin>'}}), registry.prefer({name!r}, '<plugin>') "
@@ -308,8 +318,10 @@ class Registry:
         )
 
     def _unknown(self, name: str) -> UnknownDstError:
+        import difflib  # only on this error path: it is slow to import
+
         suggestions = difflib.get_close_matches(name, list(self._provisions), n=3, cutoff=0.6)
-        failed = [p for p in self._plugins.values() if p.status == "failed"]
+        failed = [p for p in self.plugins() if p.status == "failed"]
         if failed and not suggestions:
             detail = "; ".join(f"{p.where()} failed to load: {p.error}" for p in failed)
             return PluginLoadError(
@@ -345,23 +357,23 @@ class Registry:
         if (name, config) in memo:
             return memo[(name, config)]
         provision = self._provision(name)
-        where = self._plugins[provision.plugin].where()
         try:
             deriver = provision.factory(config)
         except ScalarLensError:
             raise
         except Exception as exc:
             raise DeriverBuildError(
-                f"building {name!r} failed in {where}: {format_error(exc)}"
+                f"building {name!r} failed in {self._info(provision.plugin).where()}: "
+                f"{format_error(exc)}"
             ) from exc
         if not isinstance(deriver, ScalarDeriver):
             raise DeriverBuildError(
-                f"the factory for {name!r} in {where} returned {type(deriver).__name__}, "
-                "not a ScalarDeriver"
+                f"the factory for {name!r} in {self._info(provision.plugin).where()} returned "
+                f"{type(deriver).__name__}, not a ScalarDeriver"
             )
         if deriver.dst != provision.dst:
             raise DeriverBuildError(
-                f"the factory for {name!r} in {where} built a deriver for "
+                f"the factory for {name!r} in {self._info(provision.plugin).where()} built a deriver for "
                 f"{deriver.dst.name!r} (or with different metadata); it must build the DST it "
                 "registered"
             )
