@@ -59,6 +59,7 @@ from .hookspecs import PLUGIN_API_VERSION, hookimpl
 
 if TYPE_CHECKING:
     from ._activations import ActivationsAndMetadata, RawActivationStore
+    from ._derive import derive, load_model
     from ._model import (
         CallableObjective,
         CaptureRequest,
@@ -73,17 +74,28 @@ if TYPE_CHECKING:
         RunResult,
     )
     from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
+    from ._store import DerivedScalarStore, NodeRecord
 
 # Imported on first use: resolving a deriver needs none of these, and keeping them out of
 # `import scalarlens` keeps the startup budget (see benchmarks/bench_startup.py).
 _LAZY = {
     "._activations": ("ActivationsAndMetadata", "RawActivationStore"),
     "._model": (
-        "CallableObjective", "CaptureRequest", "DirectionObjective", "Intervention",
-        "LogitDiffObjective", "LogProbObjective", "ModelAdapter", "ModelDims", "NodeObjective",
-        "Objective", "RunResult",
+        "CallableObjective",
+        "CaptureRequest",
+        "DirectionObjective",
+        "Intervention",
+        "LogitDiffObjective",
+        "LogProbObjective",
+        "ModelAdapter",
+        "ModelDims",
+        "NodeObjective",
+        "Objective",
+        "RunResult",
     ),
     "._plan": ("EvaluationCounter", "Plan", "derive_from_raw", "execute_plan", "make_plan"),
+    "._derive": ("derive", "load_model"),
+    "._store": ("DerivedScalarStore", "NodeRecord"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -116,6 +128,7 @@ __all__ = [
     "DeriveContext",
     "DerivedScalarSource",
     "DerivedScalarType",
+    "DerivedScalarStore",
     "DeriverBuildError",
     "Dimension",
     "DirectionObjective",
@@ -138,6 +151,7 @@ __all__ = [
     "ModelInputError",
     "NoLayersLayerIndexer",
     "NodeObjective",
+    "NodeRecord",
     "NodeType",
     "Objective",
     "OffsetLayerIndexer",
@@ -160,10 +174,12 @@ __all__ = [
     "UnsupportedPassError",
     "WeightLocationType",
     "__version__",
+    "derive",
     "derive_from_raw",
     "execute_plan",
     "hookimpl",
     "identity_kernel",
+    "load_model",
     "make_plan",
     "raw_deriver",
     "raw_dst",

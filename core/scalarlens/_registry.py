@@ -373,9 +373,9 @@ class Registry:
             )
         if deriver.dst != provision.dst:
             raise DeriverBuildError(
-                f"the factory for {name!r} in {self._info(provision.plugin).where()} built a deriver for "
-                f"{deriver.dst.name!r} (or with different metadata); it must build the DST it "
-                "registered"
+                f"the factory for {name!r} in {self._info(provision.plugin).where()} built a "
+                f"deriver for {deriver.dst.name!r} (or with different metadata); it must build "
+                "the DST it registered"
             )
         resolved = self._resolve(deriver, (*stack, name), memo)
         memo[(name, config)] = resolved
