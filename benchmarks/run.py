@@ -29,9 +29,10 @@ def header() -> str:
 
 
 def main() -> None:
+    import bench_capture
     import bench_startup
 
-    sections = [header(), bench_startup.main()]
+    sections = [header(), bench_startup.main(), bench_capture.main()]
     text = "\n".join(sections)
     (HERE / "RESULTS.md").write_text(text)
     print(text)
