@@ -26,7 +26,6 @@ RUNS = 5
 
 def gpt2_small(seed: int = 0):  # type: ignore[no-untyped-def]
     import torch
-
     from scalarlens.models import GPT2Adapter, GPT2Config, GPT2Model
 
     torch.manual_seed(seed)
@@ -67,9 +66,8 @@ class PeakSampler:
 
 
 def worker_memory(case: str, n_tokens: int) -> dict[str, float]:
-    import torch
-
     import scalarlens
+    import torch
     from scalarlens import ActivationLocationType, CaptureRequest, PassType
 
     adapter = gpt2_small()
@@ -93,9 +91,8 @@ def worker_memory(case: str, n_tokens: int) -> dict[str, float]:
 
 
 def worker_time(n_tokens: int) -> dict[str, list[float]]:
-    import torch
-
     import scalarlens
+    import torch
     from scalarlens import DstConfig
 
     adapter = gpt2_small()

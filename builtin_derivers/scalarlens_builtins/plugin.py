@@ -6,11 +6,16 @@ from collections.abc import Callable, Mapping
 
 from scalarlens import DerivedScalarType, DstConfig, ScalarDeriver, hookimpl
 
-from . import raw
+from . import attention, mlp, raw, residual, tokens
 
 SCALARLENS_PLUGIN_API = 1
+
+FAMILIES = (raw, residual, mlp, attention, tokens)
 
 
 @hookimpl
 def scalarlens_derivers() -> Mapping[DerivedScalarType, Callable[[DstConfig], ScalarDeriver]]:
-    return dict(raw.FACTORIES)
+    out: dict[DerivedScalarType, Callable[[DstConfig], ScalarDeriver]] = {}
+    for family in FAMILIES:
+        out.update(family.FACTORIES)
+    return out

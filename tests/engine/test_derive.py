@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-
 import scalarlens
+import torch
 from scalarlens import (
     ActivationLocationType,
     CaptureRequest,
