@@ -82,6 +82,25 @@ class DerivedScalarStore:
         self.tokens: tuple[tuple[int, ...], ...] = tuple(tuple(t) for t in tokens)
         self.metadata: dict[str, Any] = dict(metadata or {})
 
+    @classmethod
+    def concat(cls, stores: Sequence[DerivedScalarStore]) -> DerivedScalarStore:
+        """Prompts of several stores (same DSTs) as one store; list-valued metadata is joined."""
+        if not stores:
+            raise ShapeError("concat needs at least one store")
+        keys = set(stores[0].keys())
+        for other in stores[1:]:
+            if set(other.keys()) != keys:
+                raise ShapeError("stores to concat must hold the same DSTs and passes")
+        metadata = dict(stores[0].metadata)
+        for name, value in metadata.items():
+            if isinstance(value, list):
+                metadata[name] = [v for s in stores for v in s.metadata.get(name, [])]
+        return cls(
+            [r for s in stores for r in s._results],
+            [t for s in stores for t in s.tokens],
+            metadata,
+        )
+
     # --- access ---------------------------------------------------------------------------
 
     @property

@@ -1,0 +1,151 @@
+"""Turning a ``DerivedScalarStore`` into something a person reads: tables and figures.
+
+Plots pick their form from the DST's declared shape, so any plugin's DST gets a sensible
+picture: token × token for attention patterns, layer × component heatmaps for per-neuron,
+per-head or per-latent quantities, per-token bars for layer-less scalars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._vocab import Dimension, PassType
+from .exceptions import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._store import DerivedScalarStore, NodeRecord
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain aligned text table (numbers right-aligned)."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for cell, width in zip(cells, widths, strict=True):
+            numeric = cell.replace(".", "", 1).replace("-", "", 1).replace("%", "").isdigit()
+            out.append(cell.rjust(width) if numeric else cell.ljust(width))
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def token_label(words: Sequence[str] | None, index: int | None) -> str:
+    if index is None:
+        return ""
+    return f"{index}:{words[index]}" if words is not None else str(index)
+
+
+def records_table(records: Sequence[NodeRecord], words: Sequence[str] | None = None) -> str:
+    rows = [
+        [
+            str(i + 1),
+            r.dst,
+            "-" if r.layer is None else str(r.layer),
+            token_label(words, r.token),
+            token_label(words, r.attended_token),
+            ",".join(map(str, r.component)) or "-",
+            f"{r.value:.4g}",
+        ]
+        for i, r in enumerate(records)
+    ]
+    return format_table(["#", "DST", "layer", "token", "attends to", "component", "value"], rows)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError(
+            "plotting needs matplotlib: pip install 'scalarlens[plot]' (or pip install matplotlib)"
+        ) from None
+    return plt
+
+
+def layer_component_matrix(
+    store: DerivedScalarStore,
+    dst: str,
+    pass_type: PassType = PassType.FORWARD,
+    prompt: int = 0,
+) -> torch.Tensor:
+    """``layers × components``: each layer's tensor summed over every axis but the last."""
+    import torch
+
+    aam = store.activations(dst, pass_type, prompt)
+    rows = [aam[layer].reshape(-1, aam[layer].shape[-1]).sum(0) for layer in aam.layer_indices]
+    return torch.stack(rows)
+
+
+def plot_dst(
+    store: DerivedScalarStore,
+    dst: str,
+    path: str | Path,
+    *,
+    pass_type: PassType = PassType.FORWARD,
+    prompt: int = 0,
+    words: Sequence[str] | None = None,
+) -> Path:
+    """Write a PNG suited to ``dst``'s shape and return its path."""
+    plt = _pyplot()
+    aam = store.activations(dst, pass_type, prompt)
+    shape = aam.dst.shape
+    layers = aam.layer_indices
+    if len(shape) >= 3 and shape[1] is Dimension.ATTENDED_TO_TOKENS:
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 4), squeeze=False)
+        for ax, layer in zip(axes[0], layers, strict=True):
+            tensor = aam[layer]
+            head = int(tensor.reshape(-1, tensor.shape[-1]).abs().sum(0).argmax())
+            _token_heatmap(ax, tensor[..., head].reshape(tensor.shape[0], tensor.shape[1]), words)
+            ax.set_title(f"{dst} layer {layer}, head {head}")
+    elif aam.dst.has_no_layers or (len(shape) == 2 and shape[1] is Dimension.SINGLETON):
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for layer in layers:
+            values = aam[layer].reshape(aam[layer].shape[0], -1).sum(-1)
+            ax.plot(values.tolist(), marker="o", label=f"layer {layer}")
+        ax.set_xticks(range(len(store.tokens[prompt])))
+        ax.set_xticklabels(words or store.tokens[prompt], rotation=90)
+        ax.set_title(dst)
+        ax.legend(fontsize="small")
+    else:
+        matrix = layer_component_matrix(store, dst, pass_type, prompt)
+        fig, ax = plt.subplots(
+            figsize=(min(14, 2 + 0.25 * matrix.shape[1]), 1.5 + 0.5 * len(layers))
+        )
+        _heatmap(ax, matrix, f"{dst} (summed over tokens)", shape[-1].value)
+        ax.set_yticks(range(len(layers)))
+        ax.set_yticklabels([str(layer) for layer in layers])
+        ax.set_ylabel("layer")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _heatmap(ax: Any, matrix: torch.Tensor, title: str, xlabel: str) -> None:
+    bound = float(matrix.abs().max()) or 1.0
+    image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+
+
+def _token_heatmap(ax: Any, matrix: torch.Tensor, words: Sequence[str] | None) -> None:
+    image = ax.imshow(matrix.numpy(), cmap="viridis", aspect="auto")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046)
+    if words is not None and len(words) <= 40:
+        ax.set_xticks(range(len(words)))
+        ax.set_xticklabels(words, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(words)))
+        ax.set_yticklabels(words, fontsize=7)
+    ax.set_xlabel("attended-to token")
+    ax.set_ylabel("query token")
