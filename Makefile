@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint docs bench clean
 
 venv: $(STAMP)
 
@@ -15,12 +15,11 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,dev]"
+	$(BIN)/python -m pip install -q -e ".[test,dev,plot,docs]"
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/scalarlens plugins
-	$(BIN)/scalarlens dsts
+	$(BIN)/scalarlens demo --plot scalarlens-demo.png
 
 test: venv
 	$(BIN)/python -m pytest
@@ -28,6 +27,10 @@ test: venv
 lint: venv
 	$(BIN)/ruff check core builtin_derivers tests benchmarks
 	$(BIN)/mypy
+
+docs: venv
+	$(BIN)/python docs/gen_pages.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 bench: venv
 	$(BIN)/python benchmarks/run.py
