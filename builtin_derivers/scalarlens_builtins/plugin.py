@@ -19,3 +19,13 @@ def scalarlens_derivers() -> Mapping[DerivedScalarType, Callable[[DstConfig], Sc
     for family in FAMILIES:
         out.update(family.FACTORIES)
     return out
+
+
+@hookimpl
+def scalarlens_dst_examples() -> Mapping[str, DstConfig]:
+    """``vocab.write_to_input_direction`` needs a neuron; layer 0 exists in every model."""
+    return {
+        "vocab.write_to_input_direction": DstConfig(
+            options={"builtins": {"neuron": {"layer": 0, "index": 0}}}
+        )
+    }

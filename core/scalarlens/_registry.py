@@ -80,6 +80,7 @@ class Registry:
         self._provisions: dict[str, list[Provision]] = {}
         self._model_loaders: dict[str, tuple[Callable[[str], ModelAdapter], str]] = {}
         self._candidates: dict[str, PluginCandidate] = {}
+        self._examples: dict[str, tuple[DstConfig, str]] = {}
 
     # --- loading --------------------------------------------------------------------------
 
@@ -192,6 +193,8 @@ class Registry:
                         self._model_loaders[key] = (loader, info.name)
                 except Exception as exc:
                     problem = f"scalarlens_model_loaders() failed: {format_error(exc)}"
+        if problem is None:
+            problem = self._collect_examples(pm, plugin, info.name)
         if problem is not None:
             pm.unregister(plugin)
             self._drop_provisions(info.name)
@@ -200,6 +203,29 @@ class Registry:
             info = attrs.evolve(info, dsts=tuple(dsts))
         self._plugins[info.name] = info
         return info
+
+    def _collect_examples(
+        self, pm: pluggy.PluginManager, plugin: object, plugin_name: str
+    ) -> str | None:
+        for impl in pm.hook.scalarlens_dst_examples.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            try:
+                examples = impl.function()
+            except Exception as exc:
+                return f"scalarlens_dst_examples() raised {format_error(exc)}"
+            if not isinstance(examples, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, DstConfig) for k, v in examples.items()
+            ):
+                return "scalarlens_dst_examples() must return a mapping of DST name to DstConfig"
+            for name, config in examples.items():
+                self._examples[name] = (config, plugin_name)
+        return None
+
+    def dst_examples(self) -> dict[str, DstConfig]:
+        """Example configs plugins declared for DSTs that need options."""
+        self._ensure_loaded()
+        return {name: config for name, (config, _) in self._examples.items()}
 
     def _drop_provisions(self, plugin_name: str) -> None:
         for name in list(self._provisions):

@@ -47,3 +47,13 @@ def scalarlens_model_loaders() -> Mapping[str, Callable[[str], ModelAdapter]]:
     spec; a loader registered under a plain name (``"tiny-induction"``) matches that name only.
     """
     return {}
+
+
+@hookspec
+def scalarlens_dst_examples() -> Mapping[str, DstConfig]:
+    """Return, for DSTs that need plugin options, a config with which each can be derived.
+
+    The conformance kit (``scalarlens.testing``) and the docs use these to exercise every DST
+    on any small model; DSTs that work with ``DstConfig()`` need no entry.
+    """
+    return {}

@@ -15,9 +15,9 @@ from scalarlens import DstConfig, PassType
 
 from ._tiny import N_LAYERS, REGISTRY, T, derive, tiny_adapter
 
-# DSTs that need plugin options to be built at all.
+# DSTs that need plugin options to be built at all: the options their plugins declare.
 OPTIONS: dict[str, dict[str, Any]] = {
-    "vocab.write_to_input_direction": {"builtins": {"neuron": {"layer": 1, "index": 3}}},
+    name: config.options.to_dict() for name, config in scalarlens.Registry().dst_examples().items()
 }
 ALL = sorted(scalarlens.Registry().names())
 

@@ -1,0 +1,177 @@
+"""The conformance kit: check a plugin against the contract in one line.
+
+Installed as a pytest plugin (``pytest11`` entry point), so its fixtures are available in any
+test suite once scalarlens is installed.  A plugin author writes::
+
+    from scalarlens.testing import conformance_tests
+
+    test_contract = conformance_tests("myplugin")
+
+and gets one test per DST the plugin registers, each checking: the deriver resolves (every DST
+it references exists), a description is present, every declared pass derives, output shapes
+match the declared spec on every layer, layer keys and pass labels are right, outputs carry no
+autograd graph, derivation is deterministic and never mutates its inputs.
+
+DSTs that need plugin options get them from the plugin's ``scalarlens_dst_examples`` hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+import torch
+
+from ._activations import RawActivationStore
+from ._config import DstConfig
+from ._model import LogitDiffObjective, ModelAdapter
+from ._plan import execute_plan, make_plan
+from ._registry import Registry
+from ._vocab import resolve_shape
+
+TINY_TOKENS = ((3, 1, 4, 1, 5, 9), (2, 6, 5))
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> ModelAdapter:
+    """A 3-layer random GPT-2 with random LayerNorm parameters and biases (nothing is zero)."""
+    from .models import GPT2Adapter, GPT2Config, GPT2Model
+
+    generator = torch.Generator().manual_seed(seed)
+    cfg = GPT2Config(vocab_size=23, n_positions=16, n_embd=16, n_layer=3, n_head=4, n_inner=32)
+    model = GPT2Model(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return GPT2Adapter(model, name="tiny-random", dtype=dtype)
+
+
+def isolated_registry(*plugins: str) -> Registry:
+    """A fresh registry with every installed plugin, or only ``builtins`` plus ``plugins``."""
+    reg = Registry()
+    if plugins:
+        keep = {"builtins", *plugins}
+        for info in reg.plugins():
+            if info.name not in keep:
+                reg.unregister(info.name)
+    return reg
+
+
+def _clone_store(store: RawActivationStore) -> dict[Any, dict[Any, torch.Tensor]]:
+    return {
+        key: {layer: t.clone() for layer, t in aam.activations_by_layer_index.items()}
+        for key, aam in store.entries.items()
+    }
+
+
+def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) -> None:
+    """Every contract check for one DST; raises ``AssertionError`` naming what broke."""
+    where = f"{name} (plugin {reg.provider(name).name})"
+    dst = reg.dst(name)
+    assert dst.description.strip(), f"{where}: DerivedScalarType.description is empty"
+    deriver = reg.get(name, config)  # resolves every DstReference or raises
+    n_layers = model.dims.n_layers
+    for pass_type in sorted(deriver.derivable_pass_types, key=lambda p: p.value):  # stable
+        plan = make_plan([(deriver, pass_type)], n_layers)
+        objective = LogitDiffObjective(target=1, distractor=2) if plan.needs_backward else None
+        runs = model.run([list(t) for t in TINY_TOKENS], plan.captures, objective)
+        for run in runs:
+            raw = RawActivationStore.from_nested_dict(run.captured)
+            before = _clone_store(raw)
+            first = execute_plan(plan, raw, model=model)
+            second = execute_plan(plan, raw, model=model)
+            after = _clone_store(raw)
+            for key, by_layer in before.items():
+                for layer, tensor in by_layer.items():
+                    assert torch.equal(tensor, after[key][layer]), (
+                        f"{where} ({pass_type.value}) mutated its input {key[0].value} "
+                        f"layer {layer}"
+                    )
+            ((label, out),) = first.items()
+            assert label.dst == dst and label.pass_type is pass_type, (
+                f"{where}: result labelled {label}, expected {name}/{pass_type.value}"
+            )
+            expected_layers = (None,) if dst.has_no_layers else tuple(range(n_layers))
+            assert out.layer_indices == expected_layers, (
+                f"{where} ({pass_type.value}): layers {out.layer_indices}, "
+                f"expected {expected_layers}"
+            )
+            want = resolve_shape(
+                dst.shape, n_tokens=len(run.tokens), model_sizes=model.dims.sizes(),
+                parameter_sizes=deriver.parameter_sizes,
+            )
+            for layer in out.layer_indices:
+                tensor = out[layer]
+                assert tuple(tensor.shape) == want, (
+                    f"{where} ({pass_type.value}) layer {layer}: shape {tuple(tensor.shape)}, "
+                    f"declared {[d.value for d in dst.shape]} = {want}"
+                )
+                assert tensor.grad_fn is None and not tensor.requires_grad, (
+                    f"{where} ({pass_type.value}) layer {layer}: output carries an autograd graph"
+                )
+                again = second[label][layer]
+                assert torch.equal(tensor.nan_to_num(), again.nan_to_num()), (
+                    f"{where} ({pass_type.value}) layer {layer}: two derivations differ"
+                )
+
+
+def example_configs(reg: Registry) -> dict[str, DstConfig]:
+    """Configs plugins offer for DSTs that need options (hook ``scalarlens_dst_examples``)."""
+    return reg.dst_examples()
+
+
+def conformance_tests(
+    plugin: str | None = None, *, model: Callable[[], ModelAdapter] = tiny_model,
+    configs: Mapping[str, DstConfig] | None = None,
+) -> Callable[[str], None]:
+    """A pytest test, parametrised over every DST ``plugin`` registers (all plugins if None)."""
+    reg = isolated_registry(*([plugin] if plugin else []))
+    names = sorted(
+        name for info in reg.plugins() if plugin in (None, info.name) for name in info.dsts
+    )
+    if not names:
+        raise AssertionError(
+            f"plugin {plugin!r} registers no DSTs (is it installed? `scalarlens plugins`)"
+        )
+    examples = {**example_configs(reg), **(configs or {})}
+
+    @pytest.mark.parametrize("dst_name", names)
+    def test_dst_conforms(dst_name: str) -> None:
+        check_dst(reg, dst_name, model(), examples.get(dst_name, DstConfig()))
+
+    return test_dst_conforms
+
+
+# --- pytest fixtures (this module is a pytest plugin) ---------------------------------------
+
+
+@pytest.fixture
+def scalarlens_registry() -> Iterator[Registry]:
+    """A fresh, isolated registry with every installed plugin."""
+    yield Registry()
+
+
+@pytest.fixture
+def scalarlens_tiny_model() -> ModelAdapter:
+    """A 3-layer float64 random GPT-2 with non-zero biases (for exact identities)."""
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def scalarlens_bundled_model() -> ModelAdapter:
+    """The bundled ``tiny-induction`` model (no download)."""
+    from ._derive import load_model
+
+    return load_model("tiny-induction")
+
+
+__all__ = [
+    "check_dst",
+    "conformance_tests",
+    "example_configs",
+    "isolated_registry",
+    "scalarlens_bundled_model",
+    "scalarlens_registry",
+    "scalarlens_tiny_model",
+    "tiny_model",
+]
