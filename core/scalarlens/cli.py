@@ -226,6 +226,15 @@ def cmd_vocab(args: argparse.Namespace, reg: Registry) -> int:
     return 0
 
 
+def cmd_new_plugin(args: argparse.Namespace, reg: Registry) -> int:
+    from ._scaffold import write_plugin
+
+    root = write_plugin(args.name, args.dir)
+    print(f"wrote {root}")
+    print(f"next: pip install -e '{root}[test]' && pytest {root}/tests")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scalarlens",
@@ -279,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="treat the final LayerNorm scale as a constant in the backward pass",
     )
     p.set_defaults(func=cmd_derive)
+
+    p = sub.add_parser("new-plugin", help="write a new plugin distribution (scalarlens-NAME)")
+    p.add_argument("name", help="plugin name: a lowercase identifier, e.g. 'probe'")
+    p.add_argument("--dir", default=".", help="parent directory (default: current)")
+    p.set_defaults(func=cmd_new_plugin)
 
     p = sub.add_parser("vocab", help="print the model's word vocabulary")
     p.add_argument("--model", default="tiny-induction")
