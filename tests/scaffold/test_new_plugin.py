@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from scalarlens.cli import main
 from scalarlens.exceptions import ConfigError
 
