@@ -22,6 +22,8 @@ from .exceptions import MissingActivationError, ShapeError
 if TYPE_CHECKING:
     import torch
 
+    from ._model import PluginLocation
+
 LayerIndex = int | None
 
 
@@ -135,7 +137,7 @@ class ActivationsAndMetadata:
         return ActivationsAndMetadata(self.dst, self.pass_type, out)
 
 
-RawKey = tuple[ActivationLocationType, PassType]
+RawKey = tuple["ActivationLocationType | PluginLocation", PassType]
 
 
 def _freeze_raw(
@@ -171,7 +173,9 @@ class RawActivationStore:
             )
         return cls(entries)
 
-    def get(self, location: ActivationLocationType, pass_type: PassType) -> ActivationsAndMetadata:
+    def get(
+        self, location: ActivationLocationType | PluginLocation, pass_type: PassType
+    ) -> ActivationsAndMetadata:
         try:
             return self.entries[(location, pass_type)]
         except KeyError:

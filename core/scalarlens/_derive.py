@@ -17,10 +17,21 @@ import attrs
 from ._activations import RawActivationStore
 from ._config import DstConfig
 from ._dst import DerivedScalarType
-from ._model import LogitDiffObjective, ModelAdapter, Objective
+from ._model import (
+    LOGIT_OBJECTIVES,
+    CaptureRequest,
+    Intervention,
+    LogitDiffObjective,
+    ModelAdapter,
+    Objective,
+    PluginLocation,
+    RunResult,
+    logits_objective,
+)
+from ._plan import Plan
 from ._plan import EvaluationCounter, execute_plan, make_plan
 from ._store import DerivedScalarStore
-from ._vocab import PassType
+from ._vocab import ActivationLocationType, PassType
 from .exceptions import CheckpointError, ModelInputError, TokenizerError
 
 if TYPE_CHECKING:
@@ -98,6 +109,7 @@ def derive(
     target: str | int | None = None,
     distractor: str | int | None = None,
     objective: Objective | None = None,
+    interventions: Sequence[Intervention] = (),
     layers: Sequence[int] | None = None,
     config: DstConfig | None = None,
     registry: Registry | None = None,
@@ -107,7 +119,13 @@ def derive(
 
     A DST whose value needs gradients requires a backward objective: ``target`` and
     ``distractor`` give the logit difference at the last token (the direction of interest);
-    ``objective=`` takes any ``Objective``.
+    ``objective=`` takes any ``Objective``.  ``interventions`` are spliced into the forward
+    pass (ablations, patching); plugins' DSTs that read spliced locations (e.g. SAE latents)
+    bring their own interventions.
+
+    When the only gradient needed is the one at the final residual stream (direct effects with
+    a logit objective), it is computed locally from the captured final residual through the
+    final LayerNorm and unembedding, so no backward pass through the network runs.
     """
     if registry is None:
         from ._registry import registry as default_registry
@@ -140,12 +158,25 @@ def derive(
             f"{', '.join(needing)} need(s) a backward pass: pass target= and distractor= (e.g. "
             "derive(model, prompt, dsts, target='mat', distractor='cat')) or objective="
         )
-    runs = adapter.run(
-        tokens,
-        plan.captures,
-        objective if plan.needs_backward else None,
-        detach_final_ln_scale=config.detach_final_ln_scale,
-    )
+    plugin_interventions = _plugin_interventions(plan, adapter, registry)
+    all_interventions = [*interventions, *plugin_interventions]
+    local = _local_final_gradient(plan, objective, adapter, all_interventions)
+    if local:
+        # Only the gradient at the final residual is needed: one forward pass, then a local
+        # backward through the final LayerNorm and unembedding (no graph through the network).
+        captures = [c for c in plan.captures if c.pass_type is PassType.FORWARD]
+        captures = _with_final_residual(captures, adapter.dims.n_layers)
+        runs = adapter.run(tokens, captures, None, interventions=all_interventions)
+        assert objective is not None
+        runs = [_add_final_gradient(run, objective, adapter, config) for run in runs]
+    else:
+        runs = adapter.run(
+            tokens,
+            plan.captures,
+            objective if plan.needs_backward else None,
+            interventions=all_interventions,
+            detach_final_ln_scale=config.detach_final_ln_scale,
+        )
     results = [
         execute_plan(
             plan, RawActivationStore.from_nested_dict(run.captured), model=adapter, counter=counter
@@ -160,6 +191,86 @@ def derive(
         "versions": _versions(),
     }
     return DerivedScalarStore(results, tokens, metadata)
+
+
+def _plugin_interventions(
+    plan: Plan, adapter: ModelAdapter, registry: Registry
+) -> list[Intervention]:
+    """Ask each plugin provider once per distinct params for the interventions it splices."""
+    wanted: dict[tuple[str, Any], list[PluginLocation]] = {}
+    for location, _ in plan.raw_layers:
+        if isinstance(location, PluginLocation):
+            wanted.setdefault((location.provider, location.params), []).append(location)
+    out: list[Intervention] = []
+    for (provider, params), locations in wanted.items():
+        made = list(registry.intervention_factory(provider)(params, adapter))
+        emitted = {loc for iv in made for loc in iv.emits}
+        missing = [loc.name for loc in locations if loc not in emitted]
+        if missing:
+            raise ModelInputError(
+                f"intervention provider {provider!r} did not emit {missing} for params "
+                f"{dict(params)}; the plugin's DST and its intervention disagree"
+            )
+        out += made
+    return out
+
+
+FINAL_RESIDUAL = ActivationLocationType.RESID_POST_MLP
+
+
+def _local_final_gradient(
+    plan: Plan,
+    objective: Objective | None,
+    adapter: ModelAdapter,
+    interventions: Sequence[Intervention],
+) -> bool:
+    """Whether the plan's only gradient is the objective's at the final residual."""
+    backward = {
+        key: layers for key, layers in plan.raw_layers.items() if key[1] is PassType.BACKWARD
+    }
+    last = adapter.dims.n_layers - 1
+    return (
+        backward == {(FINAL_RESIDUAL, PassType.BACKWARD): frozenset({last})}
+        and isinstance(objective, LOGIT_OBJECTIVES)
+        and hasattr(adapter, "logits_from_final_residual")
+        and not any(iv.location in _HEAD_LOCATIONS for iv in interventions)
+    )
+
+
+_HEAD_LOCATIONS = (
+    ActivationLocationType.RESID_FINAL_LAYER_NORM_SCALE,
+    ActivationLocationType.LOGITS,
+)
+
+
+def _with_final_residual(captures: list[CaptureRequest], n_layers: int) -> list[CaptureRequest]:
+    last = frozenset({n_layers - 1})
+    for i, capture in enumerate(captures):
+        if capture.location is FINAL_RESIDUAL:
+            captures[i] = CaptureRequest(
+                FINAL_RESIDUAL, PassType.FORWARD, (capture.layers or frozenset()) | last
+            )
+            return captures
+    return [*captures, CaptureRequest(FINAL_RESIDUAL, PassType.FORWARD, last)]
+
+
+def _add_final_gradient(
+    run: RunResult, objective: Objective, adapter: ModelAdapter, config: DstConfig
+) -> RunResult:
+    import torch
+
+    last = adapter.dims.n_layers - 1
+    resid = run.captured[(FINAL_RESIDUAL, PassType.FORWARD)][last]
+    with torch.enable_grad():
+        leaf = resid.detach().requires_grad_()
+        logits = adapter.logits_from_final_residual(  # type: ignore[attr-defined]
+            leaf, detach_ln_scale=config.detach_final_ln_scale
+        )
+        value = logits_objective(objective, logits)
+        (grad,) = torch.autograd.grad(value, leaf)
+    captured = dict(run.captured)
+    captured[(FINAL_RESIDUAL, PassType.BACKWARD)] = {last: grad}
+    return attrs.evolve(run, captured=captured, objective_value=float(value))
 
 
 def _versions() -> dict[str, str]:

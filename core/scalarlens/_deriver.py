@@ -23,7 +23,7 @@ from .exceptions import ConfigError, UnsupportedPassError
 if TYPE_CHECKING:
     import torch
 
-    from ._model import ModelAdapter, ModelDims
+    from ._model import ModelAdapter, ModelDims, PluginLocation
 
 LayerIndex = int | None
 
@@ -115,10 +115,10 @@ class ScalarDeriver:
 
     def raw_requirements(
         self, pass_type: PassType = PassType.FORWARD
-    ) -> frozenset[tuple[ActivationLocationType, PassType]]:
+    ) -> frozenset[tuple[ActivationLocationType | PluginLocation, PassType]]:
         """Every raw (location, pass) this deriver's tree reads when asked for ``pass_type``."""
         self.check_pass(pass_type)
-        found: set[tuple[ActivationLocationType, PassType]] = set()
+        found: set[tuple[ActivationLocationType | PluginLocation, PassType]] = set()
         for source in self.sub_scalar_sources:
             resolved = pass_type if source.pass_type is None else source.pass_type
             if isinstance(source, RawScalarSource):

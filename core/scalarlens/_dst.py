@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from typing import TYPE_CHECKING
+
 import attrs
 
 from ._vocab import (
@@ -21,6 +23,9 @@ from ._vocab import (
     ShapeSpec,
 )
 from .exceptions import RegistrationError
+
+if TYPE_CHECKING:
+    from ._model import PluginLocation
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 
@@ -75,8 +80,10 @@ class DerivedScalarType:
         return Dimension.TOKEN_PAIRS in self.shape
 
 
-def raw_dst(location: ActivationLocationType, description: str) -> DerivedScalarType:
-    """The DST twin of a raw activation location: same name, shape and metadata."""
+def raw_dst(
+    location: ActivationLocationType | PluginLocation, description: str
+) -> DerivedScalarType:
+    """The DST twin of a raw capture location: same name, shape and metadata."""
     return DerivedScalarType(
         name=location.value,
         shape=location.shape,

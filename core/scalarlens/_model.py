@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
-from ._vocab import ActivationLocationType, Dimension, PassType, WeightLocationType
+from ._config import FrozenOptions
+from ._vocab import (
+    ActivationLocationType,
+    Dimension,
+    LocationWithinLayer,
+    NodeType,
+    PassType,
+    ShapeSpec,
+    WeightLocationType,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +41,7 @@ __all__ = [
     "ModelDims",
     "NodeObjective",
     "Objective",
+    "PluginLocation",
     "RunResult",
 ]
 
@@ -66,11 +76,44 @@ class ModelDims:
         }
 
 
+def _to_shape(value: Sequence[Dimension]) -> ShapeSpec:
+    return tuple(value)
+
+
+@attrs.frozen
+class PluginLocation:
+    """A capture point that exists only while a plugin's intervention is spliced in.
+
+    Example: the latents of a sparse autoencoder spliced in at ``mlp.post_act`` of layer 3.
+    It quacks like an ``ActivationLocationType`` (``value``, ``shape``, ``node_type``,
+    ``location_within_layer``, ``has_no_layers``), so raw sources, plans and stores treat it
+    the same way.  ``provider`` names the intervention factory (hook
+    ``scalarlens_interventions``) that creates it, and ``params`` are what that factory is
+    called with; two locations with different params are different capture points.
+    """
+
+    name: str
+    provider: str
+    host: ActivationLocationType
+    shape: ShapeSpec = attrs.field(converter=_to_shape)
+    node_type: NodeType
+    location_within_layer: LocationWithinLayer | None = None
+    params: FrozenOptions = attrs.field(factory=FrozenOptions, converter=FrozenOptions)
+    has_no_layers: bool = False
+
+    @property
+    def value(self) -> str:
+        return self.name
+
+
+CaptureLocation = ActivationLocationType | PluginLocation
+
+
 @attrs.frozen
 class CaptureRequest:
     """Capture ``location`` in ``pass_type`` at ``layers`` (``None`` for layer-less locations)."""
 
-    location: ActivationLocationType
+    location: CaptureLocation
     pass_type: PassType
     layers: frozenset[int] | None = attrs.field(default=None, converter=_layer_set)
 
@@ -133,18 +176,27 @@ Objective = (
 )
 
 
+Emit = Callable[[PluginLocation, "torch.Tensor"], "torch.Tensor"]
+
+
 @attrs.frozen
 class Intervention:
     """Replace the value at ``location`` (forward pass) with ``fn(value, layer)``.
 
     Runs before any capture at that location, so captured values and gradients are those of the
     intervened model.  Used for the final-LayerNorm-scale detach, ablations and SAE splicing.
+
+    An intervention that declares ``emits`` is called as ``fn(value, layer, emit)``: it passes
+    each intermediate it wants to expose through ``emit(plugin_location, tensor)`` and uses the
+    returned tensor downstream, which is how the adapter captures its forward value and its
+    gradient (e.g. SAE latents) exactly like a built-in location.
     """
 
     location: ActivationLocationType
-    fn: Callable[[torch.Tensor, LayerIndex], torch.Tensor] = attrs.field(eq=False)
+    fn: Callable[..., torch.Tensor] = attrs.field(eq=False)
     layers: frozenset[int] | None = attrs.field(default=None, converter=_layer_set)
     name: str = "intervention"
+    emits: tuple[PluginLocation, ...] = ()
 
 
 @attrs.frozen
@@ -153,9 +205,9 @@ class RunResult:
 
     tokens: tuple[int, ...]
     logits: torch.Tensor = attrs.field(eq=False)
-    captured: Mapping[
-        tuple[ActivationLocationType, PassType], Mapping[LayerIndex, torch.Tensor]
-    ] = attrs.field(eq=False)
+    captured: Mapping[tuple[CaptureLocation, PassType], Mapping[LayerIndex, torch.Tensor]] = (
+        attrs.field(eq=False)
+    )
     objective_value: float | None = None
 
 
@@ -191,3 +243,40 @@ class ModelAdapter(Protocol):
     def config_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description of the model, stored in result metadata."""
         ...
+
+
+LOGIT_OBJECTIVES = (LogitDiffObjective, LogProbObjective, CallableObjective)
+
+
+def logits_objective(objective: Objective, logits: torch.Tensor) -> torch.Tensor:
+    """One prompt's scalar objective from its unpadded ``T×V`` logits.
+
+    Only for objectives that depend on the logits alone (``LOGIT_OBJECTIVES``); node and
+    direction objectives need the live forward pass.
+    """
+    import torch
+
+    from .exceptions import ModelInputError
+
+    length = logits.shape[0]
+
+    def position(p: int) -> int:
+        if not -length <= p < length:
+            raise ModelInputError(f"objective position {p} is outside a prompt of {length} tokens")
+        return p % length
+
+    if isinstance(objective, LogitDiffObjective):
+        t = position(objective.position)
+        return logits[t, objective.target] - logits[t, objective.distractor]
+    if isinstance(objective, LogProbObjective):
+        return torch.log_softmax(logits[position(objective.position)], dim=-1)[objective.target]
+    if isinstance(objective, CallableObjective):
+        value = objective.fn(logits)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+            raise ModelInputError(
+                f"CallableObjective {objective.name!r} must return a one-element tensor, got "
+                f"{type(value).__name__}{shape}"
+            )
+        return value.reshape(())
+    raise ModelInputError(f"{type(objective).__name__} is not a function of the logits alone")

@@ -20,7 +20,7 @@ from ._config import DstConfig
 from ._deriver import DeriveContext, ScalarDeriver
 from ._dst import DerivedScalarType, DstAndPass
 from ._layers import NOT_NEEDED
-from ._model import CaptureRequest
+from ._model import CaptureRequest, PluginLocation
 from ._sources import DerivedScalarSource, DstReference, RawScalarSource
 from ._vocab import ActivationLocationType, PassType
 from .exceptions import ConfigError, MissingActivationError, ShapeError
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 LayerIndex = int | None
 NodeKey = tuple[DerivedScalarType, DstConfig, PassType]
-RawKey = tuple[ActivationLocationType, PassType]
+RawKey = tuple[ActivationLocationType | PluginLocation, PassType]
 
 
 def node_key(deriver: ScalarDeriver, pass_type: PassType) -> NodeKey:
@@ -96,7 +96,7 @@ class Plan:
     def captures(self) -> tuple[CaptureRequest, ...]:
         out = []
         for (location, pass_type), layers in sorted(
-            self.raw_layers.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value)
+            self.raw_layers.items(), key=lambda kv: (str(kv[0][0].value), kv[0][1].value)
         ):
             ints = frozenset(layer for layer in layers if layer is not None)
             out.append(
@@ -183,7 +183,7 @@ def make_plan(requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int)
                 continue
             if edge.is_raw:
                 raw_key = edge.producer
-                assert isinstance(raw_key[0], ActivationLocationType)
+                assert isinstance(raw_key[0], (ActivationLocationType, PluginLocation))
                 raw_layers.setdefault(raw_key, set()).update(needed)  # type: ignore[arg-type]
             else:
                 nodes[edge.producer].layers.update(needed)  # type: ignore[index,arg-type]

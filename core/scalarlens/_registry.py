@@ -8,7 +8,7 @@ recursively, detecting cycles.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -40,9 +40,10 @@ from .exceptions import (
 if TYPE_CHECKING:
     import pluggy
 
-    from ._model import ModelAdapter
+    from ._model import Intervention, ModelAdapter
 
 Factory = Callable[[DstConfig], ScalarDeriver]
+InterventionFactory = Callable[[Mapping[str, Any], "ModelAdapter"], Sequence["Intervention"]]
 LOCAL_PLUGIN = "__local__"
 
 
@@ -81,6 +82,7 @@ class Registry:
         self._model_loaders: dict[str, tuple[Callable[[str], ModelAdapter], str]] = {}
         self._candidates: dict[str, PluginCandidate] = {}
         self._examples: dict[str, tuple[DstConfig, str]] = {}
+        self._interventions: dict[str, tuple[InterventionFactory, str]] = {}
 
     # --- loading --------------------------------------------------------------------------
 
@@ -106,7 +108,10 @@ class Registry:
 
     def _load_candidate(self, candidate: PluginCandidate, blocked: frozenset[str]) -> None:
         info = PluginInfo(
-            name=candidate.name, distribution=None, version=None, module=candidate.value,
+            name=candidate.name,
+            distribution=None,
+            version=None,
+            module=candidate.value,
             status="loaded",
         )
         self._candidates[candidate.name] = candidate
@@ -195,6 +200,8 @@ class Registry:
                     problem = f"scalarlens_model_loaders() failed: {format_error(exc)}"
         if problem is None:
             problem = self._collect_examples(pm, plugin, info.name)
+        if problem is None:
+            problem = self._collect_interventions(pm, plugin, info.name)
         if problem is not None:
             pm.unregister(plugin)
             self._drop_provisions(info.name)
@@ -222,6 +229,41 @@ class Registry:
                 self._examples[name] = (config, plugin_name)
         return None
 
+    def _collect_interventions(
+        self, pm: pluggy.PluginManager, plugin: object, plugin_name: str
+    ) -> str | None:
+        for impl in pm.hook.scalarlens_interventions.get_hookimpls():
+            if impl.plugin is not plugin:
+                continue
+            try:
+                factories = impl.function()
+            except Exception as exc:
+                return f"scalarlens_interventions() raised {format_error(exc)}"
+            if not isinstance(factories, Mapping) or not all(
+                isinstance(k, str) and callable(v) for k, v in factories.items()
+            ):
+                return "scalarlens_interventions() must return a mapping of name to factory"
+            for name, factory in factories.items():
+                if name in self._interventions:
+                    other = self._interventions[name][1]
+                    return f"intervention provider {name!r} is already registered by {other!r}"
+                self._interventions[name] = (factory, plugin_name)
+        return None
+
+    def intervention_factory(self, provider: str) -> InterventionFactory:
+        """The factory a plugin registered for ``provider`` (hook ``scalarlens_interventions``)."""
+        self._ensure_loaded()
+        try:
+            return self._interventions[provider][0]
+        except KeyError:
+            known = ", ".join(sorted(self._interventions)) or "none"
+            raise UnknownDstError(
+                provider,
+                (),
+                f" No plugin provides the intervention {provider!r} "
+                f"(registered: {known}); install the plugin that defines it.",
+            ) from None
+
     def dst_examples(self) -> dict[str, DstConfig]:
         """Example configs plugins declared for DSTs that need options."""
         self._ensure_loaded()
@@ -235,6 +277,8 @@ class Registry:
             else:
                 del self._provisions[name]
         self._model_loaders = {k: v for k, v in self._model_loaders.items() if v[1] != plugin_name}
+        self._examples = {k: v for k, v in self._examples.items() if v[1] != plugin_name}
+        self._interventions = {k: v for k, v in self._interventions.items() if v[1] != plugin_name}
 
     def unregister(self, name: str) -> None:
         """Remove a plugin and everything it contributed."""

@@ -21,6 +21,7 @@ from .exceptions import ConfigError
 
 if TYPE_CHECKING:
     from ._deriver import ScalarDeriver
+    from ._model import PluginLocation
 
 
 @runtime_checkable
@@ -48,9 +49,9 @@ def _check_raw_indexer(
 
 @attrs.frozen
 class RawScalarSource:
-    """A captured activation (or its gradient) at a model location."""
+    """A captured activation (or its gradient) at a model location or a plugin's splice."""
 
-    location: ActivationLocationType
+    location: ActivationLocationType | PluginLocation
     pass_type: PassType | None = PassType.FORWARD
     layer_indexer: LayerIndexer = attrs.field(default=IDENTITY, validator=_check_raw_indexer)
 

@@ -11,8 +11,8 @@ returning the wrong type is recorded as failed and skipped; the others keep work
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ._config import DstConfig
     from ._deriver import ScalarDeriver
     from ._dst import DerivedScalarType
-    from ._model import ModelAdapter
+    from ._model import Intervention, ModelAdapter
 
 PROJECT_NAME = "scalarlens"
 PLUGIN_API_VERSION = 1
@@ -55,5 +55,19 @@ def scalarlens_dst_examples() -> Mapping[str, DstConfig]:
 
     The conformance kit (``scalarlens.testing``) and the docs use these to exercise every DST
     on any small model; DSTs that work with ``DstConfig()`` need no entry.
+    """
+    return {}
+
+
+@hookspec
+def scalarlens_interventions() -> Mapping[
+    str, Callable[[Mapping[str, Any], ModelAdapter], Sequence[Intervention]]
+]:
+    """Return intervention factories keyed by provider name.
+
+    A DST that reads a ``PluginLocation`` (e.g. SAE latents spliced into the forward pass)
+    names its provider; before the model runs, ``derive`` calls
+    ``factory(location.params, model)`` once per distinct (provider, params) and splices the
+    returned ``Intervention`` objects in.  Ablation or patching plugins use the same hook.
     """
     return {}
