@@ -28,8 +28,7 @@ from ._model import (
     RunResult,
     logits_objective,
 )
-from ._plan import Plan
-from ._plan import EvaluationCounter, execute_plan, make_plan
+from ._plan import EvaluationCounter, Plan, execute_plan, make_plan
 from ._store import DerivedScalarStore
 from ._vocab import ActivationLocationType, PassType
 from .exceptions import CheckpointError, ModelInputError, TokenizerError

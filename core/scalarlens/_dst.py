@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-
 from typing import TYPE_CHECKING
 
 import attrs
