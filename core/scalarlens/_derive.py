@@ -269,7 +269,7 @@ def _add_final_gradient(
         (grad,) = torch.autograd.grad(value, leaf)
     captured = dict(run.captured)
     captured[(FINAL_RESIDUAL, PassType.BACKWARD)] = {last: grad}
-    return attrs.evolve(run, captured=captured, objective_value=float(value))
+    return attrs.evolve(run, captured=captured, objective_value=float(value.detach()))
 
 
 def _versions() -> dict[str, str]:

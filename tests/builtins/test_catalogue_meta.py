@@ -37,7 +37,10 @@ def test_dst_derives_with_declared_shape(adapter: Any, name: str) -> None:
         config = DstConfig(derive_gradients=True, options=OPTIONS.get(name, {}))
         passes.append(PassType.BACKWARD)
     store = derive(adapter, name, config=config)
-    expected = scalarlens.resolve_shape(dst.shape, n_tokens=T, model_sizes=adapter.dims.sizes())
+    expected = scalarlens.resolve_shape(
+        dst.shape, n_tokens=T, model_sizes=adapter.dims.sizes(),
+        parameter_sizes=REGISTRY.get(name, config).parameter_sizes,
+    )
     for pass_type in passes:
         entry = store.activations(name, pass_type)
         assert entry.dst == dst and entry.pass_type is pass_type
@@ -58,8 +61,8 @@ def test_factories_document_their_formula() -> None:
 
 def test_every_dst_has_a_dedicated_test() -> None:
     here = Path(__file__).parent
-    text = "\n".join(
-        p.read_text() for p in here.glob("test_*.py") if p.name != Path(__file__).name
-    )
+    plugin_tests = here.parents[1] / "plugins"
+    files = [*here.glob("test_*.py"), *plugin_tests.glob("*/tests/test_*.py")]
+    text = "\n".join(p.read_text() for p in files if p.name != Path(__file__).name)
     missing = [name for name in ALL if f'"{name}"' not in text]
     assert not missing, f"DSTs without a dedicated test: {missing}"

@@ -158,3 +158,26 @@ def test_load_model_specs(tmp_path: Path) -> None:
     reg = Registry(autoload=False)
     reg.register(plugin, "loaders")
     assert scalarlens.load_model("mine:anything", registry=reg).name == "mine:anything"
+
+
+def test_direct_effects_use_a_local_final_gradient(model: SpyAdapter) -> None:
+    """Only the final-residual gradient needed: one forward run, same numbers as a backward."""
+    dsts = ["mlp.write_to_final_residual_grad", "attn.write_to_final_residual_grad_per_token"]
+    for detach in (True, False):
+        config = DstConfig(detach_final_ln_scale=detach)
+        model.calls.clear()
+        local = scalarlens.derive(model, PROMPTS, dsts, target=3, distractor=4, config=config)
+        ((*captures,),) = model.calls
+        assert all(c.pass_type is F for c in captures)  # no backward through the network
+        # Reference: force a real backward by also asking for a gradient elsewhere.
+        full = scalarlens.derive(model, PROMPTS, [*dsts, "resid.post_attn"], target=3,
+                                 distractor=4, config=DstConfig(
+                                     detach_final_ln_scale=detach, derive_gradients=True))
+        assert any(c.pass_type is B for c in model.calls[-1])
+        for dst in dsts:
+            for p in range(2):
+                for layer in range(3):
+                    torch.testing.assert_close(local.get(dst, layer, prompt=p),
+                                               full.get(dst, layer, prompt=p))
+        assert local.metadata["objective_values"] == pytest.approx(
+            full.metadata["objective_values"])
