@@ -1,0 +1,170 @@
+"""The README's main job (``scalarlens demo``) and ``scalarlens derive`` end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import scalarlens
+from scalarlens import DerivedScalarStore, DstConfig, PassType
+from scalarlens._demo import run_demo
+from scalarlens.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    figure = tmp_path_factory.mktemp("demo") / "demo.png"
+    return run_demo(scalarlens.load_model(), figure=figure)
+
+
+def _attention_scores(result) -> dict[tuple[int, int], tuple[float, float]]:  # type: ignore[no-untyped-def]
+    """(layer, head) → (previous-token score, induction score), measured on the demo prompt."""
+    n = len(result.words)
+    period = (n + 1) // 2  # the prompt is a sequence followed by its repeat minus one word
+    scores = {}
+    for layer in range(2):
+        probs = result.store.get("attn.qk_probs", layer)
+        prev = torch.stack([probs[t, t - 1] for t in range(1, n)]).mean(0)
+        induction = torch.stack([probs[t, t - period + 1] for t in range(period, n)]).mean(0)
+        for head in range(probs.shape[-1]):
+            scores[(layer, head)] = (float(prev[head]), float(induction[head]))
+    return scores
+
+
+def test_induction_and_previous_token_heads_rank_first(demo) -> None:  # type: ignore[no-untyped-def]
+    scores = _attention_scores(demo)
+    top = demo.heads[0]
+    assert top.layer == 1 and scores[(1, top.index)][1] > 0.5, "top head is not an induction head"
+    top3 = demo.heads[:3]
+    assert any(h.layer == 0 and scores[(0, h.index)][0] > 0.3 for h in top3), (
+        "no previous-token head among the top three heads"
+    )
+    direct = sorted(demo.heads, key=lambda h: -abs(h.direct_effect))
+    assert direct[0].layer == 1 and scores[(1, direct[0].index)][1] > 0.5
+    assert demo.logit_diff > 0  # the model does predict the repeated word
+
+
+def test_effects_are_consistent_with_the_objective(demo) -> None:  # type: ignore[no-untyped-def]
+    # Layer-1 heads write straight to the output: their direct effects are most of the answer.
+    layer1 = sum(h.direct_effect for h in demo.heads if h.layer == 1)
+    assert 0.3 * demo.logit_diff < layer1 < 1.5 * demo.logit_diff
+
+
+def test_demo_png_is_a_sensible_image(demo) -> None:  # type: ignore[no-untyped-def]
+    import matplotlib.image
+
+    data = demo.figure.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = matplotlib.image.imread(demo.figure).shape[:2]
+    assert width >= 1000 and 300 <= height <= 1200
+
+
+def test_demo_cli_prints_both_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--plot", str(tmp_path / "d.png")]) == 0
+    out = capsys.readouterr().out
+    assert "Top components by estimated total effect" in out
+    assert "Top components by direct effect" in out
+    assert (tmp_path / "d.png").stat().st_size > 10_000
+
+
+PROMPT = "the old king saw a red fox the old king saw a red"
+
+
+def test_cli_derive_out_equals_the_python_api(tmp_path: Path) -> None:
+    out = tmp_path / "store.safetensors"
+    args = [
+        "derive",
+        "--prompt",
+        PROMPT,
+        "--dst",
+        "mlp.act_times_grad",
+        "--dst",
+        "attn.qk_probs",
+        "--target",
+        "fox",
+        "--distractor",
+        "king",
+        "--out",
+        str(out),
+        "--derive-gradients",
+    ]
+    assert main(args) == 0
+    loaded = DerivedScalarStore.load(out)
+    api = scalarlens.derive(
+        scalarlens.load_model(),
+        PROMPT,
+        ["mlp.act_times_grad", "attn.qk_probs"],
+        target="fox",
+        distractor="king",
+        config=DstConfig(derive_gradients=True),
+    )
+    for dst, passes in (
+        ("mlp.act_times_grad", [PassType.FORWARD]),
+        ("attn.qk_probs", [PassType.FORWARD, PassType.BACKWARD]),
+    ):
+        for pass_type in passes:
+            for layer in range(2):
+                assert torch.equal(
+                    loaded.get(dst, layer, pass_type), api.get(dst, layer, pass_type)
+                )
+
+
+def test_cli_derive_json_and_prompts_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        f'{PROMPT}\n{{"prompt": "a dog ran to a", "target": "dog", "distractor": "ran"}}\n'
+    )
+    assert (
+        main(
+            [
+                "derive",
+                "--prompts-file",
+                str(prompts),
+                "--dst",
+                "mlp.act_times_grad",
+                "--target",
+                "fox",
+                "--distractor",
+                "king",
+                "--top",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert [r["prompt"] for r in payload["results"]] == [0, 1]
+    assert all(len(r["top"]) == 3 for r in payload["results"])
+    assert payload["results"][1]["words"] == ["a", "dog", "ran", "to", "a"]
+    assert "2/2 prompts" in captured.err  # progress bar
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scalarlens.cli", *args], capture_output=True, text=True
+    )
+
+
+def test_friendly_failures() -> None:
+    unknown = _cli("derive", "--prompt", PROMPT, "--dst", "mlp.act_times_grd")
+    assert unknown.returncode == 1
+    assert unknown.stderr.count("\n") == 1  # one clear line, no traceback
+    assert "did you mean 'mlp.act_times_grad'" in unknown.stderr
+    assert "scalarlens dsts" in unknown.stderr
+    no_target = _cli("derive", "--prompt", PROMPT, "--dst", "mlp.act_times_grad")
+    assert no_target.returncode == 1
+    assert "need(s) a backward pass" in no_target.stderr
+    assert "--target" in no_target.stderr and "--distractor" in no_target.stderr
+    bad_word = _cli("derive", "--prompt", "the zebra", "--dst", "mlp.post_act")
+    assert bad_word.returncode == 1 and "scalarlens vocab" in bad_word.stderr
+    debug = _cli("--debug", "derive", "--prompt", PROMPT, "--dst", "nope.nope")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
