@@ -71,6 +71,7 @@ if TYPE_CHECKING:
         ModelDims,
         NodeObjective,
         Objective,
+        PluginLocation,
         RunResult,
     )
     from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
@@ -91,6 +92,7 @@ _LAZY = {
         "ModelDims",
         "NodeObjective",
         "Objective",
+        "PluginLocation",
         "RunResult",
     ),
     "._plan": ("EvaluationCounter", "Plan", "derive_from_raw", "execute_plan", "make_plan"),
@@ -158,6 +160,7 @@ __all__ = [
     "PassType",
     "Plan",
     "PluginInfo",
+    "PluginLocation",
     "PluginLoadError",
     "RawActivationStore",
     "RawScalarSource",

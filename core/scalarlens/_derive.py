@@ -157,8 +157,7 @@ def derive(
             f"{', '.join(needing)} need(s) a backward pass: pass target= and distractor= (e.g. "
             "derive(model, prompt, dsts, target='mat', distractor='cat')) or objective="
         )
-    plugin_interventions = _plugin_interventions(plan, adapter, registry)
-    all_interventions = [*interventions, *plugin_interventions]
+    all_interventions = [*interventions, *plugin_interventions(plan, adapter, registry)]
     local = _local_final_gradient(plan, objective, adapter, all_interventions)
     if local:
         # Only the gradient at the final residual is needed: one forward pass, then a local
@@ -192,7 +191,7 @@ def derive(
     return DerivedScalarStore(results, tokens, metadata)
 
 
-def _plugin_interventions(
+def plugin_interventions(
     plan: Plan, adapter: ModelAdapter, registry: Registry
 ) -> list[Intervention]:
     """Ask each plugin provider once per distinct params for the interventions it splices."""

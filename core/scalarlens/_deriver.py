@@ -67,8 +67,13 @@ def _to_passes(value: Iterable[PassType]) -> frozenset[PassType]:
     return frozenset(value)
 
 
-def _freeze_sizes(value: Mapping[Dimension, int] | None) -> tuple[tuple[Dimension, int], ...]:
-    return tuple(sorted((value or {}).items()))
+def _freeze_sizes(
+    value: Mapping[Dimension, int] | Iterable[tuple[Dimension, int]] | None,
+) -> tuple[tuple[Dimension, int], ...]:
+    # Accepts its own frozen form too, so attrs.evolve (used when resolving references)
+    # round-trips.
+    pairs = value.items() if isinstance(value, Mapping) else (value or ())
+    return tuple(sorted(pairs))
 
 
 @attrs.frozen

@@ -25,6 +25,7 @@ import torch
 
 from ._activations import RawActivationStore
 from ._config import DstConfig
+from ._derive import plugin_interventions
 from ._model import LogitDiffObjective, ModelAdapter
 from ._plan import execute_plan, make_plan
 from ._registry import Registry
@@ -74,7 +75,11 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
     for pass_type in sorted(deriver.derivable_pass_types, key=lambda p: p.value):  # stable
         plan = make_plan([(deriver, pass_type)], n_layers)
         objective = LogitDiffObjective(target=1, distractor=2) if plan.needs_backward else None
-        runs = model.run([list(t) for t in TINY_TOKENS], plan.captures, objective)
+        # Splice plugin interventions exactly as derive() does, so online DSTs are checked too.
+        spliced = plugin_interventions(plan, model, reg)
+        runs = model.run(
+            [list(t) for t in TINY_TOKENS], plan.captures, objective, interventions=spliced
+        )
         for run in runs:
             raw = RawActivationStore.from_nested_dict(run.captured)
             before = _clone_store(raw)
