@@ -16,16 +16,24 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test,dev,plot,docs]"
+	for plugin in plugins/*/; do $(BIN)/python -m pip install -q -e "$$plugin[test]" || exit 1; done
 	touch $(STAMP)
 
 demo: venv
 	$(BIN)/scalarlens demo --plot scalarlens-demo.png
 
+# The core suite, then each plugin's own suite from its directory (its own pytest config).
+# pytest's exit code 5 (no tests collected) is reported, not treated as a failure.
 test: venv
-	$(BIN)/python -m pytest
+	@run() { "$$@"; rc=$$?; [ $$rc -eq 5 ] && { echo "warning: no tests collected by: $$*"; rc=0; }; return $$rc; }; \
+	run $(BIN)/python -m pytest || exit $$?; \
+	for plugin in plugins/*/; do \
+		echo "== $$plugin"; \
+		(cd "$$plugin" && run $(CURDIR)/$(BIN)/python -m pytest -q) || exit $$?; \
+	done
 
 lint: venv
-	$(BIN)/ruff check core builtin_derivers tests benchmarks
+	$(BIN)/ruff check core builtin_derivers tests benchmarks scripts plugins docs/gen_pages.py
 	$(BIN)/mypy
 
 docs: venv

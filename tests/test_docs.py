@@ -34,3 +34,19 @@ def test_cli_page_documents_every_subcommand() -> None:
     for command in ("dsts", "plugins", "demo", "derive", "vocab"):
         assert f"## `scalarlens {command}`" in page
     assert "--prompts-file" in page
+
+
+def test_every_hook_is_documented_with_its_signature() -> None:
+    import inspect
+
+    from scalarlens import hookspecs
+
+    page = (DOCS / "plugins" / "hooks.md").read_text()
+    hooks = [name for name, obj in vars(hookspecs).items()
+             if name.startswith("scalarlens_") and inspect.isfunction(obj)]
+    assert len(hooks) >= 4
+    for name in hooks:
+        assert f"## {name}\n" in page, f"hook {name} has no section in docs/plugins/hooks.md"
+        section = page.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
+        assert f"def {name}(" in section, f"{name}: signature missing"
+        assert "@hookimpl" in section, f"{name}: example missing"
