@@ -164,7 +164,9 @@ def derive(
         # backward through the final LayerNorm and unembedding (no graph through the network).
         captures = [c for c in plan.captures if c.pass_type is PassType.FORWARD]
         captures = _with_final_residual(captures, adapter.dims.n_layers)
-        runs = adapter.run(tokens, captures, None, interventions=all_interventions)
+        runs = adapter.run(
+            tokens, captures, None, interventions=all_interventions, return_logits=False
+        )
         assert objective is not None
         runs = [_add_final_gradient(run, objective, adapter, config) for run in runs]
     else:
@@ -174,6 +176,7 @@ def derive(
             objective if plan.needs_backward else None,
             interventions=all_interventions,
             detach_final_ln_scale=config.detach_final_ln_scale,
+            return_logits=False,
         )
     results = [
         execute_plan(

@@ -204,7 +204,7 @@ class RunResult:
     """What one prompt of a batch produced: raw captures (unpadded), logits and objective."""
 
     tokens: tuple[int, ...]
-    logits: torch.Tensor = attrs.field(eq=False)
+    logits: torch.Tensor | None = attrs.field(eq=False)
     captured: Mapping[tuple[CaptureLocation, PassType], Mapping[LayerIndex, torch.Tensor]] = (
         attrs.field(eq=False)
     )
@@ -236,8 +236,14 @@ class ModelAdapter(Protocol):
         *,
         interventions: Sequence[Intervention] = (),
         detach_final_ln_scale: bool = False,
+        return_logits: bool = True,
     ) -> list[RunResult]:
-        """Run the batch once forward (and once backward when an objective is given)."""
+        """Run the batch once forward, and once backward if a gradient capture is requested.
+
+        ``return_logits=False`` lets the adapter skip the unembedding when nothing else needs
+        the logits (``RunResult.logits`` is then ``None``): they are often the largest tensor.
+        Interventions receive the padded, batch-leading tensor.
+        """
         ...
 
     def config_dict(self) -> dict[str, Any]:

@@ -61,10 +61,14 @@ def _token_index(location: CaptureLocation, length: int) -> tuple[slice, ...]:
 def _split_prompts(
     location: CaptureLocation, batch: torch.Tensor, lengths: Sequence[int]
 ) -> list[torch.Tensor]:
-    """Per-prompt copies of a batch-leading tensor, every token axis cut to the prompt's length.
+    """Per-prompt tensors of a batch-leading tensor, every token axis cut to the prompt's length.
 
-    Copies (not views), so the padded batch tensor can be freed as soon as the pass moves on.
+    Copies when the batch is padded or holds several prompts, so the padded batch tensor can
+    be freed as soon as the pass moves on; a single unpadded prompt keeps the tensor itself
+    (a copy would only double the peak memory of the capture).
     """
+    if len(lengths) == 1 and lengths[0] == batch.shape[1]:
+        return [batch[0].detach()]
     return [
         batch[b][_token_index(location, length)].detach().clone()
         for b, length in enumerate(lengths)
@@ -515,6 +519,7 @@ class GPT2Adapter:
         *,
         interventions: Sequence[Intervention] = (),
         detach_final_ln_scale: bool = False,
+        return_logits: bool = True,
     ) -> list[RunResult]:
         """One padded forward pass (and one backward when a BACKWARD capture is requested).
 
@@ -559,9 +564,13 @@ class GPT2Adapter:
             lengths=lengths,
         )
         values: list[torch.Tensor] = []
+        unembed = return_logits or objective is not None or any(
+            key[0] is ALT.LOGITS for key in plan
+        )
         with torch.set_grad_enabled(backward):
-            logits = self._model(batch, mask, hook=state.hook)
+            logits = self._model(batch, mask, hook=state.hook, unembed=unembed)
             if objective is not None:
+                assert logits is not None
                 for b, length in enumerate(lengths):
                     values.append(self._prompt_objective(
                         objective, b, length, logits[b, :length], state.objective_tensor
@@ -571,7 +580,7 @@ class GPT2Adapter:
                 total = torch.stack(values).sum()
                 if total.requires_grad:
                     torch.autograd.backward(total)
-        logits = logits.detach()
+        logits = None if logits is None else logits.detach()
 
         missing = [
             (key[0].value, layer)
@@ -607,7 +616,10 @@ class GPT2Adapter:
             results.append(
                 RunResult(
                     tokens=tuple(ids),
-                    logits=logits[b, : len(ids)].clone(),
+                    logits=None if logits is None or not return_logits
+                    else _split_prompts(ALT.LOGITS, logits[b : b + 1], [len(ids)])[0]
+                    if len(prompts) == 1
+                    else logits[b, : len(ids)].clone(),
                     captured=captured,
                     objective_value=float(values[b].detach()) if values else None,
                 )

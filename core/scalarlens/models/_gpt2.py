@@ -241,7 +241,9 @@ class GPT2Model(nn.Module):
         tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         hook: HookFn | None = None,
-    ) -> torch.Tensor:
+        *,
+        unembed: bool = True,
+    ) -> torch.Tensor | None:
         """Logits ``B×T×V`` for token ids ``B×T``.
 
         ``attention_mask`` (``B×T``, true/1 for real tokens) masks padded *keys*; prompts must
@@ -260,5 +262,7 @@ class GPT2Model(nn.Module):
         for i in range(self.config.n_layer):
             resid = self.block(i)(resid, allowed, hook, i)
         x = self.ln_f(resid, hook, ALT.RESID_FINAL_LAYER_NORM_SCALE.value, None)
+        if not unembed:  # nothing downstream needs the logits: skip the largest tensor
+            return None
         logits = x @ self.unembedding().T
         return hook(ALT.LOGITS.value, None, logits)
