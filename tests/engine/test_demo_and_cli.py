@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import scalarlens
+import torch
 from scalarlens import DerivedScalarStore, DstConfig, PassType
 from scalarlens._demo import run_demo
 from scalarlens.cli import main
