@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import DstConfig, FrozenOptions
 from ._deriver import DeriveContext, ScalarDeriver, identity_kernel, raw_deriver
+from ._direction import CausalDirectionIndexer, Direction, direction_source, precedes
 from ._dst import DerivedScalarType, DstAndPass, raw_dst
 from ._layers import (
     IDENTITY,
@@ -124,6 +125,7 @@ __all__ = [
     "ActivationLocationType",
     "ActivationsAndMetadata",
     "CallableObjective",
+    "CausalDirectionIndexer",
     "CaptureRequest",
     "CheckpointError",
     "ConfigError",
@@ -133,6 +135,7 @@ __all__ = [
     "DerivedScalarStore",
     "DeriverBuildError",
     "Dimension",
+    "Direction",
     "DirectionObjective",
     "DstAndPass",
     "DstConfig",
@@ -179,11 +182,13 @@ __all__ = [
     "__version__",
     "derive",
     "derive_from_raw",
+    "direction_source",
     "execute_plan",
     "hookimpl",
     "identity_kernel",
     "load_model",
     "make_plan",
+    "precedes",
     "raw_deriver",
     "raw_dst",
     "registry",

@@ -14,6 +14,7 @@ from typing import Any, TypeVar, cast
 
 import attrs
 
+from ._direction import Direction, to_direction
 from .exceptions import ConfigError
 
 T = TypeVar("T")
@@ -110,6 +111,9 @@ class DstConfig:
     * ``device`` — where derived tensors live (``None``: where the activations are).
     * ``detach_final_ln_scale`` — treat the final LayerNorm's scale as a constant in the backward
       pass, which makes direct effects sum exactly to the objective (reference §5.2 item 11).
+    * ``direction`` — where direct effects are measured: the objective's gradient ``g`` at a
+      residual location (default: before the final LayerNorm; ``Direction.trace_upstream``
+      for a node). Shared by every plugin's direct-effect DSTs.
     * ``options`` — per-plugin option namespaces: ``{"sae": {"path": ...}}``; each plugin
       validates its own namespace through ``plugin_options``.
     """
@@ -118,6 +122,7 @@ class DstConfig:
     derive_gradients: bool = attrs.field(default=False, validator=_check_bool)
     device: str | None = attrs.field(default=None, validator=_check_device)
     detach_final_ln_scale: bool = attrs.field(default=False, validator=_check_bool)
+    direction: Direction = attrs.field(factory=Direction, converter=to_direction)
     options: FrozenOptions = attrs.field(factory=FrozenOptions, converter=FrozenOptions)
 
     def plugin_options(self, namespace: str, schema: type[T]) -> T:
@@ -154,6 +159,7 @@ class DstConfig:
             "derive_gradients": self.derive_gradients,
             "device": self.device,
             "detach_final_ln_scale": self.detach_final_ln_scale,
+            "direction": self.direction.to_dict(),
             "options": self.options.to_dict(),
         }
 

@@ -183,7 +183,13 @@ def make_plan(requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int)
                 continue
             if edge.is_raw:
                 raw_key = edge.producer
-                assert isinstance(raw_key[0], (ActivationLocationType, PluginLocation))
+                location = raw_key[0]
+                assert isinstance(location, (ActivationLocationType, PluginLocation))
+                if location.has_no_layers and needed != {None}:
+                    raise ConfigError(
+                        f"{node.dst.name}: source {edge.source.describe()} asks the layer-less "
+                        f"location {location.value} for layers {sorted(map(str, needed))}"
+                    )
                 raw_layers.setdefault(raw_key, set()).update(needed)  # type: ignore[arg-type]
             else:
                 nodes[edge.producer].layers.update(needed)  # type: ignore[index,arg-type]

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import attrs
 
 from ._config import DstConfig
-from ._layers import IDENTITY, LayerIndexer, NoLayersLayerIndexer
+from ._layers import (
+    IDENTITY,
+    IdentityLayerIndexer,
+    LayerIndexer,
+    OffsetLayerIndexer,
+    StaticLayerIndexer,
+)
 from ._vocab import ActivationLocationType, PassType
 from .exceptions import ConfigError
 
@@ -40,7 +46,11 @@ class ScalarSource(Protocol):
 def _check_raw_indexer(
     inst: RawScalarSource, _: attrs.Attribute[Any], indexer: LayerIndexer
 ) -> None:
-    if inst.location.has_no_layers and not isinstance(indexer, NoLayersLayerIndexer):
+    # Indexers that always answer an integer layer can never read a layer-less location;
+    # others (e.g. causal masks) are checked per layer when the plan is made.
+    if inst.location.has_no_layers and isinstance(
+        indexer, (IdentityLayerIndexer, OffsetLayerIndexer, StaticLayerIndexer)
+    ):
         raise ConfigError(
             f"raw source {inst.location.value} has no layers: use NoLayersLayerIndexer "
             f"(got {indexer.describe()})"

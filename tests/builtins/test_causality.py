@@ -12,9 +12,8 @@ import pytest
 import scalarlens
 import torch
 from scalarlens import ConfigError, DstConfig
-from scalarlens_builtins._recipes import trace_upstream_direction
 
-from ._tiny import ALT, N_LAYERS, REGISTRY, TOL, T, derive, max_err, tiny_adapter
+from ._tiny import ALT, N_LAYERS, TOL, T, derive, max_err, tiny_adapter
 
 DIRECT = [
     "mlp.write_to_final_residual_grad", "mlp.layer_write_to_final_residual_grad",
@@ -33,9 +32,9 @@ def adapter() -> Any:
 
 def _trace(adapter: Any, location: Any, layer: int, index: tuple[int, ...]) -> Any:
     objective = scalarlens.NodeObjective(location, layer, index)
-    options = {"builtins": {"direction": trace_upstream_direction(location, layer)}}
+    config = DstConfig(direction=scalarlens.Direction.trace_upstream(location, layer))
     return derive(adapter, [*DIRECT, *ACT_GRAD, *EMBEDDING, "resid.post_attn"],
-                  objective=objective, options=options)
+                  objective=objective, config=config)
 
 
 def test_trace_mlp_neuron(adapter: Any) -> None:
@@ -91,18 +90,19 @@ def test_default_direction_zeroes_nothing_upstream(adapter: Any) -> None:
             assert store.get(name, layer).abs().max() > 0, (name, layer)
 
 
-def test_direction_option_validation() -> None:
-    for bad in ({"location": "mlp.post_act", "layer": 0}, {"location": "resid.post_emb",
-                                                           "layer": 1}, {"layer": "x"}):
-        with pytest.raises(ConfigError):
-            REGISTRY.get("mlp.write_to_final_residual_grad",
-                         DstConfig(options={"builtins": {"direction": bad}}))
+def test_direction_validation_names_the_field() -> None:
+    for bad, message in (({"location": "mlp.post_act", "layer": 0}, "direction.location"),
+                         ({"location": "resid.post_emb", "layer": 1}, "direction.layer"),
+                         ({"layer": "x"}, "direction.layer"), ({"where": 1}, "unknown field")):
+        with pytest.raises(ConfigError, match=message):
+            DstConfig(direction=bad)
+    with pytest.raises(ConfigError, match="outside the model's 3 layers"):
+        derive(tiny_adapter(), "mlp.write_to_final_residual_grad",
+               config=DstConfig(direction={"location": "resid.post_mlp", "layer": 7}))
 
 
 def test_trace_upstream_direction_mapping() -> None:
-    assert trace_upstream_direction(ALT.MLP_POST_ACT, 2) == {"location": "resid.post_attn",
-                                                             "layer": 2}
-    assert trace_upstream_direction(ALT.ATTN_QK_PROBS, 2) == {"location": "resid.post_mlp",
-                                                              "layer": 1}
-    assert trace_upstream_direction(ALT.ATTN_VALUE, 0) == {"location": "resid.post_emb",
-                                                           "layer": None}
+    trace = scalarlens.Direction.trace_upstream
+    assert trace(ALT.MLP_POST_ACT, 2).to_dict() == {"location": "resid.post_attn", "layer": 2}
+    assert trace(ALT.ATTN_QK_PROBS, 2).to_dict() == {"location": "resid.post_mlp", "layer": 1}
+    assert trace(ALT.ATTN_VALUE, 0).to_dict() == {"location": "resid.post_emb", "layer": None}

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._derivers import DSTS, example_configs, make_interventions, online_locations
 from ._errors import SaeConfigError, SaeError, SaeLoadError
-from ._options import DirectionOption, RandomInit, SaeOptions, sae_options
+from ._options import RandomInit, SaeOptions, sae_options
 from ._sae import (
     SparseAutoencoder,
     clear_cache,
@@ -43,7 +43,6 @@ def tiny_induction_options(**overrides: Any) -> dict[str, Any]:
 __all__ = [
     "DSTS",
     "TINY_INDUCTION_SAE",
-    "DirectionOption",
     "RandomInit",
     "SaeConfigError",
     "SaeError",

@@ -26,6 +26,7 @@ import attrs
 import torch
 from scalarlens import (
     NOT_NEEDED,
+    CausalDirectionIndexer,
     DeriveContext,
     DerivedScalarType,
     Dimension,
@@ -146,47 +147,24 @@ def _need(tensor: torch.Tensor | None) -> torch.Tensor:
 # --- layer indexers ------------------------------------------------------------------------
 
 
-def _precedes(
-    layer: int, location: LocationWithinLayer, dir_layer: int | None, dir_loc: LocationWithinLayer
-) -> bool:
-    """Strictly before the direction (same rule as the builtins' causal zeroing)."""
-    if dir_layer is None:  # the embedding: nothing in a layer precedes it
-        return False
-    if layer != dir_layer:
-        return layer < dir_layer
-    return location < dir_loc
-
-
 @attrs.frozen
 class SaeDirectionIndexer:
     """g for the SAE's layer iff the SAE's location strictly precedes g; else nothing.
 
-    Other layers have no SAE and need nothing either.  The kernel turns ``None`` into exact
-    zeros, and the planner captures the gradient only where it is used.
+    The core's causal rule, restricted to the one layer that has an SAE.  The kernel turns
+    ``None`` into exact zeros, and the planner captures the gradient only where it is used.
     """
 
     sae_layer: int
-    sae_location: LocationWithinLayer
-    direction_layer: int | None
-    direction_location: LocationWithinLayer
+    causal: CausalDirectionIndexer
 
     def source_layer(self, target: int | None, n_layers: int) -> Any:
         if target != self.sae_layer:
             return NOT_NEEDED
-        dir_layer = self.direction_layer
-        if dir_layer is not None:
-            dir_layer = dir_layer + n_layers if dir_layer < 0 else dir_layer
-            if not 0 <= dir_layer < n_layers:
-                raise SaeConfigError(
-                    f"options['sae']['direction']['layer']={self.direction_layer} is outside "
-                    f"the model's {n_layers} layers"
-                )
-        if not _precedes(target, self.sae_location, dir_layer, self.direction_location):
-            return NOT_NEEDED
-        return dir_layer
+        return self.causal.source_layer(target, n_layers)
 
     def describe(self) -> str:
-        return f"sae_causal(sae layer {self.sae_layer}, direction layer {self.direction_layer})"
+        return f"sae_layer({self.sae_layer}) {self.causal.describe()}"
 
 
 def _at_sae_layer(opts: SaeOptions) -> StaticLayerIndexer:
@@ -195,15 +173,10 @@ def _at_sae_layer(opts: SaeOptions) -> StaticLayerIndexer:
 
 
 def _direction(opts: SaeOptions) -> ScalarSource:
-    option = opts.direction
-    loc = option.alt.location_within_layer
-    indexer = SaeDirectionIndexer(
-        opts.layer,
-        opts.location_within_layer,
-        option.layer,
-        LocationWithinLayer.END_OF_PREV_LAYER if loc is None else loc,
+    causal = CausalDirectionIndexer(opts.direction, opts.location_within_layer)
+    return RawScalarSource(
+        opts.direction.location, BACKWARD, SaeDirectionIndexer(opts.layer, causal)
     )
-    return DstReference(option.location, BACKWARD, indexer)
 
 
 # --- online locations and the splice -------------------------------------------------------

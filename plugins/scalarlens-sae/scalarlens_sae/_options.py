@@ -1,4 +1,4 @@
-"""``DstConfig.options["sae"]``: which SAE, where it reads, and the direction g.
+"""``DstConfig.options["sae"]``: which SAE and where it reads.
 
 Validated by the attrs schema :class:`SaeOptions` through ``DstConfig.plugin_options``, so a
 bad value fails when the deriver is built (before any model runs) with an error naming the
@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from scalarlens import ActivationLocationType, DstConfig, LocationWithinLayer
+from scalarlens import ActivationLocationType, Direction, DstConfig, LocationWithinLayer
 
 from ._errors import SaeConfigError
 
-__all__ = ["LOCATIONS", "NAMESPACE", "DirectionOption", "RandomInit", "SaeOptions", "sae_options"]
+__all__ = ["LOCATIONS", "NAMESPACE", "RandomInit", "SaeOptions", "sae_options"]
 
 NAMESPACE = "sae"
 ALT = ActivationLocationType
@@ -27,13 +27,6 @@ LOCATIONS: dict[str, ActivationLocationType] = {
     ALT.RESID_DELTA_ATTN.value: ALT.RESID_DELTA_ATTN,
 }
 """Where an SAE may read, by option value.  Inputs are the full activations (biases included)."""
-
-_DIRECTION_LOCATIONS: dict[str, ActivationLocationType] = {
-    ALT.RESID_POST_EMBEDDING.value: ALT.RESID_POST_EMBEDDING,
-    ALT.RESID_POST_ATTN.value: ALT.RESID_POST_ATTN,
-    ALT.RESID_POST_MLP.value: ALT.RESID_POST_MLP,
-}
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -64,45 +57,6 @@ class RandomInit:
         return {"n_latents": self.n_latents, "seed": self.seed}
 
 
-def _check_direction_location(_: object, __: attrs.Attribute[str], value: Any) -> None:
-    if value not in _DIRECTION_LOCATIONS:
-        raise ValueError(
-            f"direction.location must be one of {sorted(_DIRECTION_LOCATIONS)}, got {value!r}"
-        )
-
-
-def _check_direction_layer(_: object, __: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not _is_int(value):
-        raise ValueError(f"direction.layer must be an integer or null, got {value!r}")
-
-
-@attrs.frozen(kw_only=True)
-class DirectionOption:
-    """Where g is read: the BACKWARD gradient at a residual location and layer.
-
-    Same meaning as the builtins' ``options["builtins"]["direction"]`` (kept separately because
-    a plugin validates only its own namespace).  ``layer`` may be negative (``-1`` = last) and
-    must be null exactly for ``resid.post_emb``.  Default: ``resid.post_mlp`` of the last
-    layer, the residual just before the final LayerNorm.
-    """
-
-    location: str = attrs.field(
-        default=ALT.RESID_POST_MLP.value, validator=_check_direction_location
-    )
-    layer: int | None = attrs.field(default=-1, validator=_check_direction_layer)
-
-    def __attrs_post_init__(self) -> None:
-        if (self.layer is None) != (self.location == ALT.RESID_POST_EMBEDDING.value):
-            raise ValueError(
-                "direction.layer must be null exactly when direction.location is "
-                f"'resid.post_emb' (got location={self.location!r}, layer={self.layer!r})"
-            )
-
-    @property
-    def alt(self) -> ActivationLocationType:
-        return _DIRECTION_LOCATIONS[self.location]
-
-
 def _to_random_init(value: Any) -> RandomInit | None:
     if value is None or isinstance(value, RandomInit):
         return value
@@ -114,19 +68,6 @@ def _to_random_init(value: Any) -> RandomInit | None:
     if "n_latents" not in value:
         raise ValueError("random_init.n_latents is required (the number of latents A)")
     return RandomInit(**value)
-
-
-def _to_direction(value: Any) -> DirectionOption:
-    if isinstance(value, DirectionOption):
-        return value
-    if value is None:
-        return DirectionOption()
-    if not isinstance(value, Mapping):
-        raise ValueError(f"direction must be a mapping {{location, layer}}, got {value!r}")
-    unknown = sorted(set(value) - {"location", "layer"})
-    if unknown:
-        raise ValueError(f"direction: unknown field(s) {unknown}; valid: ['layer', 'location']")
-    return DirectionOption(**value)
 
 
 def _check_path(_: object, __: attrs.Attribute[Any], value: Any) -> None:
@@ -159,14 +100,16 @@ class SaeOptions:
     * ``location`` — what the SAE reads: ``mlp.post_act``, ``resid.delta_mlp`` or
       ``resid.delta_attn`` (full activations, biases included).
     * ``layer`` — the layer it reads (non-negative).
-    * ``direction`` — g for ``*write_to_final_residual_grad``: ``{"location", "layer"}``.
+
+    The direction g of ``*write_to_final_residual_grad`` is not an SAE option: it is the shared
+    ``DstConfig.direction``, copied into ``direction`` by :func:`sae_options`.
     """
 
     path: str | None = attrs.field(default=None, validator=_check_path)
     random_init: RandomInit | None = attrs.field(default=None, converter=_to_random_init)
     location: str = attrs.field(default=None, validator=_check_location)
     layer: int = attrs.field(default=None, validator=_check_layer)
-    direction: DirectionOption = attrs.field(factory=DirectionOption, converter=_to_direction)
+    direction: Direction = attrs.field(factory=Direction)
 
     def __attrs_post_init__(self) -> None:
         if (self.path is None) == (self.random_init is None):
@@ -213,12 +156,18 @@ def sae_options(config: DstConfig) -> SaeOptions:
             "{'n_latents': A}), 'location': 'mlp.post_act' | 'resid.delta_mlp' | "
             "'resid.delta_attn', 'layer': <int>}}); options['sae'] is missing"
         )
+    if isinstance(config.options[NAMESPACE], Mapping) and "direction" in config.options[NAMESPACE]:
+        raise SaeConfigError(
+            "options['sae']['direction'] is not an SAE option: the direction g is shared by every "
+            "plugin, set it with DstConfig(direction={'location': ..., 'layer': ...})"
+        )
     try:
-        return config.plugin_options(NAMESPACE, SaeOptions)
+        options = config.plugin_options(NAMESPACE, SaeOptions)
     except SaeConfigError:
         raise
     except (ValueError, TypeError) as exc:
         raise SaeConfigError(str(exc)) from exc
+    return attrs.evolve(options, direction=config.direction)
 
 
 def options_from_params(params: Mapping[str, Any]) -> SaeOptions:

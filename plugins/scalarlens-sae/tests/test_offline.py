@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import attrs
 import pytest
 import scalarlens
 import torch
@@ -168,7 +169,7 @@ def test_write_to_final_residual_grad_closes(
 def test_causal_zeroing(
     model: scalarlens.ModelAdapter, location: str, direction: dict[str, object], nonzero: bool
 ) -> None:
-    config = sae_config(location=location, direction=direction)
+    config = attrs.evolve(sae_config(location=location), direction=direction)
     store = scalarlens.derive(model, TOKENS, "sae.write_to_final_residual_grad", config=config,
                               target=TARGET, distractor=DISTRACTOR)
     assert bool(store.get("sae.write_to_final_residual_grad", LAYER).any()) is nonzero
