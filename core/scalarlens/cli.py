@@ -118,6 +118,13 @@ def _read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     return jobs
 
 
+def _json_arg(text: str, flag: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelInputError(f"{flag} must be JSON, e.g. '{{\"sae\": {{...}}}}': {exc}") from None
+
+
 def _coerce(value: Any) -> Any:
     """Targets given on the command line as digits are token ids; anything else is a word."""
     return int(value) if isinstance(value, str) and value.isdigit() else value
@@ -132,6 +139,8 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
         layer_indices=args.layers,
         derive_gradients=args.derive_gradients,
         detach_final_ln_scale=args.detach_ln_f,
+        direction=_json_arg(args.direction, "--direction") if args.direction else None,
+        options=_json_arg(args.options, "--options") if args.options else None,
     )
     jobs = _read_prompts(args)
     derivers = [reg.get(name, config) for name in args.dst]  # unknown names fail here, early
@@ -286,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--detach-ln-f",
         action="store_true",
         help="treat the final LayerNorm scale as a constant in the backward pass",
+    )
+    p.add_argument(
+        "--options",
+        help='plugin options as JSON, e.g. \'{"sae": {"path": "...", "location": "mlp.post_act", '
+        '"layer": 1}}\'',
+    )
+    p.add_argument(
+        "--direction",
+        help='where direct effects are measured, as JSON: \'{"location": "resid.post_attn", '
+        '"layer": 1}\' (default: before the final LayerNorm)',
     )
     p.set_defaults(func=cmd_derive)
 

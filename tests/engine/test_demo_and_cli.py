@@ -167,3 +167,21 @@ def test_friendly_failures() -> None:
     assert bad_word.returncode == 1 and "scalarlens vocab" in bad_word.stderr
     debug = _cli("--debug", "derive", "--prompt", PROMPT, "--dst", "nope.nope")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_cli_derive_takes_plugin_options_and_a_direction(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    options = '{"builtins": {"neuron": {"layer": 1, "index": 3}}}'
+    assert main(["derive", "--prompt", PROMPT, "--dst", "vocab.write_to_input_direction",
+                 "--options", options, "--top", "2", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)["results"][0]["top"]
+    assert [r["dst"] for r in records] == ["vocab.write_to_input_direction"] * 2
+    direction = '{"location": "resid.post_attn", "layer": 1}'
+    assert main(["derive", "--prompt", PROMPT, "--dst", "mlp.write_to_final_residual_grad",
+                 "--target", "fox", "--distractor", "king", "--direction", direction,
+                 "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["results"][0]["top"]
+    assert top and all(r["layer"] == 0 for r in top if r["value"] != 0)  # layer 1 is after g
+    bad = _cli("derive", "--prompt", PROMPT, "--dst", "mlp.post_act", "--options", "{bad")
+    assert bad.returncode == 1 and "--options must be JSON" in bad.stderr
