@@ -22,6 +22,7 @@ from ._model import (
     CaptureRequest,
     Intervention,
     LogitDiffObjective,
+    LogProbObjective,
     ModelAdapter,
     Objective,
     PluginLocation,
@@ -262,13 +263,27 @@ def _add_final_gradient(
 
     last = adapter.dims.n_layers - 1
     resid = run.captured[(FINAL_RESIDUAL, PassType.FORWARD)][last]
+    rows = slice(None)
+    if isinstance(objective, (LogitDiffObjective, LogProbObjective)):
+        # LayerNorm and unembedding act per token, so the gradient is zero except at the
+        # objective's position: unembed that one row instead of a T×V matrix.
+        n = resid.shape[0]
+        if not -n <= objective.position < n:
+            raise ModelInputError(
+                f"objective position {objective.position} is outside a prompt of {n} tokens"
+            )
+        t = objective.position % n
+        rows = slice(t, t + 1)
+        objective = attrs.evolve(objective, position=0)
     with torch.enable_grad():
-        leaf = resid.detach().requires_grad_()
+        leaf = resid[rows].detach().requires_grad_()
         logits = adapter.logits_from_final_residual(  # type: ignore[attr-defined]
             leaf, detach_ln_scale=config.detach_final_ln_scale
         )
         value = logits_objective(objective, logits)
-        (grad,) = torch.autograd.grad(value, leaf)
+        (row_grad,) = torch.autograd.grad(value, leaf)
+    grad = torch.zeros_like(resid)
+    grad[rows] = row_grad
     captured = dict(run.captured)
     captured[(FINAL_RESIDUAL, PassType.BACKWARD)] = {last: grad}
     return attrs.evolve(run, captured=captured, objective_value=float(value.detach()))

@@ -181,3 +181,20 @@ def test_direct_effects_use_a_local_final_gradient(model: SpyAdapter) -> None:
                                                full.get(dst, layer, prompt=p))
         assert local.metadata["objective_values"] == pytest.approx(
             full.metadata["objective_values"])
+
+
+def test_local_final_gradient_for_log_prob_and_callable_objectives(model: SpyAdapter) -> None:
+    """Other logit objectives take the same local path and still match a real backward."""
+    dst = "mlp.write_to_final_residual_grad"
+    objectives = [
+        scalarlens.LogProbObjective(target=5, position=-2),
+        scalarlens.CallableObjective(lambda logits: logits[:, 3].sum(), name="sum of logit 3"),
+    ]
+    for objective in objectives:
+        local = scalarlens.derive(model, PROMPTS, dst, objective=objective)
+        full = scalarlens.derive(model, PROMPTS, [dst, "resid.post_attn"], objective=objective,
+                                 config=DstConfig(derive_gradients=True))
+        for p in range(2):
+            for layer in range(3):
+                torch.testing.assert_close(local.get(dst, layer, prompt=p),
+                                           full.get(dst, layer, prompt=p))
