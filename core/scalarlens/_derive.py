@@ -28,6 +28,7 @@ from ._model import (
     PluginLocation,
     RunResult,
     logits_objective,
+    resolve_position,
 )
 from ._plan import EvaluationCounter, Plan, execute_plan, make_plan
 from ._store import DerivedScalarStore
@@ -267,12 +268,7 @@ def _add_final_gradient(
     if isinstance(objective, (LogitDiffObjective, LogProbObjective)):
         # LayerNorm and unembedding act per token, so the gradient is zero except at the
         # objective's position: unembed that one row instead of a T×V matrix.
-        n = resid.shape[0]
-        if not -n <= objective.position < n:
-            raise ModelInputError(
-                f"objective position {objective.position} is outside a prompt of {n} tokens"
-            )
-        t = objective.position % n
+        t = resolve_position(objective.position, resid.shape[0])
         rows = slice(t, t + 1)
         objective = attrs.evolve(objective, position=0)
     with torch.enable_grad():

@@ -254,6 +254,18 @@ class ModelAdapter(Protocol):
 LOGIT_OBJECTIVES = (LogitDiffObjective, LogProbObjective, CallableObjective)
 
 
+def resolve_position(pos: int, length: int, what: str = "objective position") -> int:
+    """A token index into a prompt of ``length`` tokens; negative counts from the last token."""
+    from .exceptions import ModelInputError
+
+    if not -length <= pos < length:
+        raise ModelInputError(
+            f"{what} {pos} is out of range for a {length}-token prompt "
+            f"(valid: {-length}..{length - 1}; -1 is the last token)"
+        )
+    return pos % length
+
+
 def logits_objective(objective: Objective, logits: torch.Tensor) -> torch.Tensor:
     """One prompt's scalar objective from its unpadded ``T×V`` logits.
 
@@ -266,16 +278,12 @@ def logits_objective(objective: Objective, logits: torch.Tensor) -> torch.Tensor
 
     length = logits.shape[0]
 
-    def position(p: int) -> int:
-        if not -length <= p < length:
-            raise ModelInputError(f"objective position {p} is outside a prompt of {length} tokens")
-        return p % length
-
     if isinstance(objective, LogitDiffObjective):
-        t = position(objective.position)
+        t = resolve_position(objective.position, length)
         return logits[t, objective.target] - logits[t, objective.distractor]
     if isinstance(objective, LogProbObjective):
-        return torch.log_softmax(logits[position(objective.position)], dim=-1)[objective.target]
+        t = resolve_position(objective.position, length)
+        return torch.log_softmax(logits[t], dim=-1)[objective.target]
     if isinstance(objective, CallableObjective):
         value = objective.fn(logits)
         if not isinstance(value, torch.Tensor) or value.numel() != 1:

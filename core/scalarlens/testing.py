@@ -120,11 +120,6 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
                 )
 
 
-def example_configs(reg: Registry) -> dict[str, DstConfig]:
-    """Configs plugins offer for DSTs that need options (hook ``scalarlens_dst_examples``)."""
-    return reg.dst_examples()
-
-
 def conformance_tests(
     plugin: str | None = None, *, model: Callable[[], ModelAdapter] = tiny_model,
     configs: Mapping[str, DstConfig] | None = None,
@@ -138,7 +133,7 @@ def conformance_tests(
         raise AssertionError(
             f"plugin {plugin!r} registers no DSTs (is it installed? `scalarlens plugins`)"
         )
-    examples = {**example_configs(reg), **(configs or {})}
+    examples = {**reg.dst_examples(), **(configs or {})}
 
     @pytest.mark.parametrize("dst_name", names)
     def test_dst_conforms(dst_name: str) -> None:
@@ -173,7 +168,6 @@ def scalarlens_bundled_model() -> ModelAdapter:
 __all__ = [
     "check_dst",
     "conformance_tests",
-    "example_configs",
     "isolated_registry",
     "scalarlens_bundled_model",
     "scalarlens_registry",

@@ -39,6 +39,7 @@ from .._model import (
     PluginLocation,
     RunResult,
     logits_objective,
+    resolve_position,
 )
 from .._vocab import ActivationLocationType as ALT
 from .._vocab import Dimension, PassType, WeightLocationType
@@ -421,15 +422,6 @@ class GPT2Adapter:
                     self._check_layer(f"intervention {iv.name!r} at {iv.location.value!r}",
                                       False, layer)
 
-    @staticmethod
-    def _resolve_position(pos: int, length: int, what: str) -> int:
-        if not -length <= pos < length:
-            raise ModelInputError(
-                f"{what} {pos} is out of range for a {length}-token prompt "
-                f"(valid: {-length}..{length - 1}; -1 is the last token)"
-            )
-        return pos % length
-
     def _check_vocab_id(self, tok: int, what: str) -> None:
         if not 0 <= tok < self._dims.n_vocab:
             raise ModelInputError(
@@ -475,7 +467,7 @@ class GPT2Adapter:
         index: list[int] = []
         for dim, i in zip(alt.shape, objective.index, strict=True):
             if dim.is_token_axis:
-                index.append(self._resolve_position(i, length, f"NodeObjective {dim.value} index"))
+                index.append(resolve_position(i, length, f"NodeObjective {dim.value} index"))
             else:
                 n = sizes[dim]
                 if not -n <= i < n:
@@ -505,7 +497,7 @@ class GPT2Adapter:
         if isinstance(objective, NodeObjective):
             return site[b][self._node_index(objective, length)]
         assert isinstance(objective, DirectionObjective)
-        t = self._resolve_position(objective.position, length, "DirectionObjective position")
+        t = resolve_position(objective.position, length, "DirectionObjective position")
         direction = objective.direction.to(device=site.device, dtype=site.dtype)
         return site[b, t] @ direction
 
@@ -544,7 +536,7 @@ class GPT2Adapter:
             for length in lengths:
                 if isinstance(objective, (LogitDiffObjective, LogProbObjective,
                                           DirectionObjective)):
-                    self._resolve_position(objective.position, length, "objective position")
+                    resolve_position(objective.position, length, "objective position")
                 elif isinstance(objective, NodeObjective):
                     self._node_index(objective, length)
 
