@@ -16,14 +16,18 @@ __all__ = [
     "DeriverBuildError",
     "DstConflictError",
     "DstCycleError",
+    "KernelError",
+    "KernelMutationWarning",
     "MissingActivationError",
     "ModelInputError",
+    "OutputError",
     "PluginLoadError",
     "RegistrationError",
     "ScalarLensError",
     "ShapeError",
     "TokenizerError",
     "UnknownDstError",
+    "UnknownInterventionError",
     "UnsupportedPassError",
 ]
 
@@ -106,3 +110,27 @@ class TokenizerError(ScalarLensError, ValueError):
 
 class ModelInputError(ScalarLensError, ValueError):
     """Token ids, prompt lengths, layers or objectives handed to a model run are invalid."""
+
+
+class UnknownInterventionError(ScalarLensError, KeyError):
+    """No plugin provides the intervention a plugin location names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class KernelError(ScalarLensError, RuntimeError):
+    """A deriver's kernel returned something unusable: not a tensor, wrong dtype, NaN/inf."""
+
+
+class KernelMutationWarning(UserWarning):
+    """A kernel tried to modify a tensor it does not own (an input or a model weight).
+
+    The attempt is blocked before it happens and the kernel is re-run on private copies, so no
+    other result can change; the warning names the DST and plugin so the author can switch to
+    out-of-place operations (``x * 2``, not ``x.mul_(2)``) and skip the copy.
+    """
+
+
+class OutputError(ScalarLensError, OSError):
+    """An output file cannot be written (missing or read-only directory, failed plot)."""
