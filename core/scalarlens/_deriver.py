@@ -44,7 +44,9 @@ class DeriveContext:
                 f"{self.dst.name} reads the weight {location.value!r} but no model was given; "
                 "pass `model=` to the executor (scalarlens.derive does this for you)"
             )
-        return self.model.weight(location, layer)
+        from ._guard import guarded_weight
+
+        return guarded_weight(self.model.weight(location, layer))
 
     @property
     def dims(self) -> ModelDims:
@@ -95,6 +97,8 @@ class ScalarDeriver:
     dimension_sizes: tuple[tuple[Dimension, int], ...] = attrs.field(
         default=None, converter=_freeze_sizes
     )
+    # Set by the registry to the providing plugin's name, so kernel errors can name it.
+    plugin: str | None = attrs.field(default=None, eq=False, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         extra = self.derivable_pass_types - self.dst.pass_types

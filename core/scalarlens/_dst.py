@@ -26,11 +26,11 @@ from .exceptions import RegistrationError
 if TYPE_CHECKING:
     from ._model import PluginLocation
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+_NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 
 
 def _check_name(_: object, __: attrs.Attribute[str], name: str) -> None:
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise RegistrationError(
             f"invalid DST name {name!r}: use dotted lowercase words such as 'mlp.write_norm'"
         )
@@ -70,6 +70,9 @@ class DerivedScalarType:
     )
     description: str = ""
     has_no_layers: bool = False
+    # NaN/inf in this DST's values are meaningful (masked attention logits are -inf), so the
+    # engine's finiteness check is skipped for it.
+    allows_non_finite: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -91,6 +94,7 @@ def raw_dst(
         pass_types=frozenset(PassType),
         description=description,
         has_no_layers=location.has_no_layers,
+        allows_non_finite=getattr(location, "may_be_non_finite", False),
     )
 
 

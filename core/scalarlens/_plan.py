@@ -9,6 +9,7 @@ layers) to capture and whether a backward pass is needed — all before any mode
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -19,11 +20,13 @@ from ._activations import ActivationsAndMetadata, RawActivationStore
 from ._config import DstConfig
 from ._deriver import DeriveContext, ScalarDeriver
 from ._dst import DerivedScalarType, DstAndPass
+from ._guard import run_kernel
 from ._layers import NOT_NEEDED
 from ._model import CaptureRequest, PluginLocation
+from ._output_check import OutputChecker
 from ._sources import DerivedScalarSource, DstReference, RawScalarSource
 from ._vocab import ActivationLocationType, PassType
-from .exceptions import ConfigError, MissingActivationError, ShapeError
+from .exceptions import ConfigError, MissingActivationError
 
 if TYPE_CHECKING:
     import torch
@@ -41,15 +44,22 @@ def node_key(deriver: ScalarDeriver, pass_type: PassType) -> NodeKey:
 
 
 @attrs.frozen
-class Edge:
-    """Input ``position`` of a node: a raw key or another node, through an indexer."""
+class RawEdge:
+    """An input read from the raw store: a captured (location, pass), through an indexer."""
 
-    source: ScalarSourceLike
-    producer: NodeKey | RawKey
-    is_raw: bool
+    source: RawScalarSource
+    producer: RawKey
 
 
-ScalarSourceLike = RawScalarSource | DerivedScalarSource
+@attrs.frozen
+class NodeEdge:
+    """An input produced by another node of the plan, through an indexer."""
+
+    source: DerivedScalarSource
+    producer: NodeKey
+
+
+Edge = RawEdge | NodeEdge
 
 
 @attrs.define
@@ -147,10 +157,10 @@ def make_plan(requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int)
         for source in deriver.sub_scalar_sources:
             resolved = pass_type if source.pass_type is None else source.pass_type
             if isinstance(source, RawScalarSource):
-                edges.append(Edge(source, (source.location, resolved), True))
+                edges.append(RawEdge(source, (source.location, resolved)))
             elif isinstance(source, DerivedScalarSource):
                 child = visit(source.scalar_deriver, resolved, deriver.dst.name)
-                edges.append(Edge(source, child, False))
+                edges.append(NodeEdge(source, child))
             elif isinstance(source, DstReference):
                 raise ConfigError(
                     f"{deriver.dst.name} holds an unresolved reference to {source.dst_name!r}; "
@@ -175,24 +185,23 @@ def make_plan(requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int)
     for key in reversed(order):
         node = nodes[key]
         for edge in node.edges:
-            needed = {
-                edge.source.layer_indexer.source_layer(layer, n_layers) for layer in node.layers
-            }
-            needed.discard(NOT_NEEDED)
-            if not needed:
+            demanded: set[LayerIndex] = set()
+            for layer in node.layers:
+                wanted = edge.source.layer_indexer.source_layer(layer, n_layers)
+                if wanted is not NOT_NEEDED:
+                    demanded.add(wanted)
+            if not demanded:
                 continue
-            if edge.is_raw:
-                raw_key = edge.producer
-                location = raw_key[0]
-                assert isinstance(location, (ActivationLocationType, PluginLocation))
-                if location.has_no_layers and needed != {None}:
+            if isinstance(edge, RawEdge):
+                location = edge.producer[0]
+                if location.has_no_layers and demanded != {None}:
                     raise ConfigError(
                         f"{node.dst.name}: source {edge.source.describe()} asks the layer-less "
-                        f"location {location.value} for layers {sorted(map(str, needed))}"
+                        f"location {location.value} for layers {sorted(map(str, demanded))}"
                     )
-                raw_layers.setdefault(raw_key, set()).update(needed)  # type: ignore[arg-type]
+                raw_layers.setdefault(edge.producer, set()).update(demanded)
             else:
-                nodes[edge.producer].layers.update(needed)  # type: ignore[index,arg-type]
+                nodes[edge.producer].layers.update(demanded)
 
     return Plan(
         requests=tuple(request_keys),
@@ -212,47 +221,29 @@ def execute_plan(
     """Evaluate every node once, layer by layer, and return the requested results.
 
     Intermediate results are dropped as soon as their last consumer has run, so peak memory is
-    bounded by what is live, not by the whole DAG.
+    bounded by what is live, not by the whole DAG.  Kernels run isolated (``_guard``): none can
+    change a captured activation, another node's output or a weight.  Every output is checked
+    against its DST's declared shape, dtype and finiteness before anyone consumes it.
     """
     import torch
 
     remaining_uses: Counter[NodeKey] = Counter()
     for node in plan.nodes:
         for edge in node.edges:
-            if not edge.is_raw:
-                remaining_uses[edge.producer] += 1  # type: ignore[index]
+            if isinstance(edge, NodeEdge):
+                remaining_uses[edge.producer] += 1
     requested = {key for key, _ in plan.requests}
+    checker = OutputChecker.for_store(raw_store, model)
 
     results: dict[NodeKey, dict[LayerIndex, torch.Tensor]] = {}
     with torch.no_grad():
         for node in plan.nodes:
-            ctx = DeriveContext(node.pass_type, node.deriver.config, node.dst, model)
-            kernel = node.deriver.tensor_calculate_derived_scalar_fn
-            out: dict[LayerIndex, torch.Tensor] = {}
-            for layer in sorted(node.layers, key=lambda x: -1 if x is None else x):
-                inputs = tuple(
-                    _input(edge, layer, plan.n_layers, raw_store, results, node)
-                    for edge in node.edges
-                )
-                value = kernel(inputs, layer, ctx)
-                if counter is not None:
-                    counter.by_dst[node.dst.name] += 1
-                if value.ndim != len(node.dst.shape):
-                    raise ShapeError(
-                        f"{node.dst.name} (layer {layer}) returned a {value.ndim}-d tensor of "
-                        f"shape {tuple(value.shape)}; its declared shape is "
-                        f"{[d.value for d in node.dst.shape]}"
-                    )
-                if node.deriver.config.device is not None:
-                    value = value.to(node.deriver.config.device)
-                out[layer] = value.detach()
-            results[node.key] = out
+            results[node.key] = _evaluate(node, plan, raw_store, results, model, checker, counter)
             for edge in node.edges:
-                if not edge.is_raw:
-                    producer: NodeKey = edge.producer  # type: ignore[assignment]
-                    remaining_uses[producer] -= 1
-                    if remaining_uses[producer] == 0 and producer not in requested:
-                        del results[producer]
+                if isinstance(edge, NodeEdge):
+                    remaining_uses[edge.producer] -= 1
+                    if remaining_uses[edge.producer] == 0 and edge.producer not in requested:
+                        del results[edge.producer]
 
     final: dict[DstAndPass, ActivationsAndMetadata] = {}
     for key, layers in plan.requests:
@@ -263,6 +254,46 @@ def execute_plan(
             by_layer = {**final[name].activations_by_layer_index, **by_layer}
         final[name] = ActivationsAndMetadata(dst, pass_type, by_layer)
     return final
+
+
+def _evaluate(
+    node: PlanNode,
+    plan: Plan,
+    raw_store: RawActivationStore,
+    results: Mapping[NodeKey, Mapping[LayerIndex, torch.Tensor]],
+    model: ModelAdapter | None,
+    checker: OutputChecker,
+    counter: EvaluationCounter | None,
+) -> dict[LayerIndex, torch.Tensor]:
+    """One node's value on every layer it is needed at."""
+    ctx = DeriveContext(node.pass_type, node.deriver.config, node.dst, model)
+    kernel = node.deriver.tensor_calculate_derived_scalar_fn
+    out: dict[LayerIndex, torch.Tensor] = {}
+    for layer in sorted(node.layers, key=lambda x: -1 if x is None else x):
+        inputs = tuple(
+            _input(edge, layer, plan.n_layers, raw_store, results, node) for edge in node.edges
+        )
+        value = run_kernel(
+            kernel,
+            inputs,
+            layer,
+            ctx,
+            who=functools.partial(_who, node, layer),
+            describe_input=lambda i: str(node.edges[i].source.describe()),
+        )
+        if counter is not None:
+            counter.by_dst[node.dst.name] += 1
+        checker.check(value, node, layer)
+        if node.deriver.config.device is not None:
+            value = value.to(node.deriver.config.device)
+        out[layer] = value.detach()
+    return out
+
+
+def _who(node: PlanNode, layer: LayerIndex) -> str:
+    plugin = node.deriver.plugin or "not from a registry"
+    at = "" if layer is None else f", layer {layer}"
+    return f"the kernel of {node.dst.name} ({node.pass_type.value} pass{at}; plugin {plugin!r})"
 
 
 def _input(
@@ -276,18 +307,18 @@ def _input(
     source_layer = edge.source.layer_indexer.source_layer(layer, n_layers)
     if source_layer is NOT_NEEDED:
         return None
-    if edge.is_raw:
-        location, pass_type = edge.producer  # type: ignore[misc]
-        entry = raw_store.get(location, pass_type)
-        try:
-            return entry.activations_by_layer_index[source_layer]
-        except KeyError:
-            raise MissingActivationError(
-                f"{node.dst.name} (layer {layer}) needs {location.value}/{pass_type.value} at "
-                f"layer {source_layer}, which was not captured; captured layers: "
-                f"{list(entry.layer_indices)}"
-            ) from None
-    return results[edge.producer][source_layer]  # type: ignore[index]
+    if isinstance(edge, NodeEdge):
+        return results[edge.producer][source_layer]
+    location, pass_type = edge.producer
+    entry = raw_store.get(location, pass_type)
+    try:
+        return entry.activations_by_layer_index[source_layer]
+    except KeyError:
+        raise MissingActivationError(
+            f"{node.dst.name} (layer {layer}) needs {location.value}/{pass_type.value} at "
+            f"layer {source_layer}, which was not captured; captured layers: "
+            f"{list(entry.layer_indices)}"
+        ) from None
 
 
 def derive_from_raw(

@@ -160,6 +160,11 @@ class ActivationLocationType(str, enum.Enum):
     RESID_FINAL_LAYER_NORM_SCALE = ("resid.ln_f.scale", (_T, _ONE), NodeType.LAYER, None, True)
     LOGITS = ("logits", (_T, _V), NodeType.VOCAB_TOKEN, None, True)
 
+    @property
+    def may_be_non_finite(self) -> bool:
+        """Whether captured values may hold ``-inf`` by design (masked attention logits)."""
+        return self is ActivationLocationType.ATTN_QK_LOGITS
+
 
 class WeightLocationType(str, enum.Enum):
     """A weight or bias a model adapter must hand out, with its canonical (TDB) layout.

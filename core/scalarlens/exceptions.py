@@ -128,8 +128,11 @@ class KernelMutationWarning(UserWarning):
 
     The attempt is blocked before it happens and the kernel is re-run on private copies, so no
     other result can change; the warning names the DST and plugin so the author can switch to
-    out-of-place operations (``x * 2``, not ``x.mul_(2)``) and skip the copy.
+    out-of-place operations (``x * 2``, not ``x.mul_(2)``) and skip the copy.  ``target``
+    says what it tried to write ("its input mlp.post_act/...", "a model weight ...").
     """
+
+    target: str = ""
 
 
 class OutputError(ScalarLensError, OSError):

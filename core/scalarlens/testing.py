@@ -17,19 +17,22 @@ DSTs that need plugin options get them from the plugin's ``scalarlens_dst_exampl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
 import torch
 
-from ._activations import RawActivationStore
+from ._activations import ActivationsAndMetadata, RawActivationStore
 from ._config import DstConfig
 from ._derive import plugin_interventions
+from ._dst import DstAndPass
 from ._model import LogitDiffObjective, ModelAdapter
-from ._plan import execute_plan, make_plan
+from ._plan import Plan, execute_plan, make_plan
 from ._registry import Registry
 from ._vocab import resolve_shape
+from .exceptions import KernelError, KernelMutationWarning, ShapeError
 
 TINY_TOKENS = ((3, 1, 4, 1, 5, 9), (2, 6, 5))
 
@@ -83,7 +86,7 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
         for run in runs:
             raw = RawActivationStore.from_nested_dict(run.captured)
             before = _clone_store(raw)
-            first = execute_plan(plan, raw, model=model)
+            first = _execute(plan, raw, model, f"{where} ({pass_type.value})")
             second = execute_plan(plan, raw, model=model)
             after = _clone_store(raw)
             for key, by_layer in before.items():
@@ -118,6 +121,27 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
                 assert torch.equal(tensor.nan_to_num(), again.nan_to_num()), (
                     f"{where} ({pass_type.value}) layer {layer}: two derivations differ"
                 )
+
+
+def _execute(
+    plan: Plan, raw: RawActivationStore, model: ModelAdapter, where: str
+) -> dict[DstAndPass, ActivationsAndMetadata]:
+    """``execute_plan`` with the engine's own errors turned into the kit's assertions.
+
+    The engine blocks in-place writes (re-running the kernel on copies, with a warning); a
+    conforming plugin never triggers that, so here the warning is a failure.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelMutationWarning)
+        try:
+            return execute_plan(plan, raw, model=model)
+        except KernelMutationWarning as exc:
+            raise AssertionError(
+                f"{where} mutated {exc.target or 'a tensor it does not own'} in place; use "
+                "out-of-place operations"
+            ) from None
+        except (KernelError, ShapeError) as exc:
+            raise AssertionError(f"{where}: {exc}") from None
 
 
 def conformance_tests(

@@ -1,0 +1,95 @@
+"""Checking what a kernel returned before anyone consumes it.
+
+A kernel's output feeds other DSTs and the user's rankings, so a wrong size, a NaN or a value
+that is not a tensor at all must stop the derivation with an error naming the DST, its plugin
+and the layer — not surface three DSTs later as a broadcast error or a silently wrong ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._vocab import Dimension, DimensionKind
+from .exceptions import KernelError, ShapeError
+
+if TYPE_CHECKING:
+    from ._activations import RawActivationStore
+    from ._model import ModelAdapter
+    from ._plan import PlanNode
+
+
+def _n_tokens(raw_store: RawActivationStore) -> int | None:
+    """The prompt's token count, read off any captured per-token tensor."""
+    for (location, _), entry in raw_store.entries.items():
+        if location.shape and location.shape[0] in (Dimension.TOKENS,
+                                                    Dimension.ATTENDED_TO_TOKENS):
+            for tensor in entry.activations_by_layer_index.values():
+                return int(tensor.shape[0])
+    return None
+
+
+class OutputChecker:
+    """Validates kernel outputs against the declared shape (every size), dtype and finiteness."""
+
+    def __init__(self, n_tokens: int | None, model_sizes: Mapping[Dimension, int]) -> None:
+        self.n_tokens = n_tokens
+        self.model_sizes = model_sizes
+
+    @classmethod
+    def for_store(cls, raw_store: RawActivationStore, model: ModelAdapter | None) -> OutputChecker:
+        return cls(_n_tokens(raw_store), {} if model is None else model.dims.sizes())
+
+    def expected(self, node: PlanNode) -> tuple[int | None, ...]:
+        """Declared sizes, ``None`` where this run cannot know one (no model, no tokens)."""
+        params = node.deriver.parameter_sizes
+        t = self.n_tokens
+        sizes: list[int | None] = []
+        for dim in node.dst.shape:
+            if dim in (Dimension.TOKENS, Dimension.ATTENDED_TO_TOKENS):
+                sizes.append(t)
+            elif dim is Dimension.TOKEN_PAIRS:
+                sizes.append(None if t is None else t * (t + 1) // 2)
+            elif dim is Dimension.SINGLETON:
+                sizes.append(1)
+            elif dim.kind is DimensionKind.PARAMETERIZED:
+                sizes.append(params.get(dim))
+            else:
+                sizes.append(self.model_sizes.get(dim))
+        return tuple(sizes)
+
+    def check(self, value: Any, node: PlanNode, layer: int | None) -> None:
+        import torch
+
+        dst = node.dst
+        at = "" if layer is None else f" at layer {layer}"
+        plugin = "not from a registry" if node.deriver.plugin is None else repr(node.deriver.plugin)
+        where = f"{dst.name} ({node.pass_type.value} pass{at}; plugin {plugin})"
+        if not isinstance(value, torch.Tensor):
+            raise KernelError(
+                f"{where}: the kernel returned {type(value).__name__}, expected a torch.Tensor; "
+                "return a tensor (convert numpy arrays with torch.as_tensor)"
+            )
+        if not value.is_floating_point():
+            raise KernelError(
+                f"{where}: the kernel returned a {value.dtype} tensor, expected a floating-point "
+                "one; cast it with .to(torch.float32) or compute in floating point"
+            )
+        expected = self.expected(node)
+        actual = tuple(value.shape)
+        if len(actual) != len(expected) or any(
+            e is not None and e != a for e, a in zip(expected, actual, strict=True)
+        ):
+            pairs = zip(dst.shape, expected, strict=True)
+            shown = ", ".join(f"{d.value}={'?' if e is None else e}" for d, e in pairs)
+            raise ShapeError(
+                f"{where}: the kernel returned shape {actual}, declared ({shown}). Fix "
+                "the kernel, or the DST's shape / the deriver's dimension_sizes"
+            )
+        if not dst.allows_non_finite and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise KernelError(
+                f"{where}: the kernel returned {bad} non-finite value(s) (NaN or inf) out of "
+                f"{value.numel()}. Fix the kernel (e.g. a division by zero or log of 0), or "
+                "declare DerivedScalarType(..., allows_non_finite=True) if they are meaningful"
+            )
