@@ -35,6 +35,8 @@ class PluginInfo:
     status: str  # "loaded", "failed" or "blocked"
     dsts: tuple[str, ...] = ()
     error: str | None = None
+    # Seconds spent importing the module and calling its hooks (None: not imported).
+    load_seconds: float | None = None
 
     def where(self) -> str:
         dist = self.distribution or "not installed as a distribution"
@@ -120,6 +122,43 @@ def check_api_version(plugin: object) -> str | None:
             f"plugin declares SCALARLENS_PLUGIN_API = {declared!r} but this scalarlens speaks "
             f"version {PLUGIN_API_VERSION}; upgrade the plugin or scalarlens so they match"
         )
+    return None
+
+
+def call_hook(pm: Any, hook: str, plugin: object) -> tuple[list[Any], str | None]:
+    """Every result ``plugin``'s implementation of ``hook`` returned, or why it failed.
+
+    The one place a plugin's hook is called: whatever it raises — ``SystemExit`` included,
+    ``KeyboardInterrupt`` aside — becomes that plugin's failure, never the process's.
+    """
+    results = []
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        if impl.plugin is not plugin:
+            continue
+        try:
+            results.append(impl.function())
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            return [], f"{hook}() raised {format_error(exc)}"
+    return results, None
+
+
+def check_mapping(hook: str, result: object, key: type, value: str) -> str | None:
+    """Why ``result`` is not a mapping of ``key`` to a callable, or ``None`` if it is."""
+    if not isinstance(result, Mapping):
+        return (
+            f"{hook}() returned {type(result).__name__}; expected a mapping of "
+            f"{key.__name__} to {value}"
+        )
+    for name, item in result.items():
+        if not isinstance(name, key):
+            return (
+                f"{hook}() returned a key of type {type(name).__name__} ({name!r}); keys must "
+                f"be {key.__name__} values"
+            )
+        if not callable(item):
+            return f"{hook}(): the {value} for {str(name)!r} is not callable"
     return None
 
 

@@ -1,40 +1,48 @@
 """The DST registry: who provides which DST, and building resolved derivers.
 
-``Registry`` loads plugins lazily (once, on first use), keeps every provider of every DST name,
-and refuses to guess: two providers of one name is a conflict until an explicit preference
-says which wins.  ``get`` builds a deriver and resolves its ``DstReference`` sources by name,
-recursively, detecting cycles.
+``Registry`` loads plugins lazily (exactly once, under a lock, never visible half-done), keeps
+every offer of every name (DSTs, model loaders, intervention providers) and refuses to guess:
+two providers of one name is a conflict until an explicit preference says which wins.
+``get`` builds a deriver and resolves its ``DstReference`` sources by name, recursively,
+detecting cycles.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._bundled import BUNDLED_MODELS
 from ._config import DstConfig
 from ._deriver import ScalarDeriver
 from ._dst import DerivedScalarType
+from ._offers import Offer, OfferTable
 from ._plugins import (
     PluginCandidate,
     PluginInfo,
     blocked_names,
+    call_hook,
     check_api_version,
     check_derivers_result,
+    check_mapping,
     discover_candidates,
     format_error,
     preferences_from_env,
 )
 from ._sources import DerivedScalarSource, DstReference, ScalarSource
 from .exceptions import (
+    ConfigError,
     DeriverBuildError,
-    DstConflictError,
     DstCycleError,
     PluginLoadError,
     RegistrationError,
     ScalarLensError,
     UnknownDstError,
+    UnknownInterventionError,
 )
 
 if TYPE_CHECKING:
@@ -44,7 +52,9 @@ if TYPE_CHECKING:
 
 Factory = Callable[[DstConfig], ScalarDeriver]
 InterventionFactory = Callable[[Mapping[str, Any], "ModelAdapter"], Sequence["Intervention"]]
+ModelLoader = Callable[[str], "ModelAdapter"]
 LOCAL_PLUGIN = "__local__"
+CORE = "scalarlens"  # the pseudo-plugin offering the bundled models
 
 
 @attrs.frozen
@@ -56,13 +66,26 @@ class Provision:
     plugin: str
 
 
+@attrs.frozen
+class Problem:
+    """One thing ``scalarlens plugins --check`` found wrong, and whose it is."""
+
+    plugin: str
+    subject: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.plugin}: {self.subject}: {self.message}"
+
+
 class Registry:
     """Maps DST names to deriver factories contributed by plugins.
 
     ``Registry()`` discovers installed plugins on first use; ``Registry(autoload=False)`` starts
     empty for tests and takes plugins through ``register`` (a module or object with hook
-    implementations) or ``register_factory``.  ``prefer={"dst.name": "plugin"}`` settles a
-    conflict explicitly (so does ``SCALARLENS_PREFER=dst.name=plugin``).
+    implementations) or ``register_factory``.  ``prefer={"name": "plugin"}`` settles a
+    conflict over a DST, model loader or intervention provider explicitly (so does
+    ``SCALARLENS_PREFER=name=plugin``).  Safe to share between threads.
     """
 
     def __init__(
@@ -74,27 +97,43 @@ class Registry:
     ) -> None:
         self._autoload = autoload
         self._block = frozenset(block)
-        self._prefer: dict[str, str] = dict(prefer or {})
+        self._explicit_prefer: dict[str, str] = dict(prefer or {})
+        self._lock = threading.RLock()
+        self._loading_thread: int | None = None
         self._loaded = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._prefer: dict[str, str] = dict(self._explicit_prefer)
         self._pm: pluggy.PluginManager | None = None
         self._plugins: dict[str, PluginInfo] = {}
-        self._provisions: dict[str, list[Provision]] = {}
-        self._model_loaders: dict[str, tuple[Callable[[str], ModelAdapter], str]] = {}
         self._candidates: dict[str, PluginCandidate] = {}
-        self._examples: dict[str, tuple[DstConfig, str]] = {}
-        self._interventions: dict[str, tuple[InterventionFactory, str]] = {}
+        self._dsts = OfferTable("DST")
+        self._loaders = OfferTable("model loader")
+        self._interventions = OfferTable("intervention provider")
+        self._examples = OfferTable("DST example")
 
     # --- loading --------------------------------------------------------------------------
 
     def _ensure_loaded(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
-        if self._autoload:
-            self._prefer = {**preferences_from_env(), **self._prefer}
-            blocked = self._block | blocked_names()
-            for candidate in discover_candidates():
-                self._load_candidate(candidate, blocked)
+        with self._lock:
+            if self._loaded or self._loading_thread == threading.get_ident():
+                return  # done meanwhile, or a plugin being loaded is using the registry
+            self._loading_thread = threading.get_ident()
+            try:
+                if self._autoload:
+                    self._prefer = {**preferences_from_env(), **self._explicit_prefer}
+                    blocked = self._block | blocked_names()
+                    for candidate in discover_candidates():
+                        self._load_candidate(candidate, blocked)
+                self._loaded = True  # only now may other threads see the tables
+            except BaseException:
+                self._reset()  # e.g. Ctrl-C mid-discovery: the next use starts over
+                raise
+            finally:
+                self._loading_thread = None
 
     def _plugin_manager(self) -> pluggy.PluginManager:
         if self._pm is None:
@@ -114,22 +153,48 @@ class Registry:
             module=candidate.value,
             status="loaded",
         )
+        if candidate.name in self._candidates:
+            self._record_duplicate(candidate, info)
+            return
         self._candidates[candidate.name] = candidate
         if candidate.name in blocked or (
             blocked and candidate.distribution_and_version()[0] in blocked
         ):
             self._plugins[candidate.name] = attrs.evolve(info, status="blocked")
             return
+        started = time.perf_counter()
         try:
             plugin = candidate.load()
-        except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit at import is a broken plugin, not an exit
             self._plugins[candidate.name] = attrs.evolve(
-                info, status="failed", error=f"import failed: {format_error(exc)}"
+                info,
+                status="failed",
+                error=f"import failed: {format_error(exc)}",
+                load_seconds=time.perf_counter() - started,
             )
             return
-        self._add_plugin(plugin, info)
+        info = self._add_plugin(plugin, info)
+        self._plugins[info.name] = attrs.evolve(info, load_seconds=time.perf_counter() - started)
+
+    def _record_duplicate(self, candidate: PluginCandidate, info: PluginInfo) -> None:
+        """Two distributions use one entry-point name: the second is reported, not loaded."""
+        first = self._candidates[candidate.name].distribution_and_version()
+        dist, version = candidate.distribution_and_version()
+        key = f"{candidate.name} ({dist or candidate.value})"
+        self._plugins[key] = attrs.evolve(
+            info,
+            distribution=dist,
+            version=version,
+            status="failed",
+            error=(
+                f"duplicate entry-point name {candidate.name!r}: distribution {first[0]} "
+                f"{first[1] or ''} already uses it, so this one was not loaded. Rename the "
+                "entry point in one distribution's pyproject.toml "
+                "([project.entry-points.scalarlens]) or uninstall one of them"
+            ),
+        )
 
     def register(
         self,
@@ -142,16 +207,17 @@ class Registry:
         """Load an in-process plugin (module or object with hook implementations)."""
         self._ensure_loaded()
         plugin_name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
-        if plugin_name in self._plugins:
-            raise RegistrationError(f"a plugin named {plugin_name!r} is already registered")
-        info = PluginInfo(
-            name=plugin_name,
-            distribution=distribution,
-            version=version,
-            module=getattr(plugin, "__name__", type(plugin).__name__),
-            status="loaded",
-        )
-        return self._add_plugin(plugin, info)
+        with self._lock:
+            if plugin_name in self._plugins:
+                raise RegistrationError(f"a plugin named {plugin_name!r} is already registered")
+            info = PluginInfo(
+                name=plugin_name,
+                distribution=distribution,
+                version=version,
+                module=getattr(plugin, "__name__", type(plugin).__name__),
+                status="loaded",
+            )
+            return self._add_plugin(plugin, info)
 
     def _add_plugin(self, plugin: object, info: PluginInfo) -> PluginInfo:
         problem = check_api_version(plugin)
@@ -161,134 +227,60 @@ class Registry:
                 pm.register(plugin, name=info.name)
             except Exception as exc:  # pluggy validation errors, duplicate names
                 problem = f"hook validation failed: {format_error(exc)}"
-        if problem is not None:
-            info = attrs.evolve(info, status="failed", error=problem)
-            self._plugins[info.name] = info
-            return info
-
         dsts: list[str] = []
-        for impl in pm.hook.scalarlens_derivers.get_hookimpls():
-            if impl.plugin is not plugin:
-                continue
-            try:
-                result = impl.function()
-            except Exception as exc:
-                problem = f"scalarlens_derivers() raised {format_error(exc)}"
-                break
-            problem = check_derivers_result(result)
-            if problem is None:
-                assert isinstance(result, Mapping)
-                for dst, factory in result.items():
-                    self._provisions.setdefault(dst.name, []).append(
-                        Provision(dst, factory, info.name)
-                    )
-                    dsts.append(dst.name)
         if problem is None:
-            for impl in pm.hook.scalarlens_model_loaders.get_hookimpls():
-                if impl.plugin is not plugin:
-                    continue
-                try:
-                    loaders = impl.function()
-                    if not isinstance(loaders, Mapping):
-                        raise TypeError(
-                            f"returned {type(loaders).__name__}, expected a mapping of "
-                            "spec name to loader"
-                        )
-                    for key, loader in loaders.items():
-                        self._model_loaders[key] = (loader, info.name)
-                except Exception as exc:
-                    problem = f"scalarlens_model_loaders() failed: {format_error(exc)}"
-        if problem is None:
-            problem = self._collect_examples(pm, plugin, info.name)
-        if problem is None:
-            problem = self._collect_interventions(pm, plugin, info.name)
-        if problem is not None:
-            pm.unregister(plugin)
-            self._drop_provisions(info.name)
-            info = attrs.evolve(info, status="failed", error=problem)
-        else:
-            info = attrs.evolve(info, dsts=tuple(dsts))
+            problem = self._collect(pm, plugin, info.name, dsts)
+            if problem is not None:
+                pm.unregister(plugin)
+                self._drop(info.name)
+        info = attrs.evolve(info, status="failed", error=problem) if problem else attrs.evolve(
+            info, dsts=tuple(dsts)
+        )
         self._plugins[info.name] = info
         return info
 
-    def _collect_examples(
-        self, pm: pluggy.PluginManager, plugin: object, plugin_name: str
+    def _collect(
+        self, pm: pluggy.PluginManager, plugin: object, name: str, dsts: list[str]
     ) -> str | None:
-        for impl in pm.hook.scalarlens_dst_examples.get_hookimpls():
-            if impl.plugin is not plugin:
-                continue
-            try:
-                examples = impl.function()
-            except Exception as exc:
-                return f"scalarlens_dst_examples() raised {format_error(exc)}"
-            if not isinstance(examples, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, DstConfig) for k, v in examples.items()
-            ):
-                return "scalarlens_dst_examples() must return a mapping of DST name to DstConfig"
-            for name, config in examples.items():
-                self._examples[name] = (config, plugin_name)
+        """Call each hook of ``plugin`` once and file what it offers; or say what is wrong."""
+        for hook, check in (
+            ("scalarlens_derivers", check_derivers_result),
+            ("scalarlens_model_loaders", _check_loaders),
+            ("scalarlens_dst_examples", _check_examples),
+            ("scalarlens_interventions", _check_interventions),
+        ):
+            results, problem = call_hook(pm, hook, plugin)
+            for result in results:
+                problem = problem or check(result)
+            if problem is not None:
+                return problem
+            for result in results:
+                for key, value in result.items():
+                    if hook == "scalarlens_derivers":
+                        self._dsts.add(key.name, Provision(key, value, name), name)
+                        dsts.append(key.name)
+                    elif hook == "scalarlens_model_loaders":
+                        self._loaders.add(key, value, name)
+                    elif hook == "scalarlens_dst_examples":
+                        self._examples.add(key, value, name)
+                    else:
+                        self._interventions.add(key, value, name)
         return None
 
-    def _collect_interventions(
-        self, pm: pluggy.PluginManager, plugin: object, plugin_name: str
-    ) -> str | None:
-        for impl in pm.hook.scalarlens_interventions.get_hookimpls():
-            if impl.plugin is not plugin:
-                continue
-            try:
-                factories = impl.function()
-            except Exception as exc:
-                return f"scalarlens_interventions() raised {format_error(exc)}"
-            if not isinstance(factories, Mapping) or not all(
-                isinstance(k, str) and callable(v) for k, v in factories.items()
-            ):
-                return "scalarlens_interventions() must return a mapping of name to factory"
-            for name, factory in factories.items():
-                if name in self._interventions:
-                    other = self._interventions[name][1]
-                    return f"intervention provider {name!r} is already registered by {other!r}"
-                self._interventions[name] = (factory, plugin_name)
-        return None
-
-    def intervention_factory(self, provider: str) -> InterventionFactory:
-        """The factory a plugin registered for ``provider`` (hook ``scalarlens_interventions``)."""
-        self._ensure_loaded()
-        try:
-            return self._interventions[provider][0]
-        except KeyError:
-            known = ", ".join(sorted(self._interventions)) or "none"
-            raise UnknownDstError(
-                provider,
-                (),
-                f" No plugin provides the intervention {provider!r} "
-                f"(registered: {known}); install the plugin that defines it.",
-            ) from None
-
-    def dst_examples(self) -> dict[str, DstConfig]:
-        """Example configs plugins declared for DSTs that need options."""
-        self._ensure_loaded()
-        return {name: config for name, (config, _) in self._examples.items()}
-
-    def _drop_provisions(self, plugin_name: str) -> None:
-        for name in list(self._provisions):
-            kept = [p for p in self._provisions[name] if p.plugin != plugin_name]
-            if kept:
-                self._provisions[name] = kept
-            else:
-                del self._provisions[name]
-        self._model_loaders = {k: v for k, v in self._model_loaders.items() if v[1] != plugin_name}
-        self._examples = {k: v for k, v in self._examples.items() if v[1] != plugin_name}
-        self._interventions = {k: v for k, v in self._interventions.items() if v[1] != plugin_name}
+    def _drop(self, plugin_name: str) -> None:
+        for table in (self._dsts, self._loaders, self._examples, self._interventions):
+            table.drop(plugin_name)
 
     def unregister(self, name: str) -> None:
         """Remove a plugin and everything it contributed."""
         self._ensure_loaded()
-        if name not in self._plugins:
-            raise RegistrationError(f"no plugin named {name!r} is registered")
-        self._drop_provisions(name)
-        if self._pm is not None and self._pm.get_plugin(name) is not None:
-            self._pm.unregister(name=name)
-        del self._plugins[name]
+        with self._lock:
+            if name not in self._plugins:
+                raise RegistrationError(f"no plugin named {name!r} is registered")
+            self._drop(name)
+            if self._pm is not None and self._pm.get_plugin(name) is not None:
+                self._pm.unregister(name=name)
+            del self._plugins[name]
 
     def register_factory(
         self,
@@ -304,21 +296,29 @@ class Registry:
             raise RegistrationError(f"expected a DerivedScalarType, got {type(dst).__name__}")
         if not callable(factory):
             raise RegistrationError(f"the factory for {dst.name!r} is not callable")
-        provision = Provision(dst, factory, plugin)
-        if override:
-            self._provisions[dst.name] = [provision]
-        else:
-            self._provisions.setdefault(dst.name, []).append(provision)
-        info = self._plugins.get(plugin) or PluginInfo(
-            name=plugin, distribution=None, version=None, module="(in process)", status="loaded"
-        )
-        if dst.name not in info.dsts:
-            info = attrs.evolve(info, dsts=(*info.dsts, dst.name))
-        self._plugins[plugin] = info
+        with self._lock:
+            self._dsts.add(dst.name, Provision(dst, factory, plugin), plugin, replace=override)
+            info = self._plugins.get(plugin) or PluginInfo(
+                name=plugin, distribution=None, version=None, module="(in process)",
+                status="loaded",
+            )
+            if dst.name not in info.dsts:
+                info = attrs.evolve(info, dsts=(*info.dsts, dst.name))
+            self._plugins[plugin] = info
 
-    def prefer(self, dst_name: str, plugin: str) -> None:
-        """Settle a conflict: ``dst_name`` comes from ``plugin``."""
-        self._prefer[dst_name] = plugin
+    def prefer(self, name: str, plugin: str) -> None:
+        """Settle a conflict: the DST, model loader or provider ``name`` comes from ``plugin``."""
+        self._ensure_loaded()
+        tables = (self._dsts, self._loaders, self._interventions)
+        offered = [o.plugin for t in tables for o in t.offers(name)]
+        if plugin not in offered:
+            raise ConfigError(
+                f"cannot prefer plugin {plugin!r} for {name!r}: it offers nothing under that "
+                f"name (offered by: {', '.join(offered) or 'no plugin'})"
+            )
+        with self._lock:
+            self._explicit_prefer[name] = plugin
+            self._prefer[name] = plugin
 
     # --- queries --------------------------------------------------------------------------
 
@@ -332,23 +332,30 @@ class Registry:
             self._plugins[name] = info
         return info
 
+    def _where(self, plugin: str) -> str:
+        if plugin == CORE:
+            return "scalarlens itself (a bundled model)"
+        if plugin not in self._plugins:
+            return f"plugin {plugin!r}"
+        return self._info(plugin).where()
+
     def plugins(self) -> tuple[PluginInfo, ...]:
         self._ensure_loaded()
         return tuple(self._info(name) for name in list(self._plugins))
 
     def names(self) -> tuple[str, ...]:
         self._ensure_loaded()
-        return tuple(sorted(self._provisions))
+        return tuple(sorted(self._dsts))
 
     def dsts(self) -> tuple[DerivedScalarType, ...]:
         """Every DST with a usable provider, sorted by name (conflicts resolve to the preferred)."""
         self._ensure_loaded()
         out = []
-        for name in sorted(self._provisions):
+        for name in sorted(self._dsts):
             try:
                 out.append(self._provision(name).dst)
-            except DstConflictError:
-                out.append(self._provisions[name][0].dst)
+            except ScalarLensError:
+                out.append(self._dsts.offers(name)[0].value.dst)
         return tuple(out)
 
     def dst(self, name: str | DerivedScalarType) -> DerivedScalarType:
@@ -362,35 +369,78 @@ class Registry:
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
         key = name.name if isinstance(name, DerivedScalarType) else name
-        return key in self._provisions
+        return key in self._dsts
 
-    def model_loaders(self) -> dict[str, Callable[[str], ModelAdapter]]:
+    def _resolve_offer(self, table: OfferTable, name: str, extra: tuple[Offer, ...] = ()
+                       ) -> Offer:
+        return table.resolve(name, (*table.offers(name), *extra), self._prefer, self._where)
+
+    def model_loaders(self) -> dict[str, ModelLoader]:
+        """Every plugin loader key with its loader (the preferred one where two conflict)."""
         self._ensure_loaded()
-        return {key: loader for key, (loader, _) in self._model_loaders.items()}
+        out: dict[str, ModelLoader] = {}
+        for key, offers in self._loaders.items():
+            try:
+                out[key] = self._resolve_offer(self._loaders, key).value
+            except ScalarLensError:
+                out[key] = offers[0].value
+        return out
+
+    def model_loader(self, spec: str) -> ModelLoader | None:
+        """The plugin loader for ``spec`` (exact name, else ``scheme:`` prefix), or ``None``.
+
+        ``None`` also when a bundled model of that name wins; a plugin loader registered under
+        a bundled model's name is a conflict like any other, settled by a preference.
+        """
+        self._ensure_loaded()
+        bundled = (Offer(spec, None, CORE),) if spec in BUNDLED_MODELS else ()
+        if spec in self._loaders or bundled:
+            value: ModelLoader | None = self._resolve_offer(self._loaders, spec, bundled).value
+            return value
+        schemes = [key for key in self._loaders if key.endswith(":") and spec.startswith(key)]
+        if not schemes:
+            return None
+        value = self._resolve_offer(self._loaders, max(schemes, key=len)).value
+        return value
+
+    def intervention_factory(self, provider: str) -> InterventionFactory:
+        """The factory a plugin registered for ``provider`` (hook ``scalarlens_interventions``)."""
+        self._ensure_loaded()
+        if provider not in self._interventions:
+            known = ", ".join(sorted(self._interventions)) or "none"
+            raise UnknownInterventionError(
+                f"no plugin provides the intervention {provider!r} (registered: {known}); "
+                "install the plugin that defines it, then check with `scalarlens plugins`"
+            )
+        factory: InterventionFactory = self._resolve_offer(self._interventions, provider).value
+        return factory
+
+    def dst_examples(self) -> dict[str, DstConfig]:
+        """Example configs plugins declared for DSTs that need options."""
+        self._ensure_loaded()
+        out = {}
+        for name, offers in self._examples.items():
+            chosen = offers[0]
+            if name in self._dsts:
+                try:
+                    plugin = self._provision(name).plugin
+                    chosen = next((o for o in offers if o.plugin == plugin), chosen)
+                except ScalarLensError:
+                    pass
+            out[name] = chosen.value
+        return out
 
     def _provision(self, name: str) -> Provision:
         self._ensure_loaded()
-        offers = self._provisions.get(name)
-        if not offers:
+        if name not in self._dsts:
             raise self._unknown(name)
-        if len(offers) == 1:
-            return offers[0]
-        preferred = self._prefer.get(name)
-        if preferred is not None:
-            for offer in offers:
-                if offer.plugin == preferred:
-                    return offer
-        who = "; ".join(self._info(o.plugin).where() for o in offers)
-        raise DstConflictError(
-            f"DST {name!r} is provided by more than one plugin: {who}. Choose one with "
-            f"Registry(prefer={{{name!r}: '<plugin>'}}), registry.prefer({name!r}, '<plugin>') "
-            f"or SCALARLENS_PREFER={name}=<plugin>, or uninstall one of them"
-        )
+        provision: Provision = self._resolve_offer(self._dsts, name).value
+        return provision
 
     def _unknown(self, name: str) -> UnknownDstError:
         import difflib  # only on this error path: it is slow to import
 
-        suggestions = difflib.get_close_matches(name, list(self._provisions), n=3, cutoff=0.6)
+        suggestions = difflib.get_close_matches(name, list(self._dsts), n=3, cutoff=0.6)
         failed = [p for p in self.plugins() if p.status == "failed"]
         if failed and not suggestions:
             detail = "; ".join(f"{p.where()} failed to load: {p.error}" for p in failed)
@@ -408,7 +458,7 @@ class Registry:
         """Build the deriver for ``dst`` with every DST reference in its tree resolved."""
         name = dst if isinstance(dst, str) else dst.name
         memo: dict[tuple[str, DstConfig], ScalarDeriver] = {}
-        return self._build(name, config or DstConfig(), (), memo)
+        return self._build(self._provision(name), config or DstConfig(), (), memo)
 
     def from_serializable_dict(self, data: Mapping[str, Any]) -> ScalarDeriver:
         """Rebuild a deriver from ``ScalarDeriver.to_serializable_dict()`` output."""
@@ -416,61 +466,150 @@ class Registry:
 
     def _build(
         self,
-        name: str,
+        provision: Provision,
         config: DstConfig,
         stack: tuple[str, ...],
         memo: dict[tuple[str, DstConfig], ScalarDeriver],
     ) -> ScalarDeriver:
+        name = provision.dst.name
         if name in stack:
             cycle = " -> ".join((*stack[stack.index(name) :], name))
             raise DstCycleError(f"DST references form a cycle: {cycle}")
         if (name, config) in memo:
             return memo[(name, config)]
-        provision = self._provision(name)
+        deriver = self._call_factory(provision, config)
+        resolved = self._resolve(deriver, provision.plugin, (*stack, name), memo)
+        memo[(name, config)] = resolved
+        return resolved
+
+    def _call_factory(self, provision: Provision, config: DstConfig) -> ScalarDeriver:
+        name = provision.dst.name
+
+        def where() -> str:
+            return self._where(provision.plugin)
+
         try:
             deriver = provision.factory(config)
         except ScalarLensError:
             raise
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             raise DeriverBuildError(
-                f"building {name!r} failed in {self._info(provision.plugin).where()}: "
-                f"{format_error(exc)}"
+                f"building {name!r} failed in {where()}: {format_error(exc)}"
             ) from exc
         if not isinstance(deriver, ScalarDeriver):
             raise DeriverBuildError(
-                f"the factory for {name!r} in {self._info(provision.plugin).where()} returned "
-                f"{type(deriver).__name__}, not a ScalarDeriver"
+                f"the factory for {name!r} in {where()} returned {type(deriver).__name__}, "
+                "not a ScalarDeriver"
             )
         if deriver.dst != provision.dst:
             raise DeriverBuildError(
-                f"the factory for {name!r} in {self._info(provision.plugin).where()} built a "
-                f"deriver for {deriver.dst.name!r} (or with different metadata); it must build "
-                "the DST it registered"
+                f"the factory for {name!r} in {where()} built a deriver for "
+                f"{deriver.dst.name!r} (or with different metadata); it must build the DST it "
+                "registered"
             )
-        resolved = self._resolve(deriver, (*stack, name), memo)
-        memo[(name, config)] = resolved
-        return resolved
+        return deriver
 
     def _resolve(
         self,
         deriver: ScalarDeriver,
+        plugin: str,
         stack: tuple[str, ...],
         memo: dict[tuple[str, DstConfig], ScalarDeriver],
     ) -> ScalarDeriver:
+        """``deriver`` with references built, and every deriver of its tree naming its plugin."""
         sources: list[ScalarSource] = []
-        changed = False
         for source in deriver.sub_scalar_sources:
             new: ScalarSource = source
             if isinstance(source, DstReference):
-                target = self._build(source.dst_name, source.config or deriver.config, stack, memo)
+                target = self._build(
+                    self._referenced(source.dst_name, deriver.dst.name, plugin),
+                    source.config or deriver.config,
+                    stack,
+                    memo,
+                )
                 new = DerivedScalarSource(target, source.pass_type, source.layer_indexer)
             elif isinstance(source, DerivedScalarSource):
-                inner = self._resolve(source.scalar_deriver, stack, memo)
+                inner = self._resolve(source.scalar_deriver, plugin, stack, memo)
                 if inner is not source.scalar_deriver:
                     new = attrs.evolve(source, scalar_deriver=inner)
-            changed = changed or new is not source
             sources.append(new)
-        return attrs.evolve(deriver, sub_scalar_sources=tuple(sources)) if changed else deriver
+        changed = any(a is not b for a, b in zip(sources, deriver.sub_scalar_sources, strict=True))
+        if not changed and deriver.plugin is not None:
+            return deriver
+        return attrs.evolve(
+            deriver, sub_scalar_sources=tuple(sources), plugin=deriver.plugin or plugin
+        )
+
+    def _referenced(self, name: str, holder: str, plugin: str) -> Provision:
+        """The provision a ``DstReference`` names; unknown names say who holds the reference."""
+        try:
+            return self._provision(name)
+        except UnknownDstError as exc:
+            raise UnknownDstError(
+                name,
+                exc.suggestions,
+                f" It is referenced by {holder!r} from {self._where(plugin)}: fix the "
+                "reference or install the plugin that provides it (`scalarlens plugins "
+                "--check` lists every unresolved reference).",
+            ) from None
+
+    # --- checking -------------------------------------------------------------------------
+
+    def check(self) -> list[Problem]:
+        """Everything wrong with the installed plugins, found without running a model.
+
+        Builds every offered DST (each provider's, conflicts included) with its example
+        config and resolves its references; reports failed plugins, conflicts and
+        preferences that match nothing.
+        """
+        self._ensure_loaded()
+        problems = [
+            Problem(info.name, "load", info.error or "")
+            for info in self.plugins()
+            if info.status == "failed"
+        ]
+        examples = self.dst_examples()
+        for name, offers in sorted(self._dsts.items()):
+            for offer in offers:
+                provision: Provision = offer.value
+                try:
+                    self._build(provision, examples.get(name, DstConfig()), (), {})
+                except ScalarLensError as exc:
+                    problems.append(Problem(offer.plugin, name, str(exc)))
+        for table in (self._dsts, self._loaders, self._interventions):
+            for name in table:
+                bundled = (Offer(name, None, CORE),) if table is self._loaders and (
+                    name in BUNDLED_MODELS) else ()
+                try:
+                    self._resolve_offer(table, name, bundled)
+                except ScalarLensError as exc:
+                    plugins = ", ".join(o.plugin for o in table.offers(name))
+                    problems.append(Problem(plugins, name, str(exc)))
+        for name, plugin in sorted(self._prefer.items()):
+            if not any(name in t for t in (self._dsts, self._loaders, self._interventions)):
+                problems.append(
+                    Problem(plugin, name, f"the preference {name}={plugin} matches nothing: "
+                            "no plugin offers that name")
+                )
+        return problems
+
+
+def _check_loaders(result: object) -> str | None:
+    return check_mapping("scalarlens_model_loaders", result, str, "loader")
+
+
+def _check_interventions(result: object) -> str | None:
+    return check_mapping("scalarlens_interventions", result, str, "intervention factory")
+
+
+def _check_examples(result: object) -> str | None:
+    if not isinstance(result, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, DstConfig) for k, v in result.items()
+    ):
+        return "scalarlens_dst_examples() must return a mapping of DST name to DstConfig"
+    return None
 
 
 registry = Registry()

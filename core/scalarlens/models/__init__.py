@@ -28,8 +28,7 @@ __all__ = [
     "save_gpt2_checkpoint",
 ]
 
-BUNDLED_MODELS: tuple[str, ...] = ("tiny-induction",)
-"""Names accepted by ``load_bundled_model``."""
+from .._bundled import BUNDLED_MODELS
 
 _HERE = Path(__file__).resolve().parent
 
