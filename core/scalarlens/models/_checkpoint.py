@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..exceptions import CheckpointError
@@ -28,8 +29,55 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-def read_gpt2_config(raw: dict[str, Any], source: str) -> GPT2Config:
+_FIX_CONFIG = "fix config.json or re-convert the checkpoint"
+
+
+def _positive_int(raw: dict[str, Any], key: str, source: str, default: Any = None) -> int:
+    """``raw[key]`` as a positive integer, or an error naming the field and what it held.
+
+    ``int()`` alone would accept ``True``, truncate ``12.5`` and crash on a list, and a zero
+    head count only surfaces later as a division by zero.
+    """
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(
+            f"{source}: field {key!r}: expected a positive integer, got {value!r}; {_FIX_CONFIG}"
+        )
+    return value
+
+
+def _check_options(raw: dict[str, Any], source: str) -> str:
+    """Refuse GPT-2 variants whose forward maths we do not implement; return the activation."""
+    unsupported = []
+    if raw.get("scale_attn_by_inverse_layer_idx", False):
+        unsupported.append("scale_attn_by_inverse_layer_idx=true")
+    if not raw.get("scale_attn_weights", True):
+        unsupported.append("scale_attn_weights=false")
+    act: Any = raw.get("activation_function", "gelu_new")
+    if not isinstance(act, str) or act not in SUPPORTED_ACTIVATIONS:
+        unsupported.append(f"activation_function={act!r} (supported: {SUPPORTED_ACTIVATIONS})")
+    if unsupported:
+        raise CheckpointError(f"{source}: unsupported GPT-2 option(s): {', '.join(unsupported)}")
+    return str(act)
+
+
+def _epsilon(raw: dict[str, Any], source: str) -> float:
+    value = raw.get("layer_norm_epsilon", 1e-5)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise CheckpointError(
+            f"{source}: field 'layer_norm_epsilon': expected a positive number, got {value!r}; "
+            f"{_FIX_CONFIG}"
+        )
+    return float(value)
+
+
+def read_gpt2_config(raw: Any, source: str) -> GPT2Config:
     """Validate a ``config.json`` body and keep only what changes the forward maths."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{source}: expected a JSON object of GPT-2 settings, got a JSON "
+            f"{type(raw).__name__}; {_FIX_CONFIG}"
+        )
     model_type = raw.get("model_type", "gpt2")
     if model_type != "gpt2":
         raise CheckpointError(f"{source}: model_type is {model_type!r}, expected 'gpt2'")
@@ -37,31 +85,28 @@ def read_gpt2_config(raw: dict[str, Any], source: str) -> GPT2Config:
     missing = [k for k in required if k not in raw]
     if missing:
         raise CheckpointError(f"{source}: config.json lacks required field(s) {missing}")
-    unsupported = []
-    if raw.get("scale_attn_by_inverse_layer_idx", False):
-        unsupported.append("scale_attn_by_inverse_layer_idx=true")
-    if not raw.get("scale_attn_weights", True):
-        unsupported.append("scale_attn_weights=false")
-    act = raw.get("activation_function", "gelu_new")
-    if act not in SUPPORTED_ACTIVATIONS:
-        unsupported.append(f"activation_function={act!r} (supported: {SUPPORTED_ACTIVATIONS})")
-    if unsupported:
-        raise CheckpointError(f"{source}: unsupported GPT-2 option(s): {', '.join(unsupported)}")
-    n_embd = int(raw["n_embd"])
-    n_head = int(raw["n_head"])
+    act = _check_options(raw, source)
+    sizes = {k: _positive_int(raw, k, source) for k in required}
+    n_embd, n_head = sizes["n_embd"], sizes["n_head"]
     if n_embd % n_head:
         raise CheckpointError(f"{source}: n_embd={n_embd} is not divisible by n_head={n_head}")
-    n_inner = raw.get("n_inner")
+    tie = raw.get("tie_word_embeddings", True)
+    if not isinstance(tie, bool):
+        raise CheckpointError(
+            f"{source}: field 'tie_word_embeddings': expected true or false, got {tie!r}; "
+            f"{_FIX_CONFIG}"
+        )
+    n_ctx_key = "n_positions" if "n_positions" in raw or "n_ctx" not in raw else "n_ctx"
     return GPT2Config(
-        vocab_size=int(raw["vocab_size"]),
-        n_positions=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
+        vocab_size=sizes["vocab_size"],
+        n_positions=_positive_int(raw, n_ctx_key, source, 1024),
         n_embd=n_embd,
-        n_layer=int(raw["n_layer"]),
+        n_layer=sizes["n_layer"],
         n_head=n_head,
-        n_inner=int(n_inner) if n_inner is not None else 4 * n_embd,
-        layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
+        n_inner=4 * n_embd if raw.get("n_inner") is None else _positive_int(raw, "n_inner", source),
+        layer_norm_epsilon=_epsilon(raw, source),
         activation_function=act,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        tie_word_embeddings=tie,
     )
 
 
@@ -82,16 +127,80 @@ def _refuse_pickles(directory: Path) -> None:
     )
 
 
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in ``path``; a truncated or foreign file is a ``CheckpointError``.
+
+    safetensors raises its own ``SafetensorError`` (not an ``OSError``) for a short or garbled
+    header, which would reach the user as a traceback naming no file.
+    """
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it is probably truncated or "
+            "corrupted: download or convert the checkpoint again"
+        ) from exc
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index, checked field by field."""
+    fix = "download the checkpoint again or rewrite the index"
+    try:
+        body = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{index} is not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(body, dict) or "weight_map" not in body:
+        raise CheckpointError(
+            f"{index}: expected a JSON object with a 'weight_map' field "
+            f"({{tensor name: shard file}}); {fix}"
+        )
+    weight_map = body["weight_map"]
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{index}: field 'weight_map': expected a mapping of tensor names to shard file "
+            f"names, got {type(weight_map).__name__} {str(weight_map)[:80]}; {fix}"
+        )
+    return weight_map
+
+
+def _shard_path(directory: Path, shard: str, index: Path) -> Path:
+    """``directory/shard``, refused unless it names a file inside ``directory``.
+
+    The index is downloaded data: without this check ``../`` or an absolute name would make us
+    read any file on disk.  Symlinked *directories* are resolved and must stay inside too; a
+    symlinked shard *file* is allowed, because the Hugging Face cache stores every file of a
+    snapshot as a link into its blob store.
+    """
+    relative = Path(shard)
+    root = directory.resolve()
+    parent = (directory / relative).parent.resolve()
+    if relative.is_absolute() or ".." in relative.parts or not parent.is_relative_to(root):
+        raise CheckpointError(
+            f"{index}: shard {shard!r} lies outside the checkpoint directory {directory}; shard "
+            "names must be plain file names inside it. Refusing to load; get the checkpoint "
+            "from a source you trust"
+        )
+    path = directory / relative
+    if not path.is_file():
+        raise CheckpointError(
+            f"{index} names shard {shard!r}, which is not a file in {directory}; download the "
+            "missing shard(s) again"
+        )
+    return path
+
+
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     single = directory / WEIGHTS_FILE
     if single.is_file():
-        return load_file(str(single))
+        return _load_safetensors(single)
     index = directory / SHARDED_INDEX_FILE
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_index(index)
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            tensors.update(load_file(str(directory / shard)))
+            tensors.update(_load_safetensors(_shard_path(directory, shard, index)))
         return tensors
     _refuse_pickles(directory)
     raise AssertionError("unreachable")
@@ -124,9 +233,11 @@ def load_gpt2_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     if not config_path.is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_FILE} (a GPT2Config JSON is required)")
     try:
-        raw_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+        raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{config_path} is not valid JSON ({e}); fix it or re-convert the checkpoint"
+        ) from e
     cfg = read_gpt2_config(raw_config, str(config_path))
     tensors = _read_tensors(directory)
 

@@ -54,11 +54,15 @@ class WordTokenizer:
     def from_file(cls, path: str | Path) -> WordTokenizer:
         """Read a ``vocab.json`` holding either ``{word: id}`` or a list of words in id order."""
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TokenizerError(f"cannot read vocabulary file {str(path)!r}: {e}") from e
         if isinstance(data, dict):
-            return cls.from_mapping({str(k): int(v) for k, v in data.items()})
+            bad = {k: v for k, v in data.items() if isinstance(v, bool) or not isinstance(v, int)}
+            if bad:
+                shown = dict(list(bad.items())[:3])
+                raise TokenizerError(f"{path}: every word must map to an integer id, got {shown}")
+            return cls.from_mapping(data)
         if isinstance(data, list):
             return cls([str(w) for w in data])
         raise TokenizerError(f"{path}: expected a JSON object {{word: id}} or a list of words")
