@@ -26,6 +26,11 @@ class FrozenOptions(Mapping[str, Any]):
     __slots__ = ("_data", "_key")
 
     def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(
+                "DstConfig.options: expected a mapping of plugin name to its options, e.g. "
+                f'{{"sae": {{"path": "..."}}}}, got {type(data).__name__} {data!r}'
+            )
         raw = dict(data or {})
         try:
             key = json.dumps(raw, sort_keys=True)
@@ -72,10 +77,17 @@ def _to_layers(value: Any) -> tuple[int, ...] | None:
         raise ConfigError(
             f"DstConfig.layer_indices must be None or a sequence of ints, got {value!r}"
         ) from None
+    if not layers:
+        # An empty selection would derive nothing and return an empty store without a word.
+        raise ConfigError(
+            "DstConfig.layer_indices (derive's layers=): expected at least one layer index, "
+            "got an empty list; use None for all layers"
+        )
     for layer in layers:
         if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
             raise ConfigError(
-                f"DstConfig.layer_indices must hold non-negative ints, got {layer!r} in {value!r}"
+                f"DstConfig.layer_indices must hold non-negative ints, got {layer!r} in "
+                f"{value!r}; layers count from 0 (see the model's n_layers)"
             )
     return tuple(sorted(set(layers)))
 
