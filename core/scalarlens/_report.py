@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._output_files import Writer, check_output_path
 from ._vocab import Dimension, PassType
 from .exceptions import ConfigError
 
@@ -94,7 +95,29 @@ def plot_dst(
     prompt: int = 0,
     words: Sequence[str] | None = None,
 ) -> Path:
-    """Write a PNG suited to ``dst``'s shape and return its path."""
+    """Write a PNG suited to ``dst``'s shape and return its path (atomically)."""
+    from ._output_files import atomic_write
+
+    check_output_path(path, "plot")  # before drawing: a bad path should not cost a figure
+    writer = plot_writer(store, dst, path, pass_type=pass_type, prompt=prompt, words=words)
+    return atomic_write(path, writer, "plot")
+
+
+def plot_writer(
+    store: DerivedScalarStore,
+    dst: str,
+    path: str | Path,
+    *,
+    pass_type: PassType = PassType.FORWARD,
+    prompt: int = 0,
+    words: Sequence[str] | None = None,
+) -> Writer:
+    """Draw ``dst``'s figure now; return the function that saves it (to any file name).
+
+    Drawing and saving are split so the CLI can draw before writing any output, then write
+    the store and the figure as one set.
+    """
+    fmt = plot_format(path)
     plt = _pyplot()
     aam = store.activations(dst, pass_type, prompt)
     shape = aam.dst.shape
@@ -125,10 +148,37 @@ def plot_dst(
         ax.set_yticklabels([str(layer) for layer in layers])
         ax.set_ylabel("layer")
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return figure_writer(plt, fig, fmt, dpi=110)
+
+
+def plot_format(path: str | Path, what: str = "plot") -> str:
+    """The image format ``path`` asks for by its suffix (PNG when it has none).
+
+    Checked before any work: an unknown suffix would otherwise fail only at the very end.
+    """
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise ConfigError(
+            f"{what} {path}: matplotlib cannot write {fmt!r} images; use one of these suffixes: "
+            + ", ".join(f".{s}" for s in sorted(supported))
+        )
+    return fmt
+
+
+def figure_writer(plt: Any, fig: Any, fmt: str, **savefig: Any) -> Writer:
+    """A ``Writer`` saving ``fig`` in ``fmt`` (the target's format, not the temporary name's)."""
+
+    def write(path: Path) -> None:
+        try:
+            fig.savefig(path, format=fmt, **savefig)
+        finally:
+            plt.close(fig)
+
+    return write
 
 
 def _heatmap(ax: Any, matrix: torch.Tensor, title: str, xlabel: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from ._activations import ActivationsAndMetadata
 from ._dst import DerivedScalarType, DstAndPass
 from ._vocab import Dimension, PassType
-from .exceptions import MissingActivationError, ShapeError
+from .exceptions import ConfigError, MissingActivationError, ModelInputError, ShapeError
 
 LayerIndex = int | None
 PromptResults = Mapping[DstAndPass, ActivationsAndMetadata]
@@ -107,6 +107,19 @@ class DerivedScalarStore:
     def n_prompts(self) -> int:
         return len(self._results)
 
+    def _prompt(self, prompt: int) -> PromptResults:
+        """One prompt's results; an index outside the store names the valid range."""
+        if (
+            isinstance(prompt, bool)
+            or not isinstance(prompt, int)
+            or not (0 <= prompt < self.n_prompts)
+        ):
+            raise ModelInputError(
+                f"prompt {prompt!r} is out of range; the store holds {self.n_prompts} prompt(s) "
+                f"(valid: 0..{self.n_prompts - 1})"
+            )
+        return self._results[prompt]
+
     def keys(self) -> tuple[DstAndPass, ...]:
         return tuple(self._results[0]) if self._results else ()
 
@@ -131,7 +144,7 @@ class DerivedScalarStore:
         pass_type: PassType = PassType.FORWARD,
         prompt: int = 0,
     ) -> ActivationsAndMetadata:
-        return self._results[prompt][self._key(dst, pass_type)]
+        return self._prompt(prompt)[self._key(dst, pass_type)]
 
     def get(
         self,
@@ -162,12 +175,14 @@ class DerivedScalarStore:
         """The ``k`` most extreme entries across the chosen DSTs and layers of one prompt.
 
         Layer-less DSTs are included unless ``layers`` is given.  ``absolute=True`` ranks by
-        magnitude but reports signed values.
+        magnitude but reports signed values.  ``k`` must be at least 1: a zero or negative
+        count is almost always a bug upstream, and an empty answer would hide it.
         """
+        check_top_k(k)
         names = None if dsts is None else {d if isinstance(d, str) else d.name for d in dsts}
         wanted_layers = None if layers is None else set(layers)
         candidates: list[tuple[float, NodeRecord]] = []
-        for key, aam in self._results[prompt].items():
+        for key, aam in self._prompt(prompt).items():
             if key.pass_type is not pass_type or (names is not None and key.dst.name not in names):
                 continue
             for layer in aam.layer_indices:
@@ -212,7 +227,16 @@ class DerivedScalarStore:
     # --- persistence ----------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write ``path`` (safetensors) with JSON metadata in its header."""
+        """Write ``path`` (safetensors) with JSON metadata in its header.
+
+        The directory is checked first and the file written under a temporary name then
+        renamed, so a failure never leaves a truncated store that would load as garbage.
+        """
+        from ._output_files import atomic_write
+
+        atomic_write(path, self._write, "store")
+
+    def _write(self, path: Path) -> None:
         from safetensors.torch import save_file
 
         tensors: dict[str, torch.Tensor] = {}
@@ -281,6 +305,15 @@ class DerivedScalarStore:
                 )
             results.append(per_prompt)
         return cls(results, tokens, header["metadata"])
+
+
+def check_top_k(k: object, what: str = "topk: k") -> int:
+    """``k`` for ``topk``/``--top``: a positive integer (shared so both fail the same way)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(
+            f"{what}: expected a positive integer (how many records to show), got {k!r}"
+        )
+    return k
 
 
 def _token_axes(dst: DerivedScalarType) -> list[tuple[int, Dimension]]:
