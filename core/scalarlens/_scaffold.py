@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .exceptions import ConfigError
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 PYPROJECT = '''\
 [build-system]
@@ -135,11 +135,51 @@ ScalarLens contract automatically.
 '''
 
 
+PROJECT_PLUGINS = ("builtins", "sae")
+"""Names of the plugins this project ships; taken even where they are not installed."""
+
+
+def _canonical(distribution: str) -> str:
+    """PEP 503 normal form: ``Scalarlens_SAE`` and ``scalarlens-sae`` are one distribution."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def name_taken_by(name: str) -> str | None:
+    """What already holds plugin ``name``, or ``None`` when the name is free.
+
+    Installing a second distribution with the same entry-point name, distribution name or
+    package (``scalarlens_NAME``) replaces or shadows the first, so the generated plugin would
+    silently take over another plugin's DSTs.
+    """
+    from importlib.metadata import distributions, entry_points
+    from importlib.util import find_spec
+
+    if name in PROJECT_PLUGINS:
+        return f"ScalarLens's own {name!r} plugin"
+    for entry in entry_points(group="scalarlens"):
+        if entry.name == name:
+            holder = entry.dist.name if entry.dist is not None else "an installed distribution"
+            return f"the entry point {name!r} of {holder} ({entry.value})"
+    wanted = _canonical(f"scalarlens-{name}")
+    for dist in distributions():
+        if _canonical(dist.metadata["Name"] or "") == wanted:
+            return f"the installed distribution {dist.metadata['Name']} {dist.version}"
+    if find_spec(f"scalarlens_{name}") is not None:
+        return f"the installed package scalarlens_{name}"
+    return None
+
+
 def write_plugin(name: str, directory: str | Path) -> Path:
     """Create ``directory/scalarlens-NAME`` and return it."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ConfigError(
-            f"plugin name {name!r} must be a lowercase identifier such as 'sae' or 'my_probe'"
+            f"plugin name {name!r} must be a lowercase identifier such as 'probe' or 'my_probe'"
+        )
+    holder = name_taken_by(name)
+    if holder is not None:
+        raise ConfigError(
+            f"plugin name {name!r} is already taken by {holder}; installing a second plugin "
+            "under it would replace that one. Choose another name"
         )
     root = Path(directory) / f"scalarlens-{name}"
     if root.exists():
