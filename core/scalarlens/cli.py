@@ -9,11 +9,19 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from ._inputs import Job, coerce_token, located, parse_token_ids, read_prompts_file
 from ._registry import Registry
 from ._report import format_table
 from .exceptions import DstConflictError, ModelInputError, ScalarLensError
+
+if TYPE_CHECKING:  # torch-importing modules load lazily so `scalarlens dsts` starts fast
+    from ._config import DstConfig
+    from ._derive import Request
+    from ._model import ModelAdapter
+    from ._store import DerivedScalarStore
 
 
 def _dst_records(reg: Registry) -> list[dict[str, Any]]:
@@ -90,101 +98,143 @@ def _progress(done: int, total: int) -> None:
     )
 
 
-def _read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Each job: {"prompt": str} or {"tokens": [...]}, optionally with target/distractor."""
-    base = {"target": args.target, "distractor": args.distractor}
+def _jobs(args: argparse.Namespace) -> list[Job]:
+    """Every prompt to derive, each knowing where it came from (flag, or file and line)."""
+    target, distractor = coerce_token(args.target), coerce_token(args.distractor)
     if args.prompt is not None:
-        return [{**base, "prompt": args.prompt}]
+        return [Job(args.prompt, "--prompt", target, distractor)]
     if args.tokens is not None:
-        return [{**base, "tokens": [int(t) for t in args.tokens.replace(",", " ").split()]}]
-    jobs = []
-    with open(args.prompts_file, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ModelInputError(
-                        f"{args.prompts_file}:{number}: bad JSON: {exc}"
-                    ) from None
-                jobs.append({**base, **record})
-            else:
-                jobs.append({**base, "prompt": line})
-    if not jobs:
-        raise ModelInputError(f"{args.prompts_file} holds no prompts")
-    return jobs
+        return [Job(parse_token_ids(args.tokens), "--tokens", target, distractor)]
+    return read_prompts_file(args.prompts_file, target, distractor)
 
 
-def _json_arg(text: str, flag: str) -> Any:
+def _json_arg(text: str | None, flag: str) -> Any:
+    if text is None:
+        return None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ModelInputError(f"{flag} must be JSON, e.g. '{{\"sae\": {{...}}}}': {exc}") from None
 
 
-def _coerce(value: Any) -> Any:
-    """Targets given on the command line as digits are token ids; anything else is a word."""
-    return int(value) if isinstance(value, str) and value.isdigit() else value
-
-
-def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
+def _derive_config(args: argparse.Namespace) -> DstConfig:
     from ._config import DstConfig
-    from ._derive import derive, load_model
-    from ._store import DerivedScalarStore
 
-    config = DstConfig(
+    return DstConfig(
         layer_indices=args.layers,
         derive_gradients=args.derive_gradients,
         detach_final_ln_scale=args.detach_ln_f,
-        direction=_json_arg(args.direction, "--direction") if args.direction else None,
-        options=_json_arg(args.options, "--options") if args.options else None,
+        direction=_json_arg(args.direction, "--direction"),
+        options=_json_arg(args.options, "--options"),
     )
-    jobs = _read_prompts(args)
-    derivers = [reg.get(name, config) for name in args.dst]  # unknown names fail here, early
-    from ._vocab import PassType
 
-    needing = [
-        d.dst.name
-        for d in derivers
-        if d.needs_backward()
-        or (config.derive_gradients and PassType.BACKWARD in d.derivable_pass_types)
-    ]
-    if needing and any(job.get("target") is None for job in jobs):
-        raise ModelInputError(
-            f"{', '.join(needing)} need(s) a backward pass, so give the logit difference to "
-            "explain: e.g. scalarlens derive --prompt 'the cat sat on the mat the cat sat on "
-            f"the' --dst {needing[0]} --target mat --distractor cat"
-        )
-    model = load_model(args.model, reg)
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Output paths and the plot format are checked before the model is even loaded."""
+    from ._output_files import check_output_path
+
+    if args.out:
+        check_output_path(args.out, "--out")
+    if args.plot:
+        from ._report import plot_format
+
+        check_output_path(args.plot, "--plot")
+        plot_format(args.plot, "--plot")
+
+
+def _require_objective(requests: Sequence[Request], jobs: Sequence[Job]) -> None:
+    from ._derive import needing_objective
+
+    needing = needing_objective(requests)
+    lacking = [job for job in jobs if job.target is None or job.distractor is None]
+    if not needing or not lacking:
+        return
+    where = f"{lacking[0].where} has no target/distractor; " if len(jobs) > 1 else ""
+    raise ModelInputError(
+        f"{where}{', '.join(needing)} need(s) a backward pass, so give the logit difference to "
+        "explain: e.g. scalarlens derive --prompt 'the cat sat on the mat the cat sat on "
+        f"the' --dst {needing[0]} --target mat --distractor cat"
+    )
+
+
+def _check_jobs(model: ModelAdapter, jobs: Sequence[Job]) -> None:
+    """Tokenize every prompt and its target before deriving any, errors naming the line."""
+    from ._derive import prepare_objective, prepare_tokens
+
+    for job in jobs:
+        try:
+            prepare_tokens(model, job.prompt)
+            prepare_objective(model, job.target, job.distractor)
+        except ScalarLensError as exc:
+            raise located(exc, job.where) from None
+
+
+def _derive_jobs(
+    model: ModelAdapter,
+    jobs: Sequence[Job],
+    args: argparse.Namespace,
+    config: DstConfig,
+    reg: Registry,
+) -> DerivedScalarStore:
+    from ._derive import derive
+    from ._store import DerivedScalarStore
+
     stores = []
     for done, job in enumerate(jobs, 1):
-        stores.append(
-            derive(
-                model,
-                job.get("tokens") or job["prompt"],
-                args.dst,
-                target=_coerce(job.get("target")),
-                distractor=_coerce(job.get("distractor")),
-                config=config,
-                registry=reg,
+        try:
+            stores.append(
+                derive(
+                    model,
+                    job.prompt,
+                    args.dst,
+                    target=job.target,
+                    distractor=job.distractor,
+                    config=config,
+                    registry=reg,
+                )
             )
-        )
+        except ScalarLensError as exc:
+            raise located(exc, job.where) from None
         _progress(done, len(jobs))
-    store = DerivedScalarStore.concat(stores)
+    return DerivedScalarStore.concat(stores)
+
+
+def _write_outputs(
+    args: argparse.Namespace, store: DerivedScalarStore, words: Sequence[str] | None
+) -> None:
+    """``--out`` and ``--plot`` as one set: both written, or neither (the error says which)."""
+    from ._output_files import Writer, write_all
+
+    outputs: list[tuple[str, Path, Writer]] = []
+    if args.out:
+        outputs.append(("--out", Path(args.out), store._write))
+    if args.plot:
+        from ._report import plot_writer
+
+        outputs.append(
+            ("--plot", Path(args.plot), plot_writer(store, args.dst[0], args.plot, words=words))
+        )
+    write_all(outputs)
+
+
+def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
+    from ._derive import build_requests, load_model
+    from ._store import check_top_k
+
+    config = _derive_config(args)
+    check_top_k(args.top, "--top")
+    _check_outputs(args)
+    jobs = _jobs(args)
+    _require_objective(build_requests(args.dst, config, reg), jobs)  # unknown DSTs fail here
+    model = load_model(args.model, reg)
+    _check_jobs(model, jobs)
+    store = _derive_jobs(model, jobs, args, config, reg)
     tokenizer = getattr(model, "tokenizer", None)
 
     def words(p: int) -> list[str] | None:
         return tokenizer.decode_tokens(store.tokens[p]) if tokenizer else None
 
-    if args.out:
-        store.save(args.out)
-    if args.plot:
-        from ._report import plot_dst
-
-        plot_dst(store, args.dst[0], args.plot, words=words(0))
+    _write_outputs(args, store, words(0))
     results = [
         {
             "prompt": p,
@@ -219,6 +269,13 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
 def cmd_demo(args: argparse.Namespace, reg: Registry) -> int:
     from ._demo import format_demo, run_demo
     from ._derive import load_model
+    from ._output_files import check_output_path
+    from ._report import plot_format
+    from ._store import check_top_k
+
+    check_top_k(args.top, "--top")
+    check_output_path(args.plot, "--plot")
+    plot_format(args.plot, "--plot")
 
     result = run_demo(load_model(args.model, reg), top=args.top, figure=args.plot)
     print(format_demo(result, args.top))
@@ -244,8 +301,19 @@ def cmd_new_plugin(args: argparse.Namespace, reg: Registry) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error (still exit code 2).
+
+    argparse prints the whole usage block first; for ``derive`` that is a dozen lines in which
+    the actual complaint is easy to miss.  ``--help`` still shows the usage.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"scalarlens: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="scalarlens",
         description="Derived scalars from transformer activations, through plugins.",
     )
