@@ -3,22 +3,25 @@
 Captured activations, other DSTs' outputs and model weights are shared by every kernel of a
 ``derive`` call (and weights by every later call), so one in-place operation in one plugin would
 silently change everyone's numbers.  Copying every input for every kernel would double the
-engine's memory, so instead each kernel runs under a dispatch mode that sees every ATen
-operation and *refuses* a write into a protected storage before it happens.  A kernel that tries
-is then re-run on private copies of its inputs and weights (copy-on-write, paid only by kernels
-that write), with a ``KernelMutationWarning`` naming the DST and plugin.
+engine's memory, so instead each kernel runs under a torch-function mode that sees every torch
+call it makes and *refuses* a write into a protected storage before it happens (in-place
+methods, ``x[i] = v``, ``+=``, ``out=``).  A kernel that tries is then re-run on private copies
+of its inputs and weights (copy-on-write, paid only by kernels that write), with a
+``KernelMutationWarning`` naming the DST and plugin.  A function mode costs one Python call per
+torch call (an ATen dispatch mode cost ~10× more here, because composite ops like ``einsum``
+expand into many ATen calls); writes that bypass it (``torch.ops.aten`` directly) are still
+caught afterwards by the tensors' version counters, as an error, since they cannot be undone.
 """
 
 from __future__ import annotations
 
 import contextvars
-import functools
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import KernelMutationWarning
+from .exceptions import KernelError, KernelMutationWarning
 
 if TYPE_CHECKING:
     import torch
@@ -38,32 +41,41 @@ def _storage_id(tensor: torch.Tensor) -> int:
     return int(tensor.untyped_storage().data_ptr())
 
 
-@functools.cache
-def _written_arguments(schema: Any) -> tuple[tuple[int, str], ...]:
-    """(position, name) of every argument an ATen op writes (``self`` of ``mul_``, ``out=``)."""
-    return tuple(
-        (i, arg.name)
-        for i, arg in enumerate(schema.arguments)
-        if arg.alias_info is not None and arg.alias_info.is_write
-    )
+_WRITES: dict[Any, bool] = {}
 
 
-def _dispatch_mode_class() -> type:
-    """Built on first use: importing torch's dispatch machinery costs startup time."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def _writes(func: Any) -> bool:
+    """Whether a torch function writes into its first argument (``mul_``, ``x[i] = v``, ``+=``)."""
+    known = _WRITES.get(func)
+    if known is None:
+        name = getattr(func, "__name__", "")
+        known = _WRITES[func] = name in ("__setitem__", "set_", "copy_") or (
+            name.startswith("__i") and name.endswith("__") and name not in ("__init__",
+                                                                            "__iter__")
+        ) or (name.endswith("_") and not name.endswith("__"))
+    return known
 
-    class _ReadOnlyMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
+
+def _mode_class() -> type:
+    """Built on first use, so that ``import scalarlens`` does not pay for it."""
+    from torch.overrides import TorchFunctionMode
+
+    class _ReadOnlyMode(TorchFunctionMode):
+        """Sees every torch call a kernel makes; refuses writes into protected storage."""
+
         def __init__(self, guard: _KernelGuard) -> None:
-            super().__init__()  # type: ignore[no-untyped-call]
+            super().__init__()
             self.guard = guard
 
-        def __torch_dispatch__(
+        def __torch_function__(
             self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
         ) -> Any:
             kwargs = kwargs or {}
-            for position, name in _written_arguments(func._schema):
-                target = args[position] if position < len(args) else kwargs.get(name)
-                self.guard.check_write(target, str(func))
+            if args and _writes(func):
+                self.guard.check_write(args[0], getattr(func, "__name__", str(func)))
+            out = kwargs.get("out")
+            if out is not None:
+                self.guard.check_write(out, f"{getattr(func, '__name__', func)}(out=...)")
             return func(*args, **kwargs)
 
     return _ReadOnlyMode
@@ -84,6 +96,7 @@ class _KernelGuard:
         self.protected.pop(0, None)
         self.blocked: str | None = None
         self.blocked_input: int = -1
+        self.versions = [(i, t, t._version) for i, t in enumerate(inputs) if t is not None]
 
     def check_write(self, target: Any, op: str) -> None:
         tensors = target if isinstance(target, (list, tuple)) else (target,)
@@ -98,7 +111,15 @@ class _KernelGuard:
             return weight.clone()
         self.protected.setdefault(_storage_id(weight), -1)
         self.protected.pop(0, None)
+        self.versions.append((-1, weight, weight._version))
         return weight
+
+    def slipped_past(self) -> int | None:
+        """The input (-1: a weight) whose version changed although no write was seen."""
+        for i, tensor, version in self.versions:
+            if tensor._version != version:
+                return i
+        return None
 
 
 def _unaliased(out: Any, guard: _KernelGuard, inputs: tuple[torch.Tensor | None, ...]) -> Any:
@@ -127,6 +148,23 @@ def _active(guard: _KernelGuard) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def _describe(index: int, describe_input: Callable[[int], str]) -> str:
+    return "a model weight (from ctx.weight)" if index < 0 else f"its input {describe_input(index)}"
+
+
+def _check_versions(
+    guard: _KernelGuard, who: Callable[[], str], describe_input: Callable[[int], str]
+) -> None:
+    index = guard.slipped_past()
+    if index is not None:
+        raise KernelError(
+            f"{who()} modified {_describe(index, describe_input)} in place through a path the "
+            "engine cannot intercept (e.g. torch.ops.aten directly); results of this call "
+            "and of later calls on the same model may be wrong. Use out-of-place operations "
+            "and reload the model"
+        )
+
+
 def run_kernel(
     kernel: Callable[..., Any],
     inputs: tuple[torch.Tensor | None, ...],
@@ -143,7 +181,7 @@ def run_kernel(
     """
     global _MODE_CLASS
     if _MODE_CLASS is None:
-        _MODE_CLASS = _dispatch_mode_class()
+        _MODE_CLASS = _mode_class()
     guard = _KernelGuard(inputs, private=False)
     try:
         with _active(guard), _MODE_CLASS(guard):
@@ -156,12 +194,9 @@ def run_kernel(
         # The kernel swallowed our refusal and failed later: re-run it on copies below.
     else:
         if guard.blocked is None:
+            _check_versions(guard, who, describe_input)
             return _unaliased(out, guard, inputs)
-    target = (
-        "a model weight (from ctx.weight)"
-        if guard.blocked_input < 0
-        else f"its input {describe_input(guard.blocked_input)}"
-    )
+    target = _describe(guard.blocked_input, describe_input)
     warning = KernelMutationWarning(
         f"{who()} tried to modify {target} in place ({guard.blocked}); the write was "
         "blocked and the kernel re-run on private copies, so no other result changed. Use "
