@@ -1,0 +1,152 @@
+"""Plugins cannot corrupt each other's numbers, and bad kernel outputs stop with a named error.
+
+The hostile plugins are real throwaway distributions (``make_plugin_dist``), discovered through
+entry points exactly as a pip-installed plugin would be.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytest
+import scalarlens
+import torch
+from scalarlens import (
+    DstConfig,
+    KernelError,
+    KernelMutationWarning,
+    Registry,
+    ShapeError,
+)
+
+PROMPT = "the old king saw a red fox the old king saw a red"
+
+HOSTILE = """
+import numpy as np
+import torch
+from scalarlens import (DerivedScalarType, Dimension, DstReference, NodeType, ScalarDeriver,
+                        WeightLocationType, hookimpl)
+
+T_F = (Dimension.TOKENS, Dimension.MLP_ACTS)
+
+def dst(name, **kw):
+    return DerivedScalarType(name, T_F, NodeType.MLP_NEURON, description=name, **kw)
+
+def mutate(inputs, layer, ctx):
+    return inputs[0].mul_(100)
+
+def zero_weight(inputs, layer, ctx):
+    ctx.weight(WeightLocationType.MLP_TO_RESIDUAL, layer).zero_()
+    ctx.weight(WeightLocationType.UNEMBEDDING).zero_()
+    return inputs[0] * 1
+
+KERNELS = {
+    "evil.mutating": (mutate, {}),
+    "evil.zero_weight": (zero_weight, {}),
+    "evil.wrong_size": (lambda inputs, layer, ctx: inputs[0][:, :5], {}),
+    "evil.nan": (lambda inputs, layer, ctx: inputs[0] * float("nan"), {}),
+    "evil.nan_declared": (lambda inputs, layer, ctx: inputs[0] * float("nan"),
+                          {"allows_non_finite": True}),
+    "evil.none": (lambda inputs, layer, ctx: None, {}),
+    "evil.numpy": (lambda inputs, layer, ctx: inputs[0].numpy().copy(), {}),
+    "evil.integer": (lambda inputs, layer, ctx: inputs[0].long(), {}),
+}
+
+def factory(name, kernel, kw):
+    the_dst = dst(name, **kw)
+    return the_dst, lambda config: ScalarDeriver(the_dst, config,
+                                                 (DstReference("mlp.post_act"),), kernel)
+
+@hookimpl
+def scalarlens_derivers():
+    return dict(factory(name, kernel, kw) for name, (kernel, kw) in KERNELS.items())
+"""
+
+
+@pytest.fixture
+def hostile(make_plugin_dist: Callable[..., str]) -> Registry:
+    make_plugin_dist(HOSTILE, dist="scalarlens-evil", version="6.6.6")
+    return Registry()
+
+
+def _builtin_names(reg: Registry) -> list[str]:
+    return sorted(name for name in reg.names() if reg.provider(name).name == "builtins")
+
+
+def _derive_all(reg: Registry, model: scalarlens.ModelAdapter, extra: list[str]) -> dict:  # type: ignore[type-arg]
+    # The builtins' example options (a neuron for vocab.write_to_input_direction) are ignored
+    # by every other DST, so one config derives the whole catalogue in one call.
+    options = reg.dst_examples()["vocab.write_to_input_direction"].options
+    store = scalarlens.derive(
+        model,
+        PROMPT,
+        [*extra, *_builtin_names(reg)],
+        target="fox",
+        distractor="king",
+        config=DstConfig(derive_gradients=True, options=options),
+        registry=reg,
+    )
+    return {
+        (str(key), layer): tensor.clone()
+        for key in store.keys()
+        for layer, tensor in store.activations(key.dst, key.pass_type).activations_by_layer_index.items()
+    }
+
+
+def _weights(model: scalarlens.ModelAdapter) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.model.state_dict().items()}  # type: ignore[attr-defined]
+
+
+def test_mutating_kernels_leave_every_builtin_bit_identical(hostile: Registry) -> None:
+    model = scalarlens.load_model("tiny-induction")
+    weights = _weights(model)
+    reference = _derive_all(hostile, model, [])
+    assert len({name for name, _ in reference}) >= 47  # every builtin DST, both passes
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        same_call = _derive_all(hostile, model, ["evil.mutating", "evil.zero_weight"])
+    later = _derive_all(hostile, model, [])
+
+    for key, value in reference.items():
+        assert torch.equal(same_call[key], value), f"{key} changed in the same call"
+        assert torch.equal(later[key], value), f"{key} changed in a later call"
+    for name, value in _weights(model).items():
+        assert torch.equal(value, weights[name]), f"weight {name} changed"
+    # The hostile kernels' own results are what they computed on their private copies.
+    post = same_call[("mlp.post_act/forward", 0)]
+    assert torch.equal(same_call[("evil.mutating/forward", 0)], post * 100)
+    messages = {str(w.message) for w in caught if issubclass(w.category, KernelMutationWarning)}
+    assert any("evil.mutating" in m and "plugin 'evil'" in m and "mlp.post_act" in m
+               for m in messages)
+    assert any("evil.zero_weight" in m and "a model weight" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    ("dst", "error", "message"),
+    [
+        ("evil.wrong_size", ShapeError, r"returned shape \(13, 5\), declared \(tokens=13, "
+         r"mlp_acts=256\)"),
+        ("evil.nan", KernelError, r"non-finite value\(s\) \(NaN or inf\)"),
+        ("evil.none", KernelError, "returned NoneType, expected a torch.Tensor"),
+        ("evil.numpy", KernelError, "returned ndarray, expected a torch.Tensor"),
+        ("evil.integer", KernelError, "torch.int64 tensor, expected a floating-point"),
+    ],
+)
+def test_bad_kernel_outputs_name_dst_plugin_and_layer(
+    hostile: Registry, dst: str, error: type[Exception], message: str
+) -> None:
+    model = scalarlens.load_model("tiny-induction")
+    with pytest.raises(error, match=message) as err:
+        scalarlens.derive(model, PROMPT, dst, registry=hostile)
+    assert f"{dst} (forward pass at layer 0; plugin 'evil')" in str(err.value)
+
+
+def test_declared_non_finite_values_pass(hostile: Registry) -> None:
+    model = scalarlens.load_model("tiny-induction")
+    store = scalarlens.derive(model, PROMPT, "evil.nan_declared", registry=hostile)
+    assert torch.isnan(store.get("evil.nan_declared", 0)).any()
+    # masked attention logits are -inf by design and declared so by their raw twin
+    logits = scalarlens.derive(model, PROMPT, "attn.qk_logits", registry=hostile)
+    assert torch.isinf(logits.get("attn.qk_logits", 0)).any()
