@@ -87,11 +87,12 @@ def _derive_all(reg: Registry, model: scalarlens.ModelAdapter, extra: list[str])
         config=DstConfig(derive_gradients=True, options=options),
         registry=reg,
     )
-    return {
-        (str(key), layer): tensor.clone()
-        for key in store.keys()
-        for layer, tensor in store.activations(key.dst, key.pass_type).activations_by_layer_index.items()
-    }
+    out = {}
+    for key in store.keys():
+        entry = store.activations(key.dst, key.pass_type)
+        for layer, tensor in entry.activations_by_layer_index.items():
+            out[(str(key), layer)] = tensor.clone()
+    return out
 
 
 def _weights(model: scalarlens.ModelAdapter) -> dict[str, torch.Tensor]:

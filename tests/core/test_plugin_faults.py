@@ -20,8 +20,8 @@ from scalarlens import (
     Dimension,
     DstConflictError,
     NodeType,
-    Registry,
     RegistrationError,
+    Registry,
     UnknownDstError,
     UnknownInterventionError,
 )
