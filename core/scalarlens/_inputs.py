@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from .exceptions import ModelInputError, ScalarLensError
+from .exceptions import ConfigError, ModelInputError, ScalarLensError
 
 Token = str | int
 _RECORD_FIELDS = ("prompt", "tokens", "target", "distractor")
@@ -38,6 +38,15 @@ def located(exc: ScalarLensError, where: str) -> ScalarLensError:
     if not str(exc).startswith(f"{where}: "):
         exc.args = (f"{where}: {exc}",)
     return exc
+
+
+def check_top_k(k: object, what: str = "topk: k") -> int:
+    """``k`` for ``topk``/``--top``: a positive integer (shared so both fail the same way)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(
+            f"{what}: expected a positive integer (how many records to show), got {k!r}"
+        )
+    return k
 
 
 def parse_token_ids(text: str, flag: str = "--tokens") -> tuple[int, ...]:

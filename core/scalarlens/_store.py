@@ -18,8 +18,9 @@ import torch
 
 from ._activations import ActivationsAndMetadata
 from ._dst import DerivedScalarType, DstAndPass
+from ._inputs import check_top_k
 from ._vocab import Dimension, PassType
-from .exceptions import ConfigError, MissingActivationError, ModelInputError, ShapeError
+from .exceptions import MissingActivationError, ModelInputError, ShapeError
 
 LayerIndex = int | None
 PromptResults = Mapping[DstAndPass, ActivationsAndMetadata]
@@ -305,15 +306,6 @@ class DerivedScalarStore:
                 )
             results.append(per_prompt)
         return cls(results, tokens, header["metadata"])
-
-
-def check_top_k(k: object, what: str = "topk: k") -> int:
-    """``k`` for ``topk``/``--top``: a positive integer (shared so both fail the same way)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(
-            f"{what}: expected a positive integer (how many records to show), got {k!r}"
-        )
-    return k
 
 
 def _token_axes(dst: DerivedScalarType) -> list[tuple[int, Dimension]]:

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ._inputs import Job, coerce_token, located, parse_token_ids, read_prompts_file
+from ._inputs import (
+    Job,
+    check_top_k,
+    coerce_token,
+    located,
+    parse_token_ids,
+    read_prompts_file,
+)
 from ._registry import Registry
 from ._report import format_table
 from .exceptions import DstConflictError, ModelInputError, ScalarLensError
@@ -117,16 +124,28 @@ def _json_arg(text: str | None, flag: str) -> Any:
         raise ModelInputError(f"{flag} must be JSON, e.g. '{{\"sae\": {{...}}}}': {exc}") from None
 
 
+_CONFIG_FLAGS = {
+    "DstConfig.layer_indices": "--layers",
+    "DstConfig.direction": "--direction",
+    "DstConfig.options": "--options",
+}
+
+
 def _derive_config(args: argparse.Namespace) -> DstConfig:
+    """``DstConfig`` from the flags; its errors name the flag as well as the field."""
     from ._config import DstConfig
 
-    return DstConfig(
-        layer_indices=args.layers,
-        derive_gradients=args.derive_gradients,
-        detach_final_ln_scale=args.detach_ln_f,
-        direction=_json_arg(args.direction, "--direction"),
-        options=_json_arg(args.options, "--options"),
-    )
+    try:
+        return DstConfig(
+            layer_indices=args.layers,
+            derive_gradients=args.derive_gradients,
+            detach_final_ln_scale=args.detach_ln_f,
+            direction=_json_arg(args.direction, "--direction"),
+            options=_json_arg(args.options, "--options"),
+        )
+    except ScalarLensError as exc:
+        flags = [flag for field, flag in _CONFIG_FLAGS.items() if str(exc).startswith(field)]
+        raise (located(exc, flags[0]) if flags else exc) from None
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -218,13 +237,12 @@ def _write_outputs(
 
 
 def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
-    from ._derive import build_requests, load_model
-    from ._store import check_top_k
-
-    config = _derive_config(args)
+    config = _derive_config(args)  # the checks up to the model load need no torch: fast
     check_top_k(args.top, "--top")
     _check_outputs(args)
     jobs = _jobs(args)
+    from ._derive import build_requests, load_model
+
     _require_objective(build_requests(args.dst, config, reg), jobs)  # unknown DSTs fail here
     model = load_model(args.model, reg)
     _check_jobs(model, jobs)
@@ -271,7 +289,6 @@ def cmd_demo(args: argparse.Namespace, reg: Registry) -> int:
     from ._derive import load_model
     from ._output_files import check_output_path
     from ._report import plot_format
-    from ._store import check_top_k
 
     check_top_k(args.top, "--top")
     check_output_path(args.plot, "--plot")
