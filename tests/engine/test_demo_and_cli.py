@@ -185,3 +185,13 @@ def test_cli_derive_takes_plugin_options_and_a_direction(
     assert top and all(r["layer"] == 0 for r in top if r["value"] != 0)  # layer 1 is after g
     bad = _cli("derive", "--prompt", PROMPT, "--dst", "mlp.post_act", "--options", "{bad")
     assert bad.returncode == 1 and "--options must be JSON" in bad.stderr
+
+
+def test_cli_derive_writes_the_store_and_the_plot_and_nothing_else(tmp_path: Path) -> None:
+    out, plot = tmp_path / "store.safetensors", tmp_path / "fig.png"
+    args = ["derive", "--prompt", PROMPT, "--dst", "attn.qk_probs", "--out", str(out),
+            "--plot", str(plot)]  # fmt: skip
+    assert main(args) == 0
+    assert DerivedScalarStore.load(out).get("attn.qk_probs", 1).shape[0] == len(PROMPT.split())
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(tmp_path.iterdir()) == [plot, out]  # no temporary file left behind
