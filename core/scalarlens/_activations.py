@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ._dst import DerivedScalarType, raw_dst
-from ._layers import NOT_NEEDED, LayerIndexer
+from ._layers import NOT_NEEDED, LayerIndex, LayerIndexer
 from ._vocab import ActivationLocationType, PassType
 from .exceptions import MissingActivationError, ShapeError
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
     from ._model import PluginLocation
 
-LayerIndex = int | None
 
 
 def _freeze(mapping: Mapping[LayerIndex, torch.Tensor]) -> Mapping[LayerIndex, torch.Tensor]:

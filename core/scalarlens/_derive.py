@@ -56,12 +56,10 @@ def load_model(spec: str | Path = DEFAULT_MODEL, registry: Registry | None = Non
         from ._registry import registry as default_registry
 
         registry = default_registry
+    loader = registry.model_loader(text)  # a conflict with a bundled name raises here
+    if loader is not None:
+        return loader(text)
     loaders = registry.model_loaders()
-    if text in loaders:
-        return loaders[text](text)
-    for key, loader in loaders.items():
-        if key.endswith(":") and text.startswith(key):
-            return loader(text)
     if text in models.BUNDLED_MODELS:
         return models.load_bundled_model(text)
     if Path(text).exists():

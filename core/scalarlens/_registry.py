@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 
     from ._model import Intervention, ModelAdapter
 
-Factory = Callable[[DstConfig], ScalarDeriver]
+from ._recipes import Factory
+
 InterventionFactory = Callable[[Mapping[str, Any], "ModelAdapter"], Sequence["Intervention"]]
 ModelLoader = Callable[[str], "ModelAdapter"]
 LOCAL_PLUGIN = "__local__"

@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import torch
 
+from .._layers import LayerIndex
 from .._model import (
     LOGIT_OBJECTIVES,
     CallableObjective,
@@ -30,7 +31,6 @@ from .._model import (
     CaptureRequest,
     DirectionObjective,
     Intervention,
-    LayerIndex,
     LogitDiffObjective,
     LogProbObjective,
     ModelDims,
@@ -183,6 +183,8 @@ class GPT2Adapter:
             d_mlp=cfg.n_inner,
             n_vocab=cfg.vocab_size,
             n_ctx=cfg.n_positions,
+            norm_eps=cfg.layer_norm_epsilon,
+            norm_kind="layernorm",
         )
 
     # --- protocol properties ------------------------------------------------------------
@@ -228,6 +230,17 @@ class GPT2Adapter:
 
     # --- weights --------------------------------------------------------------------------
 
+    def final_norm(self, resid: torch.Tensor, *, detach_scale: bool = False) -> torch.Tensor:
+        """``ln_f(resid)`` of residual vectors ``…×D``, differentiably (FinalResidualReadout)."""
+
+        def scale_hook(name: str, layer: LayerIndex, scale: torch.Tensor) -> torch.Tensor:
+            return scale.detach() if detach_scale else scale
+
+        normed: torch.Tensor = self._model.ln_f(
+            resid, scale_hook, ALT.RESID_FINAL_LAYER_NORM_SCALE.value, None
+        )
+        return normed
+
     def logits_from_final_residual(
         self, resid: torch.Tensor, *, detach_ln_scale: bool = False
     ) -> torch.Tensor:
@@ -236,14 +249,7 @@ class GPT2Adapter:
         Lets ``derive`` take the objective's gradient at the final residual locally — through
         ``ln_f`` and the unembedding only — when that is the only gradient a plan needs.
         """
-
-        def scale_hook(name: str, layer: LayerIndex, scale: torch.Tensor) -> torch.Tensor:
-            return scale.detach() if detach_ln_scale else scale
-
-        normed: torch.Tensor = self._model.ln_f(
-            resid, scale_hook, ALT.RESID_FINAL_LAYER_NORM_SCALE.value, None
-        )
-        return normed @ self._model.unembedding().T
+        return self.final_norm(resid, detach_scale=detach_ln_scale) @ self._model.unembedding().T
 
     def _check_layer(self, what: str, has_no_layers: bool, layer: LayerIndex) -> None:
         n = self._dims.n_layers
