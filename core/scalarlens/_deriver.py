@@ -15,7 +15,7 @@ import attrs
 
 from ._config import DstConfig
 from ._dst import DerivedScalarType
-from ._layers import IDENTITY
+from ._layers import IDENTITY, LayerIndex
 from ._sources import DerivedScalarSource, DstReference, RawScalarSource, ScalarSource
 from ._vocab import ActivationLocationType, Dimension, PassType, WeightLocationType
 from .exceptions import ConfigError, UnsupportedPassError
@@ -23,38 +23,89 @@ from .exceptions import ConfigError, UnsupportedPassError
 if TYPE_CHECKING:
     import torch
 
-    from ._model import ModelAdapter, ModelDims, PluginLocation
+    from ._model import ModelAdapter, ModelDims, ObjectiveInfo, PluginLocation
 
-LayerIndex = int | None
 
 
 @attrs.frozen
 class DeriveContext:
-    """What a kernel may consult besides its input tensors."""
+    """What a kernel may consult besides its input tensors.
+
+    * ``weight(location, layer)`` — a model weight in its canonical layout (read-only: the
+      engine refuses in-place writes to it);
+    * ``dims`` — the model's sizes plus ``norm_kind`` and ``norm_eps``;
+    * ``objective`` — the objective resolved for this prompt (kind, token ids, position), for
+      DSTs declared with ``needs_objective=True``;
+    * ``final_norm(x)`` / ``unembed(x)`` — the model's final norm and unembedding, so a logit
+      lens is ``ctx.unembed(ctx.final_norm(resid))``;
+    * ``pass_type``, ``config``, ``dst`` — what is being derived.
+    """
 
     pass_type: PassType
     config: DstConfig
     dst: DerivedScalarType
     model: ModelAdapter | None = None
+    objective_info: ObjectiveInfo | None = None
 
     def weight(self, location: WeightLocationType, layer: LayerIndex = None) -> torch.Tensor:
         """A model weight, read now through the adapter (never cached in the deriver)."""
-        if self.model is None:
-            raise ConfigError(
-                f"{self.dst.name} reads the weight {location.value!r} but no model was given; "
-                "pass `model=` to the executor (scalarlens.derive does this for you)"
-            )
         from ._guard import guarded_weight
 
-        return guarded_weight(self.model.weight(location, layer))
+        return guarded_weight(self._model("reads the weight " + repr(location.value)).weight(
+            location, layer
+        ))
+
+    def _model(self, why: str) -> ModelAdapter:
+        if self.model is None:
+            raise ConfigError(
+                f"{self.dst.name} {why} but no model was given; pass `model=` to the executor "
+                "(scalarlens.derive does this for you)"
+            )
+        return self.model
 
     @property
     def dims(self) -> ModelDims:
-        if self.model is None:
+        return self._model("needs the model's dimensions").dims
+
+    @property
+    def objective(self) -> ObjectiveInfo:
+        """The objective of this prompt; declare ``needs_objective=True`` to be given one."""
+        if self.objective_info is None:
             raise ConfigError(
-                f"{self.dst.name} needs the model's dimensions but no model was given"
+                f"{self.dst.name} reads ctx.objective but no objective was given: pass "
+                "target= and distractor= (CLI: --target/--distractor) or objective=, and declare "
+                "the DST with needs_objective=True so this is checked before the model runs"
             )
-        return self.model.dims
+        return self.objective_info
+
+    def final_norm(self, x: torch.Tensor, *, detach_scale: bool = False) -> torch.Tensor:
+        """The model's final norm applied to residual vectors ``x`` (``…×D``).
+
+        The adapter's own norm when it offers one (``FinalResidualReadout``); otherwise
+        ``dims.norm_kind`` with the final gain/bias weights and ``dims.norm_eps``.
+        """
+        from ._model import FinalResidualReadout
+        from ._vocab import WeightLocationType as W
+
+        model = self._model("applies the final norm")
+        if isinstance(model, FinalResidualReadout):
+            return model.final_norm(x, detach_scale=detach_scale)
+        dims = model.dims
+        if dims.norm_kind == "layernorm":
+            x = x - x.mean(dim=-1, keepdim=True)
+        scale = (x.pow(2).mean(dim=-1, keepdim=True) + dims.norm_eps).sqrt()
+        if detach_scale:
+            scale = scale.detach()
+        out = x / scale * self.weight(W.LAYER_NORM_GAIN_FINAL)
+        if dims.norm_kind == "layernorm":
+            out = out + self.weight(W.LAYER_NORM_BIAS_FINAL)
+        return out
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``…×V`` of already-normed residual vectors ``x`` (``…×D``)."""
+        from ._vocab import WeightLocationType as W
+
+        return x @ self.weight(W.UNEMBEDDING)
 
 
 Inputs = tuple["torch.Tensor | None", ...]

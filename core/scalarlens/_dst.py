@@ -55,6 +55,10 @@ def _to_passes(value: Iterable[PassType]) -> frozenset[PassType]:
 class DerivedScalarType:
     """A named per-prompt quantity and everything a caller needs to know about its tensor.
 
+    ``DerivedScalarType("probe.share", (Dimension.TOKENS, Dimension.ATTN_HEADS),
+    NodeType.ATTENTION_HEAD, "each head's share of the layer's write")`` — the description is
+    the fourth positional field, the rest are keywords.
+
     ``shape`` is per prompt and per layer; its first axis is a token axis.  ``location`` is
     declared explicitly (never guessed) and only used to decide causality.  ``pass_types`` lists
     what a deriver of this DST may be asked for: ``FORWARD`` is the value, ``BACKWARD`` is the
@@ -64,15 +68,18 @@ class DerivedScalarType:
     name: str = attrs.field(validator=_check_name)
     shape: ShapeSpec = attrs.field(converter=_to_shape, validator=_check_shape)
     node_type: NodeType
-    location: LocationWithinLayer | None = None
-    pass_types: frozenset[PassType] = attrs.field(
-        default=frozenset({PassType.FORWARD}), converter=_to_passes
-    )
     description: str = ""
-    has_no_layers: bool = False
+    location: LocationWithinLayer | None = attrs.field(default=None, kw_only=True)
+    pass_types: frozenset[PassType] = attrs.field(
+        default=frozenset({PassType.FORWARD}), converter=_to_passes, kw_only=True
+    )
+    has_no_layers: bool = attrs.field(default=False, kw_only=True)
     # NaN/inf in this DST's values are meaningful (masked attention logits are -inf), so the
     # engine's finiteness check is skipped for it.
-    allows_non_finite: bool = False
+    allows_non_finite: bool = attrs.field(default=False, kw_only=True)
+    # Its kernel reads ``ctx.objective`` (e.g. a logit lens of the target token): derive and
+    # the CLI then require target/distractor even when no backward pass runs.
+    needs_objective: bool = attrs.field(default=False, kw_only=True)
 
     def __str__(self) -> str:
         return self.name

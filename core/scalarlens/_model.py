@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import attrs
 
 from ._config import FrozenOptions
+from ._layers import LayerIndex
 from ._vocab import (
     ActivationLocationType,
     Dimension,
@@ -28,12 +29,12 @@ from ._vocab import (
 if TYPE_CHECKING:
     import torch
 
-LayerIndex = int | None
 
 __all__ = [
     "CallableObjective",
     "CaptureRequest",
     "DirectionObjective",
+    "FinalResidualReadout",
     "Intervention",
     "LogProbObjective",
     "LogitDiffObjective",
@@ -41,6 +42,7 @@ __all__ = [
     "ModelDims",
     "NodeObjective",
     "Objective",
+    "ObjectiveInfo",
     "PluginLocation",
     "RunResult",
 ]
@@ -50,9 +52,24 @@ def _layer_set(value: Iterable[int] | None) -> frozenset[int] | None:
     return None if value is None else frozenset(value)
 
 
+NORM_KINDS = ("layernorm", "rmsnorm")
+
+
+def _check_norm_kind(_: object, __: attrs.Attribute[str], value: str) -> None:
+    if value not in NORM_KINDS:
+        from .exceptions import ConfigError
+
+        raise ConfigError(f"ModelDims.norm_kind: expected one of {NORM_KINDS}, got {value!r}")
+
+
 @attrs.frozen
 class ModelDims:
-    """Sizes of a transformer's model-intrinsic axes."""
+    """Sizes of a transformer's model-intrinsic axes, and how its norms normalise.
+
+    ``norm_kind`` is ``"layernorm"`` (centre, divide by ``sqrt(var + eps)``, gain and bias) or
+    ``"rmsnorm"`` (divide by ``sqrt(mean(x²) + eps)``, gain only); ``norm_eps`` is its epsilon.
+    Kernels read them (or call ``ctx.final_norm``) instead of digging in ``config_dict()``.
+    """
 
     n_layers: int
     d_model: int
@@ -61,6 +78,8 @@ class ModelDims:
     d_mlp: int
     n_vocab: int
     n_ctx: int
+    norm_eps: float = 1e-5
+    norm_kind: str = attrs.field(default="layernorm", validator=_check_norm_kind)
 
     def sizes(self) -> dict[Dimension, int]:
         return {
@@ -176,6 +195,38 @@ Objective = (
 )
 
 
+@attrs.frozen
+class ObjectiveInfo:
+    """The objective as a kernel sees it (``ctx.objective``), resolved for one prompt.
+
+    ``kind`` is ``"logit_diff"``, ``"log_prob"``, ``"callable"``, ``"node"`` or ``"direction"``;
+    ``target``/``distractor`` are token ids where the kind has them; ``position`` is the token
+    index the objective reads, already made non-negative for this prompt's length.
+    """
+
+    kind: str
+    objective: Objective = attrs.field(eq=False)
+    target: int | None = None
+    distractor: int | None = None
+    position: int | None = None
+
+    @classmethod
+    def of(cls, objective: Objective, n_tokens: int) -> ObjectiveInfo:
+        if isinstance(objective, LogitDiffObjective):
+            t = resolve_position(objective.position, n_tokens)
+            return cls("logit_diff", objective, objective.target, objective.distractor, t)
+        if isinstance(objective, LogProbObjective):
+            t = resolve_position(objective.position, n_tokens)
+            return cls("log_prob", objective, objective.target, None, t)
+        if isinstance(objective, DirectionObjective):
+            t = resolve_position(objective.position, n_tokens, "DirectionObjective position")
+            return cls("direction", objective, position=t)
+        if isinstance(objective, NodeObjective):
+            t = resolve_position(objective.index[0], n_tokens, "NodeObjective token index")
+            return cls("node", objective, position=t)
+        return cls("callable", objective)
+
+
 Emit = Callable[[PluginLocation, "torch.Tensor"], "torch.Tensor"]
 
 
@@ -248,6 +299,27 @@ class ModelAdapter(Protocol):
 
     def config_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description of the model, stored in result metadata."""
+        ...
+
+
+@runtime_checkable
+class FinalResidualReadout(Protocol):
+    """Optional adapter capability: the model's own head applied to a final residual.
+
+    With it, ``derive`` computes the objective's gradient at the final residual locally
+    (through the final norm and unembedding only) when that is the only gradient a plan needs,
+    and ``ctx.final_norm`` uses the model's exact norm.  Adapters without it still work: the
+    engine then runs a real backward, and ``ctx.final_norm`` uses ``ModelDims.norm_kind``.
+    """
+
+    def final_norm(self, resid: torch.Tensor, *, detach_scale: bool = False) -> torch.Tensor:
+        """The final norm of ``resid`` (``…×D``), differentiably."""
+        ...
+
+    def logits_from_final_residual(
+        self, resid: torch.Tensor, *, detach_ln_scale: bool = False
+    ) -> torch.Tensor:
+        """``…×V`` logits from the residual entering the final norm, differentiably."""
         ...
 
 

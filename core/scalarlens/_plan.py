@@ -21,8 +21,8 @@ from ._config import DstConfig
 from ._deriver import DeriveContext, ScalarDeriver
 from ._dst import DerivedScalarType, DstAndPass
 from ._guard import run_kernel
-from ._layers import NOT_NEEDED
-from ._model import CaptureRequest, PluginLocation
+from ._layers import NOT_NEEDED, LayerIndex
+from ._model import CaptureRequest, Objective, ObjectiveInfo, PluginLocation
 from ._output_check import OutputChecker
 from ._sources import DerivedScalarSource, DstReference, RawScalarSource
 from ._vocab import ActivationLocationType, PassType
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
     from ._model import ModelAdapter
 
-LayerIndex = int | None
 NodeKey = tuple[DerivedScalarType, DstConfig, PassType]
 RawKey = tuple[ActivationLocationType | PluginLocation, PassType]
 
@@ -101,6 +100,11 @@ class Plan:
     @property
     def needs_backward(self) -> bool:
         return any(p is PassType.BACKWARD for _, p in self.raw_layers)
+
+    @property
+    def needs_objective(self) -> bool:
+        """A backward pass, or a kernel that reads ``ctx.objective`` (e.g. a logit lens)."""
+        return self.needs_backward or any(node.dst.needs_objective for node in self.nodes)
 
     @property
     def captures(self) -> tuple[CaptureRequest, ...]:
@@ -217,8 +221,12 @@ def execute_plan(
     *,
     model: ModelAdapter | None = None,
     counter: EvaluationCounter | None = None,
+    objective: Objective | None = None,
 ) -> dict[DstAndPass, ActivationsAndMetadata]:
     """Evaluate every node once, layer by layer, and return the requested results.
+
+    ``objective`` is what ``ctx.objective`` shows kernels (resolved for this prompt); DSTs
+    declared with ``needs_objective=True`` refuse to run without one.
 
     Intermediate results are dropped as soon as their last consumer has run, so peak memory is
     bounded by what is live, not by the whole DAG.  Kernels run isolated (``_guard``): none can
@@ -234,11 +242,13 @@ def execute_plan(
                 remaining_uses[edge.producer] += 1
     requested = {key for key, _ in plan.requests}
     checker = OutputChecker.for_store(raw_store, model)
+    info = _objective_info(plan, objective, checker.n_tokens)
 
     results: dict[NodeKey, dict[LayerIndex, torch.Tensor]] = {}
     with torch.no_grad():
         for node in plan.nodes:
-            results[node.key] = _evaluate(node, plan, raw_store, results, model, checker, counter)
+            ctx = DeriveContext(node.pass_type, node.deriver.config, node.dst, model, info)
+            results[node.key] = _evaluate(node, ctx, plan, raw_store, results, checker, counter)
             for edge in node.edges:
                 if isinstance(edge, NodeEdge):
                     remaining_uses[edge.producer] -= 1
@@ -256,17 +266,32 @@ def execute_plan(
     return final
 
 
+def _objective_info(
+    plan: Plan, objective: Objective | None, n_tokens: int | None
+) -> ObjectiveInfo | None:
+    if objective is None:
+        users = [n.dst.name for n in plan.nodes if n.dst.needs_objective]
+        if users:
+            raise ConfigError(
+                f"{', '.join(users)} read(s) the objective (needs_objective=True) but none was "
+                "given: pass target= and distractor= (CLI: --target/--distractor) or objective="
+            )
+        return None
+    if n_tokens is None:
+        return ObjectiveInfo("callable", objective)
+    return ObjectiveInfo.of(objective, n_tokens)
+
+
 def _evaluate(
     node: PlanNode,
+    ctx: DeriveContext,
     plan: Plan,
     raw_store: RawActivationStore,
     results: Mapping[NodeKey, Mapping[LayerIndex, torch.Tensor]],
-    model: ModelAdapter | None,
     checker: OutputChecker,
     counter: EvaluationCounter | None,
 ) -> dict[LayerIndex, torch.Tensor]:
     """One node's value on every layer it is needed at."""
-    ctx = DeriveContext(node.pass_type, node.deriver.config, node.dst, model)
     kernel = node.deriver.tensor_calculate_derived_scalar_fn
     out: dict[LayerIndex, torch.Tensor] = {}
     for layer in sorted(node.layers, key=lambda x: -1 if x is None else x):
@@ -328,6 +353,8 @@ def derive_from_raw(
     n_layers: int,
     model: ModelAdapter | None = None,
     counter: EvaluationCounter | None = None,
+    objective: Objective | None = None,
 ) -> dict[DstAndPass, ActivationsAndMetadata]:
     """Plan and execute in one call (for stores captured elsewhere)."""
-    return execute_plan(make_plan(requests, n_layers), raw_store, model=model, counter=counter)
+    plan = make_plan(requests, n_layers)
+    return execute_plan(plan, raw_store, model=model, counter=counter, objective=objective)
