@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._config import DstConfig, FrozenOptions
-from ._deriver import DeriveContext, ScalarDeriver, identity_kernel, raw_deriver
+from ._deriver import DeriveContext, Inputs, Kernel, ScalarDeriver, identity_kernel, raw_deriver
 from ._direction import CausalDirectionIndexer, Direction, direction_source, precedes
 from ._dst import DerivedScalarType, DstAndPass, raw_dst
 from ._layers import (
@@ -23,12 +23,23 @@ from ._layers import (
     NOT_NEEDED,
     PREVIOUS_LAYER,
     IdentityLayerIndexer,
+    LayerIndex,
     LayerIndexer,
     NoLayersLayerIndexer,
     OffsetLayerIndexer,
     StaticLayerIndexer,
 )
 from ._plugins import ENTRY_POINT_GROUP, PluginInfo
+from ._recipes import (
+    Factory,
+    Recipe,
+    act_times_grad,
+    need,
+    project_onto_direction,
+    raw_source,
+    recipe_factories,
+    row_norm,
+)
 from ._registry import Registry, registry
 from ._sources import DerivedScalarSource, DstReference, RawScalarSource, ScalarSource
 from ._vocab import (
@@ -69,6 +80,7 @@ if TYPE_CHECKING:
         CallableObjective,
         CaptureRequest,
         DirectionObjective,
+        FinalResidualReadout,
         Intervention,
         LogitDiffObjective,
         LogProbObjective,
@@ -76,6 +88,7 @@ if TYPE_CHECKING:
         ModelDims,
         NodeObjective,
         Objective,
+        ObjectiveInfo,
         PluginLocation,
         RunResult,
     )
@@ -90,6 +103,7 @@ _LAZY = {
         "CallableObjective",
         "CaptureRequest",
         "DirectionObjective",
+        "FinalResidualReadout",
         "Intervention",
         "LogitDiffObjective",
         "LogProbObjective",
@@ -97,6 +111,7 @@ _LAZY = {
         "ModelDims",
         "NodeObjective",
         "Objective",
+        "ObjectiveInfo",
         "PluginLocation",
         "RunResult",
     ),
@@ -129,14 +144,14 @@ __all__ = [
     "ActivationLocationType",
     "ActivationsAndMetadata",
     "CallableObjective",
-    "CausalDirectionIndexer",
     "CaptureRequest",
+    "CausalDirectionIndexer",
     "CheckpointError",
     "ConfigError",
     "DeriveContext",
     "DerivedScalarSource",
-    "DerivedScalarType",
     "DerivedScalarStore",
+    "DerivedScalarType",
     "DeriverBuildError",
     "Dimension",
     "Direction",
@@ -147,11 +162,16 @@ __all__ = [
     "DstCycleError",
     "DstReference",
     "EvaluationCounter",
+    "Factory",
+    "FinalResidualReadout",
     "FrozenOptions",
     "IdentityLayerIndexer",
+    "Inputs",
+    "Intervention",
+    "Kernel",
     "KernelError",
     "KernelMutationWarning",
-    "Intervention",
+    "LayerIndex",
     "LayerIndexer",
     "LocationWithinLayer",
     "LogProbObjective",
@@ -165,15 +185,17 @@ __all__ = [
     "NodeRecord",
     "NodeType",
     "Objective",
+    "ObjectiveInfo",
     "OffsetLayerIndexer",
     "OutputError",
     "PassType",
     "Plan",
     "PluginInfo",
-    "PluginLocation",
     "PluginLoadError",
+    "PluginLocation",
     "RawActivationStore",
     "RawScalarSource",
+    "Recipe",
     "RegistrationError",
     "Registry",
     "RunResult",
@@ -188,6 +210,7 @@ __all__ = [
     "UnsupportedPassError",
     "WeightLocationType",
     "__version__",
+    "act_times_grad",
     "derive",
     "derive_from_raw",
     "direction_source",
@@ -196,9 +219,14 @@ __all__ = [
     "identity_kernel",
     "load_model",
     "make_plan",
+    "need",
     "precedes",
+    "project_onto_direction",
     "raw_deriver",
     "raw_dst",
+    "raw_source",
+    "recipe_factories",
     "registry",
     "resolve_shape",
+    "row_norm",
 ]
