@@ -75,7 +75,7 @@ from .hookspecs import PLUGIN_API_VERSION, hookimpl
 
 if TYPE_CHECKING:
     from ._activations import ActivationsAndMetadata, RawActivationStore
-    from ._derive import derive, load_model
+    from ._derive import derive
     from ._model import (
         CallableObjective,
         CaptureRequest,
@@ -93,7 +93,9 @@ if TYPE_CHECKING:
         RunResult,
     )
     from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
+    from ._prepare import Preparation, prepare
     from ._store import DerivedScalarStore, NodeRecord
+    from .models._loading import load_model
 
 # Imported on first use: resolving a deriver needs none of these, and keeping them out of
 # `import scalarlens` keeps the startup budget (see benchmarks/bench_startup.py).
@@ -116,7 +118,9 @@ _LAZY = {
         "RunResult",
     ),
     "._plan": ("EvaluationCounter", "Plan", "derive_from_raw", "execute_plan", "make_plan"),
-    "._derive": ("derive", "load_model"),
+    "._derive": ("derive",),
+    "._prepare": ("Preparation", "prepare"),
+    ".models._loading": ("load_model",),
     "._store": ("DerivedScalarStore", "NodeRecord"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
@@ -193,6 +197,7 @@ __all__ = [
     "PluginInfo",
     "PluginLoadError",
     "PluginLocation",
+    "Preparation",
     "RawActivationStore",
     "RawScalarSource",
     "Recipe",
@@ -221,6 +226,7 @@ __all__ = [
     "make_plan",
     "need",
     "precedes",
+    "prepare",
     "project_onto_direction",
     "raw_deriver",
     "raw_dst",

@@ -1,4 +1,4 @@
-"""``derive`` and ``load_model``: the one-call path from a prompt to ranked components.
+"""``derive``: the one-call path from a prompt to ranked components.
 
 ``derive`` plans first (so errors about unknown DSTs, unsupported passes, bad layers or a
 missing target surface before any model runs), captures exactly what the plan lists in one
@@ -8,7 +8,6 @@ DST once per prompt.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,11 +16,11 @@ import attrs
 
 from ._activations import RawActivationStore
 from ._config import DstConfig
-from ._deriver import ScalarDeriver
 from ._dst import DerivedScalarType
 from ._model import (
     LOGIT_OBJECTIVES,
     CaptureRequest,
+    FinalResidualReadout,
     Intervention,
     LogitDiffObjective,
     LogProbObjective,
@@ -33,149 +32,14 @@ from ._model import (
     resolve_position,
 )
 from ._plan import EvaluationCounter, Plan, execute_plan, make_plan
+from ._prepare import prepare, prepare_objective, prepare_tokens
 from ._store import DerivedScalarStore
 from ._vocab import ActivationLocationType, PassType
-from .exceptions import CheckpointError, ModelInputError, TokenizerError
+from .exceptions import ModelInputError
+from .models._loading import load_model
 
 if TYPE_CHECKING:
     from ._registry import Registry
-
-DEFAULT_MODEL = "tiny-induction"
-
-
-def load_model(spec: str | Path = DEFAULT_MODEL, registry: Registry | None = None) -> ModelAdapter:
-    """Resolve a model spec: a bundled name, a checkpoint directory, or a plugin loader.
-
-    Plugin loaders (hook ``scalarlens_model_loaders``) match a plain name exactly or a
-    ``scheme:`` prefix; they are consulted before the builtin GPT-2 loader.
-    """
-    from . import models
-
-    text = str(spec)
-    if registry is None:
-        from ._registry import registry as default_registry
-
-        registry = default_registry
-    loader = registry.model_loader(text)  # a conflict with a bundled name raises here
-    if loader is not None:
-        return loader(text)
-    loaders = registry.model_loaders()
-    if text in models.BUNDLED_MODELS:
-        return models.load_bundled_model(text)
-    if Path(text).exists():
-        return models.load_gpt2_checkpoint(text)
-    known = [*models.BUNDLED_MODELS, *loaders]
-    raise CheckpointError(
-        f"cannot resolve model {text!r}: not a bundled model ({', '.join(known)}), not an "
-        "existing checkpoint directory, and no plugin loader claims it"
-    )
-
-
-def _encode(model: ModelAdapter, item: str | int, role: str) -> int:
-    """A target or distractor as a token id inside the model's vocabulary."""
-    if isinstance(item, bool) or not isinstance(item, (str, int)):
-        raise ModelInputError(f"{role}: expected a word or a token id, got {item!r}")
-    if isinstance(item, int):
-        n_vocab = model.dims.n_vocab
-        if not 0 <= item < n_vocab:
-            raise ModelInputError(
-                f"{role}: token id {item} is outside the vocabulary of {model.name!r} "
-                f"(valid ids: 0..{n_vocab - 1})"
-            )
-        return item
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise TokenizerError(f"model {model.name!r} has no tokenizer; pass token ids instead")
-    ids: list[int] = tokenizer.encode(item)
-    if len(ids) != 1:
-        raise TokenizerError(f"{role}: {item!r} must be exactly one token, got {len(ids)}")
-    return ids[0]
-
-
-def prepare_objective(
-    model: ModelAdapter, target: str | int | None, distractor: str | int | None
-) -> LogitDiffObjective | None:
-    """The logit difference ``target − distractor`` at the last token, or ``None``.
-
-    Shared by ``derive`` and the CLI (which checks every prompt before deriving any).  Equal
-    tokens are refused: their logit difference is identically zero, and so is every
-    attribution of it, which would look like a result.
-    """
-    if target is None and distractor is None:
-        return None
-    if target is None or distractor is None:
-        raise ModelInputError(
-            "give both target= and distractor= (--target and --distractor), or an objective="
-        )
-    target_id = _encode(model, target, "target")
-    distractor_id = _encode(model, distractor, "distractor")
-    if target_id == distractor_id:
-        raise ModelInputError(
-            f"target {target!r} and distractor {distractor!r} are the same token (id "
-            f"{target_id}); their logit difference is always zero. Choose a different "
-            "distractor: the token the model might predict instead"
-        )
-    return LogitDiffObjective(target_id, distractor_id)
-
-
-def prepare_tokens(model: ModelAdapter, prompts: Any) -> list[list[int]]:
-    """Prompts (text, ids, or a list of either) as lists of token ids, checked for type.
-
-    Sizes (empty prompts, ids outside the vocabulary, too long) are the adapter's to check.
-    """
-    if isinstance(prompts, str) or (
-        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-    ):
-        prompts = [prompts]
-    if isinstance(prompts, Sequence):
-        return [_prompt_tokens(model, prompt, i) for i, prompt in enumerate(prompts)]
-    raise ModelInputError(
-        f"expected a prompt (text or token ids) or a list of prompts, got {prompts!r}"
-    )
-
-
-def _prompt_tokens(model: ModelAdapter, prompt: Any, index: int) -> list[int]:
-    if isinstance(prompt, str):
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is None:
-            raise TokenizerError(
-                f"model {model.name!r} has no tokenizer; pass token ids instead of text"
-            )
-        return list(tokenizer.encode(prompt))
-    try:
-        if isinstance(prompt, bool) or any(isinstance(t, bool) for t in prompt):
-            raise TypeError
-        return [operator.index(t) for t in prompt]  # ints, numpy ints, integer tensors
-    except TypeError:
-        raise ModelInputError(
-            f"prompt {index}: expected text or a sequence of integer token ids, got {prompt!r}"
-        ) from None
-
-
-Request = tuple[ScalarDeriver, PassType]
-
-
-def build_requests(
-    dsts: str | DerivedScalarType | Sequence[str | DerivedScalarType],
-    config: DstConfig,
-    registry: Registry,
-) -> list[Request]:
-    """Every (deriver, pass) the call asks for; unknown DSTs fail here, before any model."""
-    names = [dsts] if isinstance(dsts, (str, DerivedScalarType)) else list(dsts)
-    if not names:
-        raise ModelInputError("no DSTs requested; name at least one (see `scalarlens dsts`)")
-    requests: list[Request] = []
-    for dst in names:
-        deriver = registry.get(dst, config)
-        requests.append((deriver, PassType.FORWARD))
-        if config.derive_gradients and PassType.BACKWARD in deriver.derivable_pass_types:
-            requests.append((deriver, PassType.BACKWARD))
-    return requests
-
-
-def needing_objective(requests: Sequence[Request]) -> list[str]:
-    """Names of the requested DSTs that need a backward pass, hence an objective."""
-    return list(dict.fromkeys(d.dst.name for d, p in requests if d.needs_backward(p)))
 
 
 def derive(
@@ -208,57 +72,66 @@ def derive(
         from ._registry import registry as default_registry
 
         registry = default_registry
+    prepared = prepare(dsts, config, registry, layers=layers)
     adapter = model if not isinstance(model, (str, Path)) else load_model(model, registry)
-    config = config or DstConfig()
-    if layers is not None:
-        config = attrs.evolve(config, layer_indices=layers)
-    requests = build_requests(dsts, config, registry)
-    plan = make_plan(requests, adapter.dims.n_layers)
-
+    plan = make_plan(prepared.requests, adapter.dims.n_layers)
     tokens = prepare_tokens(adapter, prompts_or_tokens)
     if objective is None:
         objective = prepare_objective(adapter, target, distractor)
-    needing = needing_objective(requests)
-    if needing and objective is None:
+    if prepared.needs_objective and objective is None:
         raise ModelInputError(
-            f"{', '.join(needing)} need(s) a backward pass: pass target= and distractor= (e.g. "
+            f"{', '.join(prepared.needs_objective)} need(s) an objective (a backward pass, or "
+            "a kernel reading ctx.objective): pass target= and distractor= (e.g. "
             "derive(model, prompt, dsts, target='mat', distractor='cat')) or objective="
         )
-    all_interventions = [*interventions, *plugin_interventions(plan, adapter, registry)]
-    local = _local_final_gradient(plan, objective, adapter, all_interventions)
-    if local:
-        # Only the gradient at the final residual is needed: one forward pass, then a local
-        # backward through the final LayerNorm and unembedding (no graph through the network).
-        captures = [c for c in plan.captures if c.pass_type is PassType.FORWARD]
-        captures = _with_final_residual(captures, adapter.dims.n_layers)
-        runs = adapter.run(
-            tokens, captures, None, interventions=all_interventions, return_logits=False
-        )
-        assert objective is not None
-        runs = [_add_final_gradient(run, objective, adapter, config) for run in runs]
-    else:
-        runs = adapter.run(
-            tokens,
-            plan.captures,
-            objective if plan.needs_backward else None,
-            interventions=all_interventions,
-            detach_final_ln_scale=config.detach_final_ln_scale,
-            return_logits=False,
-        )
+    interventions = [*interventions, *plugin_interventions(plan, adapter, registry)]
+    runs = _run(adapter, plan, tokens, objective, interventions, prepared.config)
     results = [
         execute_plan(
-            plan, RawActivationStore.from_nested_dict(run.captured), model=adapter, counter=counter
+            plan,
+            RawActivationStore.from_nested_dict(run.captured),
+            model=adapter,
+            counter=counter,
+            objective=objective,
         )
         for run in runs
     ]
     metadata = {
         "model": adapter.config_dict(),
-        "config": config.to_dict(),
+        "config": prepared.config.to_dict(),
         "objective": None if objective is None else repr(objective),
         "objective_values": [run.objective_value for run in runs],
         "versions": _versions(),
     }
     return DerivedScalarStore(results, tokens, metadata)
+
+
+def _run(
+    adapter: ModelAdapter,
+    plan: Plan,
+    tokens: list[list[int]],
+    objective: Objective | None,
+    interventions: Sequence[Intervention],
+    config: DstConfig,
+) -> list[RunResult]:
+    """Capture what the plan needs: one forward, plus a backward only where one is needed."""
+    if _local_final_gradient(plan, objective, adapter, interventions):
+        # Only the gradient at the final residual is needed: one forward pass, then a local
+        # backward through the final norm and unembedding (no graph through the network).
+        assert objective is not None
+        captures = [c for c in plan.captures if c.pass_type is PassType.FORWARD]
+        captures = _with_final_residual(captures, adapter.dims.n_layers)
+        runs = adapter.run(tokens, captures, None, interventions=interventions,
+                           return_logits=False)
+        return [_add_final_gradient(run, objective, adapter, config) for run in runs]
+    return adapter.run(
+        tokens,
+        plan.captures,
+        objective if plan.needs_backward else None,
+        interventions=interventions,
+        detach_final_ln_scale=config.detach_final_ln_scale,
+        return_logits=False,
+    )
 
 
 def plugin_interventions(
@@ -300,7 +173,7 @@ def _local_final_gradient(
     return (
         backward == {(FINAL_RESIDUAL, PassType.BACKWARD): frozenset({last})}
         and isinstance(objective, LOGIT_OBJECTIVES)
-        and hasattr(adapter, "logits_from_final_residual")
+        and isinstance(adapter, FinalResidualReadout)
         and not any(iv.location in _HEAD_LOCATIONS for iv in interventions)
     )
 
@@ -327,6 +200,8 @@ def _add_final_gradient(
 ) -> RunResult:
     import torch
 
+    assert isinstance(adapter, FinalResidualReadout)
+
     last = adapter.dims.n_layers - 1
     resid = run.captured[(FINAL_RESIDUAL, PassType.FORWARD)][last]
     rows = slice(None)
@@ -338,7 +213,7 @@ def _add_final_gradient(
         objective = attrs.evolve(objective, position=0)
     with torch.enable_grad():
         leaf = resid[rows].detach().requires_grad_()
-        logits = adapter.logits_from_final_residual(  # type: ignore[attr-defined]
+        logits = adapter.logits_from_final_residual(
             leaf, detach_ln_scale=config.detach_final_ln_scale
         )
         value = logits_objective(objective, logits)

@@ -195,6 +195,17 @@ class ScalarDeriver:
     def needs_backward(self, pass_type: PassType = PassType.FORWARD) -> bool:
         return any(p is PassType.BACKWARD for _, p in self.raw_requirements(pass_type))
 
+    def needs_objective(self, pass_type: PassType = PassType.FORWARD) -> bool:
+        """A backward pass, or a kernel in the tree that reads ``ctx.objective``."""
+        return self.needs_backward(pass_type) or self._reads_objective()
+
+    def _reads_objective(self) -> bool:
+        return self.dst.needs_objective or any(
+            source.scalar_deriver._reads_objective()
+            for source in self.sub_scalar_sources
+            if isinstance(source, DerivedScalarSource)
+        )
+
     def to_serializable_dict(self) -> dict[str, Any]:
         """Enough to rebuild this deriver elsewhere: ``registry.from_serializable_dict(d)``."""
         return {"dst": self.dst.name, "config": self.config.to_dict()}

@@ -443,15 +443,17 @@ class Registry:
 
         suggestions = difflib.get_close_matches(name, list(self._dsts), n=3, cutoff=0.6)
         failed = [p for p in self.plugins() if p.status == "failed"]
+        detail = "; ".join(f"{p.where()} failed to load: {p.error}" for p in failed)
         if failed and not suggestions:
-            detail = "; ".join(f"{p.where()} failed to load: {p.error}" for p in failed)
             return PluginLoadError(
                 name,
                 f"unknown derived scalar type {name!r}. It may come from a plugin that failed "
                 f"to load — {detail}. Fix or reinstall that plugin, then run "
                 "`scalarlens plugins` to check.",
             )
-        return UnknownDstError(name, suggestions)
+        hint = f" It may also come from a plugin that failed to load — {detail}." if failed else ""
+        return UnknownDstError(name, suggestions, hint + " Run `scalarlens dsts` to list every "
+                               "registered DST." if hint else "")
 
     # --- building -------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ from .exceptions import DstConflictError, ModelInputError, ScalarLensError
 
 if TYPE_CHECKING:  # torch-importing modules load lazily so `scalarlens dsts` starts fast
     from ._config import DstConfig
-    from ._derive import Request
     from ._model import ModelAdapter
+    from ._prepare import Preparation
     from ._store import DerivedScalarStore
 
 
@@ -161,16 +161,14 @@ def _check_outputs(args: argparse.Namespace) -> None:
         plot_format(args.plot, "--plot")
 
 
-def _require_objective(requests: Sequence[Request], jobs: Sequence[Job]) -> None:
-    from ._derive import needing_objective
-
-    needing = needing_objective(requests)
+def _require_objective(prepared: Preparation, jobs: Sequence[Job]) -> None:
+    needing = prepared.needs_objective
     lacking = [job for job in jobs if job.target is None or job.distractor is None]
     if not needing or not lacking:
         return
     where = f"{lacking[0].where} has no target/distractor; " if len(jobs) > 1 else ""
     raise ModelInputError(
-        f"{where}{', '.join(needing)} need(s) a backward pass, so give the logit difference to "
+        f"{where}{', '.join(needing)} need(s) an objective, so give the logit difference to "
         "explain: e.g. scalarlens derive --prompt 'the cat sat on the mat the cat sat on "
         f"the' --dst {needing[0]} --target mat --distractor cat"
     )
@@ -178,7 +176,7 @@ def _require_objective(requests: Sequence[Request], jobs: Sequence[Job]) -> None
 
 def _check_jobs(model: ModelAdapter, jobs: Sequence[Job]) -> None:
     """Tokenize every prompt and its target before deriving any, errors naming the line."""
-    from ._derive import prepare_objective, prepare_tokens
+    from ._prepare import prepare_objective, prepare_tokens
 
     for job in jobs:
         try:
@@ -241,9 +239,11 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
     check_top_k(args.top, "--top")
     _check_outputs(args)
     jobs = _jobs(args)
-    from ._derive import build_requests, load_model
+    from ._prepare import prepare
 
-    _require_objective(build_requests(args.dst, config, reg), jobs)  # unknown DSTs fail here
+    _require_objective(prepare(args.dst, config, reg), jobs)  # unknown DSTs fail here
+    from .models._loading import load_model
+
     model = load_model(args.model, reg)
     _check_jobs(model, jobs)
     store = _derive_jobs(model, jobs, args, config, reg)
@@ -286,9 +286,9 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
 
 def cmd_demo(args: argparse.Namespace, reg: Registry) -> int:
     from ._demo import format_demo, run_demo
-    from ._derive import load_model
     from ._output_files import check_output_path
     from ._report import plot_format
+    from .models._loading import load_model
 
     check_top_k(args.top, "--top")
     check_output_path(args.plot, "--plot")
@@ -300,7 +300,7 @@ def cmd_demo(args: argparse.Namespace, reg: Registry) -> int:
 
 
 def cmd_vocab(args: argparse.Namespace, reg: Registry) -> int:
-    from ._derive import load_model
+    from .models._loading import load_model
 
     tokenizer = getattr(load_model(args.model, reg), "tokenizer", None)
     if tokenizer is None:

@@ -184,7 +184,7 @@ def scalarlens_tiny_model() -> ModelAdapter:
 @pytest.fixture(scope="session")
 def scalarlens_bundled_model() -> ModelAdapter:
     """The bundled ``tiny-induction`` model (no download)."""
-    from ._derive import load_model
+    from .models._loading import load_model
 
     return load_model("tiny-induction")
 

@@ -161,7 +161,7 @@ def test_friendly_failures() -> None:
     assert "scalarlens dsts" in unknown.stderr
     no_target = _cli("derive", "--prompt", PROMPT, "--dst", "mlp.act_times_grad")
     assert no_target.returncode == 1
-    assert "need(s) a backward pass" in no_target.stderr
+    assert "need(s) an objective" in no_target.stderr
     assert "--target" in no_target.stderr and "--distractor" in no_target.stderr
     bad_word = _cli("derive", "--prompt", "the zebra", "--dst", "mlp.post_act")
     assert bad_word.returncode == 1 and "scalarlens vocab" in bad_word.stderr

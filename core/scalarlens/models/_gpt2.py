@@ -25,7 +25,7 @@ from torch import nn
 
 from .._vocab import ActivationLocationType as ALT
 
-__all__ = ["GPT2Config", "GPT2Model", "HookFn", "SUPPORTED_ACTIVATIONS"]
+__all__ = ["SUPPORTED_ACTIVATIONS", "GPT2Config", "GPT2Model", "HookFn"]
 
 HookFn = Callable[[str, "int | None", torch.Tensor], torch.Tensor]
 """``hook(name, layer, tensor) -> tensor``; ``name`` is an ``ActivationLocationType`` value."""

@@ -1,0 +1,159 @@
+"""Checking a derivation's inputs before any model runs, shared by ``derive`` and the CLI.
+
+The CLI checks every prompt of a prompts file (and the DSTs, targets, outputs) before it loads
+or runs the model; ``derive`` runs the same checks on its arguments.  One path, so the two can
+never disagree about what is valid.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._config import DstConfig
+from ._deriver import ScalarDeriver
+from ._dst import DerivedScalarType
+from ._model import LogitDiffObjective, ModelAdapter
+from ._vocab import PassType
+from .exceptions import ModelInputError, TokenizerError
+
+if TYPE_CHECKING:
+    from ._registry import Registry
+
+def _encode(model: ModelAdapter, item: str | int, role: str) -> int:
+    """A target or distractor as a token id inside the model's vocabulary."""
+    if isinstance(item, bool) or not isinstance(item, (str, int)):
+        raise ModelInputError(f"{role}: expected a word or a token id, got {item!r}")
+    if isinstance(item, int):
+        n_vocab = model.dims.n_vocab
+        if not 0 <= item < n_vocab:
+            raise ModelInputError(
+                f"{role}: token id {item} is outside the vocabulary of {model.name!r} "
+                f"(valid ids: 0..{n_vocab - 1})"
+            )
+        return item
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise TokenizerError(f"model {model.name!r} has no tokenizer; pass token ids instead")
+    ids: list[int] = tokenizer.encode(item)
+    if len(ids) != 1:
+        raise TokenizerError(f"{role}: {item!r} must be exactly one token, got {len(ids)}")
+    return ids[0]
+
+
+def prepare_objective(
+    model: ModelAdapter, target: str | int | None, distractor: str | int | None
+) -> LogitDiffObjective | None:
+    """The logit difference ``target − distractor`` at the last token, or ``None``.
+
+    Shared by ``derive`` and the CLI (which checks every prompt before deriving any).  Equal
+    tokens are refused: their logit difference is identically zero, and so is every
+    attribution of it, which would look like a result.
+    """
+    if target is None and distractor is None:
+        return None
+    if target is None or distractor is None:
+        raise ModelInputError(
+            "give both target= and distractor= (--target and --distractor), or an objective="
+        )
+    target_id = _encode(model, target, "target")
+    distractor_id = _encode(model, distractor, "distractor")
+    if target_id == distractor_id:
+        raise ModelInputError(
+            f"target {target!r} and distractor {distractor!r} are the same token (id "
+            f"{target_id}); their logit difference is always zero. Choose a different "
+            "distractor: the token the model might predict instead"
+        )
+    return LogitDiffObjective(target_id, distractor_id)
+
+
+def prepare_tokens(model: ModelAdapter, prompts: Any) -> list[list[int]]:
+    """Prompts (text, ids, or a list of either) as lists of token ids, checked for type.
+
+    Sizes (empty prompts, ids outside the vocabulary, too long) are the adapter's to check.
+    """
+    if isinstance(prompts, str) or (
+        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+    ):
+        prompts = [prompts]
+    if isinstance(prompts, Sequence):
+        return [_prompt_tokens(model, prompt, i) for i, prompt in enumerate(prompts)]
+    raise ModelInputError(
+        f"expected a prompt (text or token ids) or a list of prompts, got {prompts!r}"
+    )
+
+
+def _prompt_tokens(model: ModelAdapter, prompt: Any, index: int) -> list[int]:
+    if isinstance(prompt, str):
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise TokenizerError(
+                f"model {model.name!r} has no tokenizer; pass token ids instead of text"
+            )
+        return list(tokenizer.encode(prompt))
+    try:
+        if isinstance(prompt, bool) or any(isinstance(t, bool) for t in prompt):
+            raise TypeError
+        return [operator.index(t) for t in prompt]  # ints, numpy ints, integer tensors
+    except TypeError:
+        raise ModelInputError(
+            f"prompt {index}: expected text or a sequence of integer token ids, got {prompt!r}"
+        ) from None
+
+
+Request = tuple[ScalarDeriver, PassType]
+
+
+def build_requests(
+    dsts: str | DerivedScalarType | Sequence[str | DerivedScalarType],
+    config: DstConfig,
+    registry: Registry,
+) -> list[Request]:
+    """Every (deriver, pass) the call asks for; unknown DSTs fail here, before any model."""
+    names = [dsts] if isinstance(dsts, (str, DerivedScalarType)) else list(dsts)
+    if not names:
+        raise ModelInputError("no DSTs requested; name at least one (see `scalarlens dsts`)")
+    requests: list[Request] = []
+    for dst in names:
+        deriver = registry.get(dst, config)
+        requests.append((deriver, PassType.FORWARD))
+        if config.derive_gradients and PassType.BACKWARD in deriver.derivable_pass_types:
+            requests.append((deriver, PassType.BACKWARD))
+    return requests
+
+
+def needing_objective(requests: Sequence[Request]) -> list[str]:
+    """Names of the requested DSTs that need an objective: a backward pass, or a kernel that
+    reads ``ctx.objective`` somewhere in their tree (``needs_objective=True``)."""
+    return list(dict.fromkeys(d.dst.name for d, p in requests if d.needs_objective(p)))
+
+
+@attrs.frozen
+class Preparation:
+    """What a derivation asks for, known before any model is loaded."""
+
+    config: DstConfig
+    requests: tuple[Request, ...]
+    needs_objective: tuple[str, ...]
+
+
+def prepare(
+    dsts: str | DerivedScalarType | Sequence[str | DerivedScalarType],
+    config: DstConfig | None = None,
+    registry: Registry | None = None,
+    *,
+    layers: Sequence[int] | None = None,
+) -> Preparation:
+    """Resolve the DSTs (unknown names, bad options and passes fail here) and what they need."""
+    if registry is None:
+        from ._registry import registry as default_registry
+
+        registry = default_registry
+    config = config or DstConfig()
+    if layers is not None:
+        config = attrs.evolve(config, layer_indices=layers)
+    requests = build_requests(dsts, config, registry)
+    return Preparation(config, tuple(requests), tuple(needing_objective(requests)))
