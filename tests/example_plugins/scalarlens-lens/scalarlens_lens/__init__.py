@@ -1,0 +1,3 @@
+"""ScalarLens example plugin ``lens``: a logit lens of the objective."""
+
+__version__ = "0.1.0"
