@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +47,57 @@ def make_plugin_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callabl
     yield make
     for module in created:
         sys.modules.pop(module, None)
+
+
+EXAMPLE_PLUGINS = Path(__file__).resolve().parent / "example_plugins"
+
+
+def _pyproject(root: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    with (root / "pyproject.toml").open("rb") as fh:
+        data: dict[str, Any] = tomllib.load(fh)
+    return data
+
+
+@pytest.fixture
+def install_example_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[str], list[str]]]:
+    """Install a package from ``tests/example_plugins`` the way pip's editable install does.
+
+    ``install("scalarlens-lens")`` writes a ``*.dist-info`` (METADATA, and ``entry_points.txt``
+    with every entry point the package's own ``pyproject.toml`` declares) on a temporary
+    ``sys.path`` entry and puts the package's directory on ``sys.path``; it returns both paths,
+    for a subprocess's ``PYTHONPATH``.  Nothing about ``importlib.metadata`` is mocked.
+    """
+    site = tmp_path / "example-site"
+    site.mkdir(exist_ok=True)
+    packages: list[str] = []
+
+    def install(distribution: str) -> list[str]:
+        root = EXAMPLE_PLUGINS / distribution
+        project = _pyproject(root)["project"]
+        info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+        )
+        groups = project.get("entry-points", {})
+        (info / "entry_points.txt").write_text(
+            "".join(
+                f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in points.items())
+                for group, points in groups.items()
+            )
+        )
+        monkeypatch.syspath_prepend(str(root))
+        monkeypatch.syspath_prepend(str(site))
+        packages.extend(p.name for p in root.iterdir() if (p / "__init__.py").is_file())
+        return [str(site), str(root)]
+
+    yield install
+    for name in list(sys.modules):
+        if name.split(".")[0] in packages:
+            del sys.modules[name]
