@@ -13,8 +13,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._config import DstConfig, FrozenOptions
-from ._deriver import DeriveContext, Inputs, Kernel, ScalarDeriver, identity_kernel, raw_deriver
-from ._direction import CausalDirectionIndexer, Direction, direction_source, precedes
+from ._deriver import (
+    DeriveContext,
+    DerivedScalarSource,
+    Inputs,
+    Kernel,
+    ScalarDeriver,
+    identity_kernel,
+    raw_deriver,
+)
+from ._direction import CausalDirectionIndexer, Direction, precedes
 from ._dst import DerivedScalarType, DstAndPass, raw_dst
 from ._layers import (
     IDENTITY,
@@ -41,7 +49,7 @@ from ._recipes import (
     row_norm,
 )
 from ._registry import Registry, registry
-from ._sources import DerivedScalarSource, DstReference, RawScalarSource, ScalarSource
+from ._sources import DstReference, RawScalarSource, ScalarSource, direction_source
 from ._vocab import (
     ActivationLocationType,
     Dimension,

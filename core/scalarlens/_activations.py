@@ -22,7 +22,7 @@ from .exceptions import MissingActivationError, ShapeError
 if TYPE_CHECKING:
     import torch
 
-    from ._model import PluginLocation
+    from ._locations import PluginLocation
 
 
 

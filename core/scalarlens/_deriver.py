@@ -15,15 +15,16 @@ import attrs
 
 from ._config import DstConfig
 from ._dst import DerivedScalarType
-from ._layers import IDENTITY, LayerIndex
-from ._sources import DerivedScalarSource, DstReference, RawScalarSource, ScalarSource
+from ._layers import IDENTITY, LayerIndex, LayerIndexer
+from ._sources import DstReference, RawScalarSource, ScalarSource, pass_name
 from ._vocab import ActivationLocationType, Dimension, PassType, WeightLocationType
 from .exceptions import ConfigError, UnsupportedPassError
 
 if TYPE_CHECKING:
     import torch
 
-    from ._model import ModelAdapter, ModelDims, ObjectiveInfo, PluginLocation
+    from ._locations import PluginLocation
+    from ._model import ModelAdapter, ModelDims, ObjectiveInfo
 
 
 
@@ -127,6 +128,21 @@ def _freeze_sizes(
     # round-trips.
     pairs = value.items() if isinstance(value, Mapping) else (value or ())
     return tuple(sorted(pairs))
+
+
+@attrs.frozen
+class DerivedScalarSource:
+    """The output of another deriver."""
+
+    scalar_deriver: ScalarDeriver
+    pass_type: PassType | None = PassType.FORWARD
+    layer_indexer: LayerIndexer = IDENTITY
+
+    def describe(self) -> str:
+        return (
+            f"{self.scalar_deriver.dst.name}/{pass_name(self.pass_type)} "
+            f"[{self.layer_indexer.describe()}]"
+        )
 
 
 @attrs.frozen

@@ -11,16 +11,13 @@ that does not strictly precede ``g`` reads nothing and has no direct effect on i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
 from ._layers import NOT_NEEDED, SourceLayer
-from ._vocab import ActivationLocationType, LocationWithinLayer, PassType
+from ._vocab import ActivationLocationType, LocationWithinLayer
 from .exceptions import ConfigError
-
-if TYPE_CHECKING:
-    from ._sources import RawScalarSource
 
 ALT = ActivationLocationType
 RESIDUAL_LOCATIONS = (ALT.RESID_POST_EMBEDDING, ALT.RESID_POST_ATTN, ALT.RESID_POST_MLP)
@@ -158,15 +155,3 @@ class CausalDirectionIndexer:
 
     def describe(self) -> str:
         return f"causal(g at {self.direction.location.value}, layer {self.direction.layer})"
-
-
-def direction_source(
-    direction: Direction, component_location: LocationWithinLayer | None
-) -> RawScalarSource:
-    """``g`` as a deriver input, causally masked for components at ``component_location``."""
-    from ._sources import RawScalarSource
-
-    return RawScalarSource(
-        direction.location, PassType.BACKWARD,
-        CausalDirectionIndexer(direction, component_location),
-    )

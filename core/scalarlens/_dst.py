@@ -24,7 +24,7 @@ from ._vocab import (
 from .exceptions import RegistrationError
 
 if TYPE_CHECKING:
-    from ._model import PluginLocation
+    from ._locations import PluginLocation
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*")
 

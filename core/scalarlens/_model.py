@@ -14,15 +14,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
-from ._config import FrozenOptions
 from ._layers import LayerIndex
+from ._locations import CaptureLocation, PluginLocation
 from ._vocab import (
     ActivationLocationType,
     Dimension,
-    LocationWithinLayer,
-    NodeType,
     PassType,
-    ShapeSpec,
     WeightLocationType,
 )
 
@@ -95,37 +92,6 @@ class ModelDims:
         }
 
 
-def _to_shape(value: Sequence[Dimension]) -> ShapeSpec:
-    return tuple(value)
-
-
-@attrs.frozen
-class PluginLocation:
-    """A capture point that exists only while a plugin's intervention is spliced in.
-
-    Example: the latents of a sparse autoencoder spliced in at ``mlp.post_act`` of layer 3.
-    It quacks like an ``ActivationLocationType`` (``value``, ``shape``, ``node_type``,
-    ``location_within_layer``, ``has_no_layers``), so raw sources, plans and stores treat it
-    the same way.  ``provider`` names the intervention factory (hook
-    ``scalarlens_interventions``) that creates it, and ``params`` are what that factory is
-    called with; two locations with different params are different capture points.
-    """
-
-    name: str
-    provider: str
-    host: ActivationLocationType
-    shape: ShapeSpec = attrs.field(converter=_to_shape)
-    node_type: NodeType
-    location_within_layer: LocationWithinLayer | None = None
-    params: FrozenOptions = attrs.field(factory=FrozenOptions, converter=FrozenOptions)
-    has_no_layers: bool = False
-
-    @property
-    def value(self) -> str:
-        return self.name
-
-
-CaptureLocation = ActivationLocationType | PluginLocation
 
 
 @attrs.frozen

@@ -15,8 +15,9 @@ from .exceptions import KernelError, ShapeError
 
 if TYPE_CHECKING:
     from ._activations import RawActivationStore
+    from ._deriver import ScalarDeriver
     from ._model import ModelAdapter
-    from ._plan import PlanNode
+    from ._vocab import PassType
 
 
 def _n_tokens(raw_store: RawActivationStore) -> int | None:
@@ -40,12 +41,12 @@ class OutputChecker:
     def for_store(cls, raw_store: RawActivationStore, model: ModelAdapter | None) -> OutputChecker:
         return cls(_n_tokens(raw_store), {} if model is None else model.dims.sizes())
 
-    def expected(self, node: PlanNode) -> tuple[int | None, ...]:
+    def expected(self, deriver: ScalarDeriver) -> tuple[int | None, ...]:
         """Declared sizes, ``None`` where this run cannot know one (no model, no tokens)."""
-        params = node.deriver.parameter_sizes
+        params = deriver.parameter_sizes
         t = self.n_tokens
         sizes: list[int | None] = []
-        for dim in node.dst.shape:
+        for dim in deriver.dst.shape:
             if dim in (Dimension.TOKENS, Dimension.ATTENDED_TO_TOKENS):
                 sizes.append(t)
             elif dim is Dimension.TOKEN_PAIRS:
@@ -58,13 +59,16 @@ class OutputChecker:
                 sizes.append(self.model_sizes.get(dim))
         return tuple(sizes)
 
-    def check(self, value: Any, node: PlanNode, layer: int | None) -> None:
+    def check(
+        self, value: Any, deriver: ScalarDeriver, pass_type: PassType, layer: int | None
+    ) -> None:
+        """Raise naming DST, pass, layer and plugin if ``value`` is not what was declared."""
         import torch
 
-        dst = node.dst
+        dst = deriver.dst
         at = "" if layer is None else f" at layer {layer}"
-        plugin = "not from a registry" if node.deriver.plugin is None else repr(node.deriver.plugin)
-        where = f"{dst.name} ({node.pass_type.value} pass{at}; plugin {plugin})"
+        plugin = "not from a registry" if deriver.plugin is None else repr(deriver.plugin)
+        where = f"{dst.name} ({pass_type.value} pass{at}; plugin {plugin})"
         if not isinstance(value, torch.Tensor):
             raise KernelError(
                 f"{where}: the kernel returned {type(value).__name__}, expected a torch.Tensor; "
@@ -75,7 +79,7 @@ class OutputChecker:
                 f"{where}: the kernel returned a {value.dtype} tensor, expected a floating-point "
                 "one; cast it with .to(torch.float32) or compute in floating point"
             )
-        expected = self.expected(node)
+        expected = self.expected(deriver)
         actual = tuple(value.shape)
         if len(actual) != len(expected) or any(
             e is not None and e != a for e, a in zip(expected, actual, strict=True)

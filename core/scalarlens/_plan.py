@@ -18,13 +18,14 @@ import attrs
 
 from ._activations import ActivationsAndMetadata, RawActivationStore
 from ._config import DstConfig
-from ._deriver import DeriveContext, ScalarDeriver
+from ._deriver import DeriveContext, DerivedScalarSource, ScalarDeriver
 from ._dst import DerivedScalarType, DstAndPass
 from ._guard import run_kernel
 from ._layers import NOT_NEEDED, LayerIndex
-from ._model import CaptureRequest, Objective, ObjectiveInfo, PluginLocation
+from ._locations import PluginLocation
+from ._model import CaptureRequest, Objective, ObjectiveInfo
 from ._output_check import OutputChecker
-from ._sources import DerivedScalarSource, DstReference, RawScalarSource
+from ._sources import DstReference, RawScalarSource
 from ._vocab import ActivationLocationType, PassType
 from .exceptions import ConfigError, MissingActivationError
 
@@ -147,23 +148,41 @@ def _requested_layers(deriver: ScalarDeriver, n_layers: int) -> tuple[LayerIndex
 
 def make_plan(requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int) -> Plan:
     """Build the deduplicated, layer-pruned DAG for ``requests`` on an ``n_layers`` model."""
-    nodes: dict[NodeKey, PlanNode] = {}
-    order: list[NodeKey] = []  # post-order: producers first
+    graph = _Graph()
+    request_keys = []
+    for deriver, pass_type in requests:
+        key = graph.visit(deriver, pass_type, "")
+        layers = _requested_layers(deriver, n_layers)
+        graph.nodes[key].layers.update(layers)
+        request_keys.append((key, layers))
+    return Plan(
+        requests=tuple(request_keys),
+        nodes=tuple(graph.nodes[k] for k in graph.order),
+        raw_layers=_propagate_layers(graph, n_layers),
+        n_layers=n_layers,
+    )
 
-    def visit(deriver: ScalarDeriver, pass_type: PassType, needed_by: str) -> NodeKey:
+
+class _Graph:
+    """Plan nodes keyed by (DST, config sans layers, pass), in post-order (producers first)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[NodeKey, PlanNode] = {}
+        self.order: list[NodeKey] = []
+
+    def visit(self, deriver: ScalarDeriver, pass_type: PassType, needed_by: str) -> NodeKey:
         deriver.check_pass(pass_type, needed_by)
         key = node_key(deriver, pass_type)
-        if key in nodes:
+        if key in self.nodes:
             return key
         edges: list[Edge] = []
-        node = PlanNode(key, deriver, pass_type, edges)
-        nodes[key] = node
+        self.nodes[key] = PlanNode(key, deriver, pass_type, edges)
         for source in deriver.sub_scalar_sources:
             resolved = pass_type if source.pass_type is None else source.pass_type
             if isinstance(source, RawScalarSource):
                 edges.append(RawEdge(source, (source.location, resolved)))
             elif isinstance(source, DerivedScalarSource):
-                child = visit(source.scalar_deriver, resolved, deriver.dst.name)
+                child = self.visit(source.scalar_deriver, resolved, deriver.dst.name)
                 edges.append(NodeEdge(source, child))
             elif isinstance(source, DstReference):
                 raise ConfigError(
@@ -174,20 +193,19 @@ def make_plan(requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int)
                 raise ConfigError(
                     f"{deriver.dst.name}: unknown source type {type(source).__name__}"
                 )
-        order.append(key)
+        self.order.append(key)
         return key
 
-    request_keys = []
-    for deriver, pass_type in requests:
-        key = visit(deriver, pass_type, "")
-        layers = _requested_layers(deriver, n_layers)
-        nodes[key].layers.update(layers)
-        request_keys.append((key, layers))
 
+def _propagate_layers(graph: _Graph, n_layers: int) -> dict[RawKey, frozenset[LayerIndex]]:
+    """Pass each node's layer demands down its edges; return what must be captured.
+
+    Consumers are visited before producers, so every demand on a node is known before it is
+    passed on.
+    """
     raw_layers: dict[RawKey, set[LayerIndex]] = {}
-    # Consumers before producers, so every demand on a node is known before it is passed on.
-    for key in reversed(order):
-        node = nodes[key]
+    for key in reversed(graph.order):
+        node = graph.nodes[key]
         for edge in node.edges:
             demanded: set[LayerIndex] = set()
             for layer in node.layers:
@@ -196,23 +214,17 @@ def make_plan(requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int)
                     demanded.add(wanted)
             if not demanded:
                 continue
-            if isinstance(edge, RawEdge):
-                location = edge.producer[0]
-                if location.has_no_layers and demanded != {None}:
-                    raise ConfigError(
-                        f"{node.dst.name}: source {edge.source.describe()} asks the layer-less "
-                        f"location {location.value} for layers {sorted(map(str, demanded))}"
-                    )
-                raw_layers.setdefault(edge.producer, set()).update(demanded)
-            else:
-                nodes[edge.producer].layers.update(demanded)
-
-    return Plan(
-        requests=tuple(request_keys),
-        nodes=tuple(nodes[k] for k in order),
-        raw_layers={k: frozenset(v) for k, v in raw_layers.items()},
-        n_layers=n_layers,
-    )
+            if isinstance(edge, NodeEdge):
+                graph.nodes[edge.producer].layers.update(demanded)
+                continue
+            location = edge.producer[0]
+            if location.has_no_layers and demanded != {None}:
+                raise ConfigError(
+                    f"{node.dst.name}: source {edge.source.describe()} asks the layer-less "
+                    f"location {location.value} for layers {sorted(map(str, demanded))}"
+                )
+            raw_layers.setdefault(edge.producer, set()).update(demanded)
+    return {k: frozenset(v) for k, v in raw_layers.items()}
 
 
 def execute_plan(
@@ -308,7 +320,7 @@ def _evaluate(
         )
         if counter is not None:
             counter.by_dst[node.dst.name] += 1
-        checker.check(value, node, layer)
+        checker.check(value, node.deriver, node.pass_type, layer)
         if node.deriver.config.device is not None:
             value = value.to(node.deriver.config.device)
         out[layer] = value.detach()

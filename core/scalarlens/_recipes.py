@@ -82,7 +82,7 @@ class Recipe:
     direction: bool = False
 
     def build(self, config: DstConfig) -> ScalarDeriver:
-        from ._direction import direction_source
+        from ._sources import direction_source
 
         sources = self.sources(config) if callable(self.sources) else self.sources
         if self.direction:

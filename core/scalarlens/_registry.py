@@ -18,7 +18,7 @@ import attrs
 
 from ._bundled import BUNDLED_MODELS
 from ._config import DstConfig
-from ._deriver import ScalarDeriver
+from ._deriver import DerivedScalarSource, ScalarDeriver
 from ._dst import DerivedScalarType
 from ._offers import Offer, OfferTable
 from ._plugins import (
@@ -33,7 +33,7 @@ from ._plugins import (
     format_error,
     preferences_from_env,
 )
-from ._sources import DerivedScalarSource, DstReference, ScalarSource
+from ._sources import DstReference, ScalarSource
 from .exceptions import (
     ConfigError,
     DeriverBuildError,

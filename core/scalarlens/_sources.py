@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import attrs
 
 from ._config import DstConfig
+from ._direction import CausalDirectionIndexer, Direction
 from ._layers import (
     IDENTITY,
     IdentityLayerIndexer,
@@ -22,12 +23,11 @@ from ._layers import (
     OffsetLayerIndexer,
     StaticLayerIndexer,
 )
-from ._vocab import ActivationLocationType, PassType
+from ._vocab import ActivationLocationType, LocationWithinLayer, PassType
 from .exceptions import ConfigError
 
 if TYPE_CHECKING:
-    from ._deriver import ScalarDeriver
-    from ._model import PluginLocation
+    from ._locations import PluginLocation
 
 
 @runtime_checkable
@@ -67,22 +67,7 @@ class RawScalarSource:
 
     def describe(self) -> str:
         indexer = self.layer_indexer.describe()
-        return f"raw {self.location.value}/{_pass_name(self.pass_type)} [{indexer}]"
-
-
-@attrs.frozen
-class DerivedScalarSource:
-    """The output of another deriver."""
-
-    scalar_deriver: ScalarDeriver
-    pass_type: PassType | None = PassType.FORWARD
-    layer_indexer: LayerIndexer = IDENTITY
-
-    def describe(self) -> str:
-        return (
-            f"{self.scalar_deriver.dst.name}/{_pass_name(self.pass_type)} "
-            f"[{self.layer_indexer.describe()}]"
-        )
+        return f"raw {self.location.value}/{pass_name(self.pass_type)} [{indexer}]"
 
 
 @attrs.frozen
@@ -98,8 +83,18 @@ class DstReference:
     config: DstConfig | None = None
 
     def describe(self) -> str:
-        return f"ref {self.dst_name}/{_pass_name(self.pass_type)} [{self.layer_indexer.describe()}]"
+        return f"ref {self.dst_name}/{pass_name(self.pass_type)} [{self.layer_indexer.describe()}]"
 
 
-def _pass_name(pass_type: PassType | None) -> str:
+def pass_name(pass_type: PassType | None) -> str:
     return "same-pass" if pass_type is None else pass_type.value
+
+
+def direction_source(
+    direction: Direction, component_location: LocationWithinLayer | None
+) -> RawScalarSource:
+    """``g`` as a deriver input, causally masked for components at ``component_location``."""
+    return RawScalarSource(
+        direction.location, PassType.BACKWARD,
+        CausalDirectionIndexer(direction, component_location),
+    )
