@@ -65,8 +65,7 @@ def derive(
     bring their own interventions.
 
     When the only gradient needed is the one at the final residual stream (direct effects with
-    a logit objective), it is computed locally from the captured final residual through the
-    final LayerNorm and unembedding, so no backward pass through the network runs.
+    a logit objective), it is computed locally through the final norm and unembedding.
     """
     if registry is None:
         from ._registry import registry as default_registry
@@ -87,13 +86,8 @@ def derive(
     interventions = [*interventions, *plugin_interventions(plan, adapter, registry)]
     runs = _run(adapter, plan, tokens, objective, interventions, prepared.config)
     results = [
-        execute_plan(
-            plan,
-            RawActivationStore.from_nested_dict(run.captured),
-            model=adapter,
-            counter=counter,
-            objective=objective,
-        )
+        execute_plan(plan, RawActivationStore.from_nested_dict(run.captured), model=adapter,
+                     counter=counter, objective=objective)
         for run in runs
     ]
     metadata = {

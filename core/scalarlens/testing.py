@@ -28,7 +28,7 @@ from ._activations import ActivationsAndMetadata, RawActivationStore
 from ._config import DstConfig
 from ._derive import plugin_interventions
 from ._dst import DstAndPass
-from ._model import LogitDiffObjective, ModelAdapter
+from ._model import LogitDiffObjective, ModelAdapter, Objective
 from ._plan import Plan, execute_plan, make_plan
 from ._registry import Registry
 from ._vocab import resolve_shape
@@ -77,17 +77,20 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
     n_layers = model.dims.n_layers
     for pass_type in sorted(deriver.derivable_pass_types, key=lambda p: p.value):  # stable
         plan = make_plan([(deriver, pass_type)], n_layers)
-        objective = LogitDiffObjective(target=1, distractor=2) if plan.needs_backward else None
+        objective = LogitDiffObjective(target=1, distractor=2) if plan.needs_objective else None
         # Splice plugin interventions exactly as derive() does, so online DSTs are checked too.
         spliced = plugin_interventions(plan, model, reg)
         runs = model.run(
-            [list(t) for t in TINY_TOKENS], plan.captures, objective, interventions=spliced
+            [list(t) for t in TINY_TOKENS],
+            plan.captures,
+            objective if plan.needs_backward else None,
+            interventions=spliced,
         )
         for run in runs:
             raw = RawActivationStore.from_nested_dict(run.captured)
             before = _clone_store(raw)
-            first = _execute(plan, raw, model, f"{where} ({pass_type.value})")
-            second = execute_plan(plan, raw, model=model)
+            first = _execute(plan, raw, model, objective, f"{where} ({pass_type.value})")
+            second = execute_plan(plan, raw, model=model, objective=objective)
             after = _clone_store(raw)
             for key, by_layer in before.items():
                 for layer, tensor in by_layer.items():
@@ -124,7 +127,11 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
 
 
 def _execute(
-    plan: Plan, raw: RawActivationStore, model: ModelAdapter, where: str
+    plan: Plan,
+    raw: RawActivationStore,
+    model: ModelAdapter,
+    objective: Objective | None,
+    where: str,
 ) -> dict[DstAndPass, ActivationsAndMetadata]:
     """``execute_plan`` with the engine's own errors turned into the kit's assertions.
 
@@ -134,7 +141,7 @@ def _execute(
     with warnings.catch_warnings():
         warnings.simplefilter("error", KernelMutationWarning)
         try:
-            return execute_plan(plan, raw, model=model)
+            return execute_plan(plan, raw, model=model, objective=objective)
         except KernelMutationWarning as exc:
             raise AssertionError(
                 f"{where} mutated {exc.target or 'a tensor it does not own'} in place; use "

@@ -17,17 +17,17 @@ the backward pass; its gradient is returned as exact zeros, which is the true gr
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 import torch
 
 from .._layers import LayerIndex
+from .._locations import CaptureLocation, PluginLocation
 from .._model import (
     LOGIT_OBJECTIVES,
     CallableObjective,
-    CaptureLocation,
     CaptureRequest,
     DirectionObjective,
     Intervention,
@@ -36,7 +36,6 @@ from .._model import (
     ModelDims,
     NodeObjective,
     Objective,
-    PluginLocation,
     RunResult,
     logits_objective,
     resolve_position,
@@ -142,6 +141,75 @@ class _RunState:
 
             tensor.register_hook(save_grad)  # type: ignore[no-untyped-call]
         return tensor
+
+    def captured(
+        self, b: int, dtype: torch.dtype, device: torch.device
+    ) -> dict[_Key, dict[LayerIndex, torch.Tensor]]:
+        """Prompt ``b``'s captures; a gradient the backward never reached is exact zeros."""
+        out: dict[_Key, dict[LayerIndex, torch.Tensor]] = {}
+        for key, layers in self.plan.items():
+            location, pass_type = key
+            source = (self.forward_values if pass_type is PassType.FORWARD else self.grads).get(
+                key, {}
+            )
+            per_layer: dict[LayerIndex, torch.Tensor] = {}
+            for layer in sorted(layers, key=lambda x: -1 if x is None else x):
+                if layer in source:
+                    per_layer[layer] = source[layer][b]
+                else:  # the objective does not depend on this value: its gradient is zero
+                    shape = self.seen_shapes[(location, layer)][b]
+                    per_layer[layer] = torch.zeros(shape, dtype=dtype, device=device)
+            out[key] = per_layer
+        return out
+
+
+def _qkv(which: int) -> Callable[[Any, ModelDims], torch.Tensor]:
+    """``W_Q``/``W_K``/``W_V`` as ``H×D×dk``: Conv1D columns are [Q | K | V], split into heads."""
+
+    def read(block: Any, dims: ModelDims) -> torch.Tensor:
+        d, h, dk = dims.d_model, dims.n_heads, dims.d_head
+        w: torch.Tensor = block.attn.c_attn.weight[:, which * d : (which + 1) * d]
+        return w.reshape(d, h, dk).permute(1, 0, 2)
+
+    return read
+
+
+def _qkv_bias(which: int) -> Callable[[Any, ModelDims], torch.Tensor]:
+    def read(block: Any, dims: ModelDims) -> torch.Tensor:
+        d = dims.d_model
+        bias: torch.Tensor = block.attn.c_attn.bias[which * d : (which + 1) * d]
+        return bias.reshape(dims.n_heads, dims.d_head)
+
+    return read
+
+
+# Where each canonical weight lives in a GPT2Model: layer-less ones read the model, per-layer
+# ones read a block.  One row per WeightLocationType member (a test checks the table is whole).
+_MODEL_WEIGHTS: dict[WeightLocationType, Callable[[GPT2Model], torch.Tensor]] = {
+    W.EMBEDDING: lambda m: m.wte.weight,
+    W.POSITION_EMBEDDING: lambda m: m.wpe.weight,
+    W.UNEMBEDDING: lambda m: m.unembedding().T,
+    W.LAYER_NORM_GAIN_FINAL: lambda m: m.ln_f.weight,
+    W.LAYER_NORM_BIAS_FINAL: lambda m: m.ln_f.bias,
+}
+_BLOCK_WEIGHTS: dict[WeightLocationType, Callable[[Any, ModelDims], torch.Tensor]] = {
+    W.ATTN_TO_QUERY: _qkv(0),
+    W.ATTN_TO_KEY: _qkv(1),
+    W.ATTN_TO_VALUE: _qkv(2),
+    W.ATTN_BIAS_QUERY: _qkv_bias(0),
+    W.ATTN_BIAS_KEY: _qkv_bias(1),
+    W.ATTN_BIAS_VALUE: _qkv_bias(2),
+    W.ATTN_TO_RESIDUAL: lambda b, d: b.attn.c_proj.weight.reshape(d.n_heads, d.d_head, d.d_model),
+    W.ATTN_BIAS_RESIDUAL: lambda b, d: b.attn.c_proj.bias,
+    W.LAYER_NORM_GAIN_PRE_ATTN: lambda b, d: b.ln_1.weight,
+    W.LAYER_NORM_BIAS_PRE_ATTN: lambda b, d: b.ln_1.bias,
+    W.LAYER_NORM_GAIN_PRE_MLP: lambda b, d: b.ln_2.weight,
+    W.LAYER_NORM_BIAS_PRE_MLP: lambda b, d: b.ln_2.bias,
+    W.MLP_TO_HIDDEN: lambda b, d: b.mlp.c_fc.weight,
+    W.MLP_BIAS_HIDDEN: lambda b, d: b.mlp.c_fc.bias,
+    W.MLP_TO_RESIDUAL: lambda b, d: b.mlp.c_proj.weight,
+    W.MLP_BIAS_RESIDUAL: lambda b, d: b.mlp.c_proj.bias,
+}
 
 
 class GPT2Adapter:
@@ -266,59 +334,14 @@ class GPT2Adapter:
     def weight(self, location: WeightLocationType, layer: LayerIndex = None) -> torch.Tensor:
         """The weight in its canonical layout (``WeightLocationType.shape``), detached.
 
-        Not cloned: callers must not modify it in place.
+        Not cloned: callers must not modify it in place (kernels get it through ``ctx.weight``,
+        which refuses in-place writes).
         """
         self._check_layer(f"weight {location.value!r}", location.has_no_layers, layer)
-        m, d, h, dk = self._model, self._dims.d_model, self._dims.n_heads, self._dims.d_head
-        out: torch.Tensor
-        if location is W.EMBEDDING:
-            out = m.wte.weight
-        elif location is W.POSITION_EMBEDDING:
-            out = m.wpe.weight
-        elif location is W.UNEMBEDDING:
-            out = m.unembedding().T
-        elif location is W.LAYER_NORM_GAIN_FINAL:
-            out = m.ln_f.weight
-        elif location is W.LAYER_NORM_BIAS_FINAL:
-            out = m.ln_f.bias
-        else:
-            assert layer is not None
-            block = m.block(layer)
-            c_attn_w, c_attn_b = block.attn.c_attn.weight, block.attn.c_attn.bias
-            qkv_index = {
-                W.ATTN_TO_QUERY: 0, W.ATTN_TO_KEY: 1, W.ATTN_TO_VALUE: 2,
-                W.ATTN_BIAS_QUERY: 0, W.ATTN_BIAS_KEY: 1, W.ATTN_BIAS_VALUE: 2,
-            }
-            if location in (W.ATTN_TO_QUERY, W.ATTN_TO_KEY, W.ATTN_TO_VALUE):
-                i = qkv_index[location]
-                # Conv1D columns are [Q | K | V], each split into heads as (H, dk).
-                out = c_attn_w[:, i * d : (i + 1) * d].reshape(d, h, dk).permute(1, 0, 2)
-            elif location in (W.ATTN_BIAS_QUERY, W.ATTN_BIAS_KEY, W.ATTN_BIAS_VALUE):
-                i = qkv_index[location]
-                out = c_attn_b[i * d : (i + 1) * d].reshape(h, dk)
-            elif location is W.ATTN_TO_RESIDUAL:
-                out = block.attn.c_proj.weight.reshape(h, dk, d)
-            elif location is W.ATTN_BIAS_RESIDUAL:
-                out = block.attn.c_proj.bias
-            elif location is W.LAYER_NORM_GAIN_PRE_ATTN:
-                out = block.ln_1.weight
-            elif location is W.LAYER_NORM_BIAS_PRE_ATTN:
-                out = block.ln_1.bias
-            elif location is W.LAYER_NORM_GAIN_PRE_MLP:
-                out = block.ln_2.weight
-            elif location is W.LAYER_NORM_BIAS_PRE_MLP:
-                out = block.ln_2.bias
-            elif location is W.MLP_TO_HIDDEN:
-                out = block.mlp.c_fc.weight
-            elif location is W.MLP_BIAS_HIDDEN:
-                out = block.mlp.c_fc.bias
-            elif location is W.MLP_TO_RESIDUAL:
-                out = block.mlp.c_proj.weight
-            elif location is W.MLP_BIAS_RESIDUAL:
-                out = block.mlp.c_proj.bias
-            else:  # pragma: no cover - the enum is closed
-                raise ModelInputError(f"unknown weight location {location!r}")
-        return out.detach()
+        if location.has_no_layers:
+            return _MODEL_WEIGHTS[location](self._model).detach()
+        assert layer is not None
+        return _BLOCK_WEIGHTS[location](self._model.block(layer), self._dims).detach()
 
     # --- validation -------------------------------------------------------------------------
 
@@ -530,29 +553,8 @@ class GPT2Adapter:
         self._check_interventions(interventions)
         plan = self._plan(captures, interventions)
         backward = any(p is PassType.BACKWARD for _, p in plan)
-        if backward and objective is None:
-            wanted = sorted(a.value for a, p in plan if p is PassType.BACKWARD)
-            raise ModelInputError(
-                f"backward captures {wanted} need an objective to differentiate; pass e.g. "
-                "LogitDiffObjective(target, distractor) or NodeObjective(...)"
-            )
-        site_key = self._objective_site(objective)
         lengths = [len(p) for p in prompts]
-        if objective is not None:  # validate positions before spending a forward pass
-            for length in lengths:
-                if isinstance(objective, (LogitDiffObjective, LogProbObjective,
-                                          DirectionObjective)):
-                    resolve_position(objective.position, length, "objective position")
-                elif isinstance(objective, NodeObjective):
-                    self._node_index(objective, length)
-
-        t_max = max(lengths)
-        batch = torch.zeros(len(prompts), t_max, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(prompts), t_max, dtype=torch.bool, device=self.device)
-        for b, ids in enumerate(prompts):
-            batch[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[b, : len(ids)] = True
-
+        site_key = self._check_objective(objective, plan, lengths, backward)
         state = _RunState(
             plan=plan,
             interventions=interventions,
@@ -561,65 +563,93 @@ class GPT2Adapter:
             objective_site=site_key,
             lengths=lengths,
         )
+        unembed = return_logits or objective is not None or any(k[0] is ALT.LOGITS for k in plan)
+        logits, values = self._forward_backward(prompts, state, objective, unembed)
+        _check_all_produced(state)
+        return [
+            RunResult(
+                tokens=tuple(ids),
+                logits=None if logits is None or not return_logits else _prompt_logits(
+                    logits, b, len(ids), len(prompts)
+                ),
+                captured=state.captured(b, self.dtype, self.device),
+                objective_value=float(values[b].detach()) if values else None,
+            )
+            for b, ids in enumerate(prompts)
+        ]
+
+    def _check_objective(
+        self,
+        objective: Objective | None,
+        plan: dict[_Key, frozenset[LayerIndex]],
+        lengths: Sequence[int],
+        backward: bool,
+    ) -> tuple[ALT, LayerIndex] | None:
+        """Validate the objective against every prompt before spending a forward pass."""
+        if backward and objective is None:
+            wanted = sorted(a.value for a, p in plan if p is PassType.BACKWARD)
+            raise ModelInputError(
+                f"backward captures {wanted} need an objective to differentiate; pass e.g. "
+                "LogitDiffObjective(target, distractor) or NodeObjective(...)"
+            )
+        site_key = self._objective_site(objective)
+        for length in lengths:
+            if isinstance(objective, LogitDiffObjective | LogProbObjective | DirectionObjective):
+                resolve_position(objective.position, length, "objective position")
+            elif isinstance(objective, NodeObjective):
+                self._node_index(objective, length)
+        return site_key
+
+    def _forward_backward(
+        self,
+        prompts: list[list[int]],
+        state: _RunState,
+        objective: Objective | None,
+        unembed: bool,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Right-padded forward (hooks capture), per-prompt objectives, one summed backward."""
+        t_max = max(state.lengths)
+        batch = torch.zeros(len(prompts), t_max, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(prompts), t_max, dtype=torch.bool, device=self.device)
+        for b, ids in enumerate(prompts):
+            batch[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[b, : len(ids)] = True
         values: list[torch.Tensor] = []
-        unembed = return_logits or objective is not None or any(
-            key[0] is ALT.LOGITS for key in plan
-        )
-        with torch.set_grad_enabled(backward):
+        with torch.set_grad_enabled(state.backward):
             logits = self._model(batch, mask, hook=state.hook, unembed=unembed)
             if objective is not None:
                 assert logits is not None
-                for b, length in enumerate(lengths):
+                for b, length in enumerate(state.lengths):
                     values.append(self._prompt_objective(
                         objective, b, length, logits[b, :length], state.objective_tensor
                     ))
             state.objective_tensor = None
-            if backward:
+            if state.backward:
                 total = torch.stack(values).sum()
                 if total.requires_grad:
                     torch.autograd.backward(total)
-        logits = None if logits is None else logits.detach()
+        return (None if logits is None else logits.detach()), values
 
-        missing = [
-            (key[0].value, layer)
-            for key, layers in plan.items()
-            for layer in layers
-            if layer not in (state.forward_values if key[1] is PassType.FORWARD
-                             else state.grads).get(key, {})
-            and (key[1] is PassType.FORWARD or (key[0], layer) not in state.seen_shapes)
-        ]
-        if missing:
-            raise ModelInputError(
-                f"requested capture(s) {missing} were never produced by the forward pass; a "
-                "plugin location exists only where its intervention calls `emit` for it"
-            )
 
-        results: list[RunResult] = []
-        for b, ids in enumerate(prompts):
-            captured: dict[_Key, dict[LayerIndex, torch.Tensor]] = {}
-            for key, layers in plan.items():
-                loc, pass_type = key
-                source = (state.forward_values if pass_type is PassType.FORWARD
-                          else state.grads).get(key, {})
-                per_layer: dict[LayerIndex, torch.Tensor] = {}
-                for layer in sorted(layers, key=lambda x: -1 if x is None else x):
-                    if layer in source:
-                        per_layer[layer] = source[layer][b]
-                    else:
-                        # Never reached by the backward pass: the objective does not depend on
-                        # this value, so its gradient is exactly zero.
-                        shape = state.seen_shapes[(loc, layer)][b]
-                        per_layer[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                captured[key] = per_layer
-            results.append(
-                RunResult(
-                    tokens=tuple(ids),
-                    logits=None if logits is None or not return_logits
-                    else _split_prompts(ALT.LOGITS, logits[b : b + 1], [len(ids)])[0]
-                    if len(prompts) == 1
-                    else logits[b, : len(ids)].clone(),
-                    captured=captured,
-                    objective_value=float(values[b].detach()) if values else None,
-                )
-            )
-        return results
+def _prompt_logits(logits: torch.Tensor, b: int, length: int, n_prompts: int) -> torch.Tensor:
+    """Prompt ``b``'s unpadded ``T×V`` logits (not copied for a single unpadded prompt)."""
+    if n_prompts == 1:
+        return _split_prompts(ALT.LOGITS, logits[b : b + 1], [length])[0]
+    return logits[b, :length].clone()
+
+
+def _check_all_produced(state: _RunState) -> None:
+    """Every requested forward capture was produced (a plugin location needs its ``emit``)."""
+    missing = [
+        (key[0].value, layer)
+        for key, layers in state.plan.items()
+        for layer in layers
+        if layer not in (state.forward_values if key[1] is PassType.FORWARD
+                         else state.grads).get(key, {})
+        and (key[1] is PassType.FORWARD or (key[0], layer) not in state.seen_shapes)
+    ]
+    if missing:
+        raise ModelInputError(
+            f"requested capture(s) {missing} were never produced by the forward pass; a "
+            "plugin location exists only where its intervention calls `emit` for it"
+        )

@@ -217,16 +217,7 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
-def load_gpt2_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GPT2Model:
-    """Load a HF GPT-2 directory into a ``GPT2Model`` (eval mode, parameters frozen).
-
-    Accepts tensor names with or without the ``transformer.`` prefix and ignores the old
-    ``attn.bias``/``attn.masked_bias`` mask buffers.  A tied checkpoint may also carry
-    ``lm_head.weight``; it is accepted only if it equals ``wte.weight``.
-    """
-    directory = Path(path)
-    if directory.is_file() and directory.suffix == ".safetensors":
-        directory = directory.parent
+def _read_config(directory: Path) -> GPT2Config:
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
     config_path = directory / CONFIG_FILE
@@ -238,17 +229,11 @@ def load_gpt2_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
         raise CheckpointError(
             f"{config_path} is not valid JSON ({e}); fix it or re-convert the checkpoint"
         ) from e
-    cfg = read_gpt2_config(raw_config, str(config_path))
-    tensors = _read_tensors(directory)
+    return read_gpt2_config(raw_config, str(config_path))
 
-    found: dict[str, torch.Tensor] = {}
-    for key, value in tensors.items():
-        name = key.removeprefix("transformer.")
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
-        found[name] = value
 
-    expected = _expected_shapes(cfg)
+def _drop_tied_head(found: dict[str, torch.Tensor], cfg: GPT2Config, directory: Path) -> None:
+    """A tied checkpoint's ``lm_head.weight`` is redundant if it equals ``wte.weight``."""
     if cfg.tie_word_embeddings and "lm_head.weight" in found:
         lm_head = found.pop("lm_head.weight")
         wte = found.get("wte.weight")
@@ -258,6 +243,10 @@ def load_gpt2_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
                 "from transformer.wte.weight; set tie_word_embeddings=false in config.json"
             )
 
+
+def _check_tensors(found: dict[str, torch.Tensor], cfg: GPT2Config, directory: Path) -> None:
+    """Every tensor the config implies, with its shape, and nothing else."""
+    expected = _expected_shapes(cfg)
     problems: list[str] = []
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -280,6 +269,25 @@ def load_gpt2_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
             f"n_positions={cfg.n_positions}):\n  " + "\n  ".join(problems)
         )
 
+
+def load_gpt2_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> GPT2Model:
+    """Load a HF GPT-2 directory into a ``GPT2Model`` (eval mode, parameters frozen).
+
+    Accepts tensor names with or without the ``transformer.`` prefix and ignores the old
+    ``attn.bias``/``attn.masked_bias`` mask buffers.  A tied checkpoint may also carry
+    ``lm_head.weight``; it is accepted only if it equals ``wte.weight``.
+    """
+    directory = Path(path)
+    if directory.is_file() and directory.suffix == ".safetensors":
+        directory = directory.parent
+    cfg = _read_config(directory)
+    found = {
+        key.removeprefix("transformer."): value
+        for key, value in _read_tensors(directory).items()
+        if not key.endswith(_IGNORED_SUFFIXES)
+    }
+    _drop_tied_head(found, cfg, directory)
+    _check_tensors(found, cfg, directory)
     # Built on the meta device and filled with ``assign=True`` so a large checkpoint is never
     # held twice (random init + loaded copy).
     with torch.device("meta"):
