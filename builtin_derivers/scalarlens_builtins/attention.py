@@ -10,26 +10,22 @@ write of one attended-to position), g the direction.  Nothing but ``attn.write``
 from __future__ import annotations
 
 import torch
-from scalarlens import DeriveContext, DstReference, NodeType, WeightLocationType
-
-from ._recipes import (
-    ALT,
-    BACKWARD,
-    DV,
-    FORWARD,
-    D,
-    H,
+from scalarlens import (
+    DeriveContext,
+    DerivedScalarType,
+    DstReference,
     Inputs,
-    Loc,
+    LayerIndex,
+    NodeType,
     Recipe,
-    S,
-    T,
-    declare,
-    factories,
+    WeightLocationType,
+    act_times_grad,
     need,
-    pairs_view,
-    raw,
+    raw_source,
+    recipe_factories,
 )
+
+from ._shared import ALT, BACKWARD, DV, FORWARD, D, H, Loc, S, T, pairs_view
 from .raw import RAW_DSTS
 from .residual import norm_recipe, proj_recipe
 
@@ -37,48 +33,44 @@ __all__ = ["FACTORIES", "RECIPES"]
 
 W_O = WeightLocationType.ATTN_TO_RESIDUAL
 HEAD, ATTN = NodeType.ATTENTION_HEAD, Loc.ATTN
-PROBS, PROBS_GRAD = raw(ALT.ATTN_QK_PROBS, FORWARD), raw(ALT.ATTN_QK_PROBS, BACKWARD)
-VALUES, MIXED = raw(ALT.ATTN_VALUE, FORWARD), raw(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, FORWARD)
+PROBS, PROBS_GRAD = raw_source(ALT.ATTN_QK_PROBS), raw_source(ALT.ATTN_QK_PROBS, BACKWARD)
+VALUES, MIXED = raw_source(ALT.ATTN_VALUE), raw_source(ALT.ATTN_WEIGHTED_SUM_OF_VALUES)
 
 
-def _head_writes(values: torch.Tensor, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _head_writes(values: torch.Tensor, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     """``c[s,h,:] = Vv[s,h] W_O[h]`` (also ``o[t,h] W_O[h]`` when given ``o``)."""
     return torch.einsum("shv,hvd->shd", values, ctx.weight(W_O, layer))
 
 
-def _projected_direction(g: torch.Tensor, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _projected_direction(g: torch.Tensor, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     """``W_O[h] g[t]`` (``T×H×dv``): g pulled back to each head's value space."""
     return torch.einsum("hvd,td->thv", ctx.weight(W_O, layer), g)
 
 
-def _weighted_value(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _weighted_value(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     return torch.einsum("tsh,shv->tshv", need(inputs[0]), need(inputs[1]))
 
 
-def _write(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _write(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     c = _head_writes(need(inputs[1]), layer, ctx)
     return need(inputs[0]).unsqueeze(-1) * c
 
 
-def _write_norm(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     c_norm: torch.Tensor = _head_writes(need(inputs[1]), layer, ctx).norm(dim=-1)
     return need(inputs[0]) * c_norm
 
 
-def _write_norm_per_token(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _write_norm_per_token(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     norm: torch.Tensor = _head_writes(need(inputs[0]), layer, ctx).norm(dim=-1)
     return norm
 
 
-def _act_times_grad(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-    return need(inputs[0]) * need(inputs[1])
-
-
-def _sum_over_keys(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _sum_over_keys(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     return need(inputs[0]).sum(dim=1)
 
 
-def _write_to_grad(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     probs, values, g = need(inputs[0]), need(inputs[1]), inputs[2]
     if g is None:  # the head does not precede the direction
         return torch.zeros_like(probs)
@@ -86,9 +78,7 @@ def _write_to_grad(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> tor
     return torch.einsum("shv,thv->tsh", values, w).mul_(probs)  # T×S×H only
 
 
-def _write_to_grad_per_token(
-    inputs: Inputs, layer: int | None, ctx: DeriveContext
-) -> torch.Tensor:
+def _write_to_grad_per_token(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     mixed, g = need(inputs[0]), inputs[1]
     if g is None:
         return mixed.new_zeros(mixed.shape[:2])
@@ -96,66 +86,139 @@ def _write_to_grad_per_token(
 
 
 WRITE_NORM = Recipe(
-    declare("attn.write_norm", (T, S, H), HEAD, ATTN,
-            "norm of each head's write from one attended-to token"),
-    "p[t,s,h]·‖Vv[s,h] W_O[h]‖₂", _write_norm, (PROBS, VALUES),
+    DerivedScalarType(
+        "attn.write_norm",
+        (T, S, H),
+        HEAD,
+        "norm of each head's write from one attended-to token",
+        location=ATTN,
+    ),
+    "p[t,s,h]·‖Vv[s,h] W_O[h]‖₂",
+    _write_norm,
+    (PROBS, VALUES),
 )
 ACT_TIMES_GRAD = Recipe(
-    declare("attn.act_times_grad", (T, S, H), HEAD, ATTN,
-            "attention probability × its gradient, per (query, key, head)"),
-    "p[t,s,h]·∇p[t,s,h]", _act_times_grad, (PROBS, PROBS_GRAD),
+    DerivedScalarType(
+        "attn.act_times_grad",
+        (T, S, H),
+        HEAD,
+        "attention probability × its gradient, per (query, key, head)",
+        location=ATTN,
+    ),
+    "p[t,s,h]·∇p[t,s,h]",
+    act_times_grad,
+    (PROBS, PROBS_GRAD),
 )
 WRITE_TO_GRAD = Recipe(
-    declare("attn.write_to_final_residual_grad", (T, S, H), HEAD, ATTN,
-            "direct effect on g of each head's write from one attended-to token"),
+    DerivedScalarType(
+        "attn.write_to_final_residual_grad",
+        (T, S, H),
+        HEAD,
+        "direct effect on g of each head's write from one attended-to token",
+        location=ATTN,
+    ),
     "p[t,s,h]·((Vv[s,h] W_O[h])·g[t]), 0 where the layer does not precede g",
-    _write_to_grad, (PROBS, VALUES), direction=True,
+    _write_to_grad,
+    (PROBS, VALUES),
+    direction=True,
 )
 
 RECIPES: tuple[Recipe, ...] = (
     Recipe(
-        declare("attn.weighted_value", (T, S, H, DV), NodeType.V_CHANNEL, ATTN,
-                "value vectors weighted by attention, per (query, key, head)"),
-        "p[t,s,h]·Vv[s,h,:]", _weighted_value, (PROBS, VALUES),
+        DerivedScalarType(
+            "attn.weighted_value",
+            (T, S, H, DV),
+            NodeType.V_CHANNEL,
+            "value vectors weighted by attention, per (query, key, head)",
+            location=ATTN,
+        ),
+        "p[t,s,h]·Vv[s,h,:]",
+        _weighted_value,
+        (PROBS, VALUES),
     ),
     Recipe(
-        declare("attn.write", (T, S, H, D), HEAD, ATTN,
-                "each head's write vector from one attended-to token"),
-        "p[t,s,h]·(Vv[s,h] W_O[h])", _write, (PROBS, VALUES),
+        DerivedScalarType(
+            "attn.write",
+            (T, S, H, D),
+            HEAD,
+            "each head's write vector from one attended-to token",
+            location=ATTN,
+        ),
+        "p[t,s,h]·(Vv[s,h] W_O[h])",
+        _write,
+        (PROBS, VALUES),
     ),
     WRITE_NORM,
     Recipe(
-        declare("attn.write_norm_per_token", (T, H), HEAD, ATTN,
-                "norm of each head's total write at a query token"),
-        "‖o[t,h] W_O[h]‖₂", _write_norm_per_token, (MIXED,),
+        DerivedScalarType(
+            "attn.write_norm_per_token",
+            (T, H),
+            HEAD,
+            "norm of each head's total write at a query token",
+            location=ATTN,
+        ),
+        "‖o[t,h] W_O[h]‖₂",
+        _write_norm_per_token,
+        (MIXED,),
     ),
     ACT_TIMES_GRAD,
     Recipe(
-        declare("attn.act_times_grad_per_token", (T, H), HEAD, ATTN,
-                "attention act×grad summed over attended-to tokens"),
+        DerivedScalarType(
+            "attn.act_times_grad_per_token",
+            (T, H),
+            HEAD,
+            "attention act×grad summed over attended-to tokens",
+            location=ATTN,
+        ),
         # A reduction of the pair DST (referenced, so a plan asking for both computes p·∇p once).
-        "Σ_s attn.act_times_grad[t,s,h]", _sum_over_keys,
+        "Σ_s attn.act_times_grad[t,s,h]",
+        _sum_over_keys,
         (DstReference(ACT_TIMES_GRAD.dst.name, FORWARD),),
     ),
     WRITE_TO_GRAD,
     Recipe(
-        declare("attn.write_to_final_residual_grad_per_token", (T, H), HEAD, ATTN,
-                "direct effect on g of each head's total write at a query token"),
+        DerivedScalarType(
+            "attn.write_to_final_residual_grad_per_token",
+            (T, H),
+            HEAD,
+            "direct effect on g of each head's total write at a query token",
+            location=ATTN,
+        ),
         "(o[t,h] W_O[h])·g[t] = Σ_s attn.write_to_final_residual_grad[t,s,h]",
-        _write_to_grad_per_token, (MIXED,), direction=True,
+        _write_to_grad_per_token,
+        (MIXED,),
+        direction=True,
     ),
-    norm_recipe("attn.layer_write_norm", ALT.RESID_DELTA_ATTN, "δa",
-                "norm of the whole attention layer's write (incl. b_O)"),
-    proj_recipe("attn.layer_write_to_final_residual_grad", ALT.RESID_DELTA_ATTN, "δa",
-                "whole attention layer's write (incl. b_O) projected onto the direction g"),
-    pairs_view(RAW_DSTS[ALT.ATTN_QK_PROBS], "attn.qk_probs.pairs",
-               "attention probabilities over causal (query, key) pairs"),
-    pairs_view(WRITE_NORM.dst, "attn.write_norm.pairs",
-               "attn.write_norm over causal (query, key) pairs"),
-    pairs_view(ACT_TIMES_GRAD.dst, "attn.act_times_grad.pairs",
-               "attn.act_times_grad over causal (query, key) pairs"),
-    pairs_view(WRITE_TO_GRAD.dst, "attn.write_to_final_residual_grad.pairs",
-               "attn.write_to_final_residual_grad over causal (query, key) pairs"),
+    norm_recipe(
+        "attn.layer_write_norm",
+        ALT.RESID_DELTA_ATTN,
+        "δa",
+        "norm of the whole attention layer's write (incl. b_O)",
+    ),
+    proj_recipe(
+        "attn.layer_write_to_final_residual_grad",
+        ALT.RESID_DELTA_ATTN,
+        "δa",
+        "whole attention layer's write (incl. b_O) projected onto the direction g",
+    ),
+    pairs_view(
+        RAW_DSTS[ALT.ATTN_QK_PROBS],
+        "attn.qk_probs.pairs",
+        "attention probabilities over causal (query, key) pairs",
+    ),
+    pairs_view(
+        WRITE_NORM.dst, "attn.write_norm.pairs", "attn.write_norm over causal (query, key) pairs"
+    ),
+    pairs_view(
+        ACT_TIMES_GRAD.dst,
+        "attn.act_times_grad.pairs",
+        "attn.act_times_grad over causal (query, key) pairs",
+    ),
+    pairs_view(
+        WRITE_TO_GRAD.dst,
+        "attn.write_to_final_residual_grad.pairs",
+        "attn.write_to_final_residual_grad over causal (query, key) pairs",
+    ),
 )
 
-FACTORIES = factories(RECIPES)
+FACTORIES = recipe_factories(RECIPES)

@@ -9,51 +9,45 @@ materialises the per-neuron write vectors.
 from __future__ import annotations
 
 import torch
-from scalarlens import DeriveContext, NodeType, WeightLocationType
-
-from ._recipes import (
-    ALT,
-    BACKWARD,
-    FORWARD,
-    D,
-    F,
+from scalarlens import (
+    DeriveContext,
+    DerivedScalarType,
     Inputs,
-    Loc,
+    LayerIndex,
+    NodeType,
     Recipe,
-    T,
-    declare,
-    factories,
+    WeightLocationType,
+    act_times_grad,
     need,
-    raw,
+    raw_source,
+    recipe_factories,
 )
+
+from ._shared import ALT, BACKWARD, D, F, Loc, T
 from .residual import norm_recipe, proj_recipe
 
 __all__ = ["FACTORIES", "RECIPES"]
 
 W_OUT = WeightLocationType.MLP_TO_RESIDUAL
 NEURON, MLP = NodeType.MLP_NEURON, Loc.MLP
-ACT = raw(ALT.MLP_POST_ACT, FORWARD)
-ACT_GRAD = raw(ALT.MLP_POST_ACT, BACKWARD)
+ACT = raw_source(ALT.MLP_POST_ACT)
+ACT_GRAD = raw_source(ALT.MLP_POST_ACT, BACKWARD)
 
 
-def _delta_from_act(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _delta_from_act(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     return need(inputs[0]) @ ctx.weight(W_OUT, layer)
 
 
-def _write(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _write(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     return need(inputs[0]).unsqueeze(-1) * ctx.weight(W_OUT, layer)
 
 
-def _write_norm(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     row_norms: torch.Tensor = ctx.weight(W_OUT, layer).norm(dim=-1)
     return need(inputs[0]) * row_norms
 
 
-def _act_times_grad(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-    return need(inputs[0]) * need(inputs[1])
-
-
-def _write_to_grad(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     act, g = need(inputs[0]), inputs[1]
     if g is None:  # the neuron does not precede the direction
         return torch.zeros_like(act)
@@ -63,35 +57,78 @@ def _write_to_grad(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> tor
 
 RECIPES: tuple[Recipe, ...] = (
     Recipe(
-        declare("mlp.resid_delta_from_post_act", (T, D), NodeType.RESIDUAL_STREAM_CHANNEL, MLP,
-                "MLP write to the residual stream without b_out"),
-        "a[t,:] W_out (= resid.delta_mlp − b_out)", _delta_from_act, (ACT,),
+        DerivedScalarType(
+            "mlp.resid_delta_from_post_act",
+            (T, D),
+            NodeType.RESIDUAL_STREAM_CHANNEL,
+            "MLP write to the residual stream without b_out",
+            location=MLP,
+        ),
+        "a[t,:] W_out (= resid.delta_mlp − b_out)",
+        _delta_from_act,
+        (ACT,),
     ),
     Recipe(
-        declare("mlp.write", (T, F, D), NEURON, MLP,
-                "each neuron's write vector to the residual stream"),
-        "a[t,n]·W_out[n,:]", _write, (ACT,),
+        DerivedScalarType(
+            "mlp.write",
+            (T, F, D),
+            NEURON,
+            "each neuron's write vector to the residual stream",
+            location=MLP,
+        ),
+        "a[t,n]·W_out[n,:]",
+        _write,
+        (ACT,),
     ),
     Recipe(
-        declare("mlp.write_norm", (T, F), NEURON, MLP,
-                "signed norm of each neuron's write (negative when a < 0)"),
-        "a[t,n]·‖W_out[n,:]‖₂", _write_norm, (ACT,),
+        DerivedScalarType(
+            "mlp.write_norm",
+            (T, F),
+            NEURON,
+            "signed norm of each neuron's write (negative when a < 0)",
+            location=MLP,
+        ),
+        "a[t,n]·‖W_out[n,:]‖₂",
+        _write_norm,
+        (ACT,),
     ),
     Recipe(
-        declare("mlp.act_times_grad", (T, F), NEURON, MLP,
-                "activation × gradient: first-order attribution of each neuron to the objective"),
-        "a[t,n]·∇a[t,n]", _act_times_grad, (ACT, ACT_GRAD),
+        DerivedScalarType(
+            "mlp.act_times_grad",
+            (T, F),
+            NEURON,
+            "activation × gradient: first-order attribution of each neuron to the objective",
+            location=MLP,
+        ),
+        "a[t,n]·∇a[t,n]",
+        act_times_grad,
+        (ACT, ACT_GRAD),
     ),
     Recipe(
-        declare("mlp.write_to_final_residual_grad", (T, F), NEURON, MLP,
-                "direct effect of each neuron's write on the direction g"),
-        "a[t,n]·(W_out[n,:]·g[t]), 0 where the layer does not precede g", _write_to_grad,
-        (ACT,), direction=True,
+        DerivedScalarType(
+            "mlp.write_to_final_residual_grad",
+            (T, F),
+            NEURON,
+            "direct effect of each neuron's write on the direction g",
+            location=MLP,
+        ),
+        "a[t,n]·(W_out[n,:]·g[t]), 0 where the layer does not precede g",
+        _write_to_grad,
+        (ACT,),
+        direction=True,
     ),
-    norm_recipe("mlp.layer_write_norm", ALT.RESID_DELTA_MLP, "δm",
-                "norm of the whole MLP layer's write (incl. b_out)"),
-    proj_recipe("mlp.layer_write_to_final_residual_grad", ALT.RESID_DELTA_MLP, "δm",
-                "whole MLP layer's write (incl. b_out) projected onto the direction g"),
+    norm_recipe(
+        "mlp.layer_write_norm",
+        ALT.RESID_DELTA_MLP,
+        "δm",
+        "norm of the whole MLP layer's write (incl. b_out)",
+    ),
+    proj_recipe(
+        "mlp.layer_write_to_final_residual_grad",
+        ALT.RESID_DELTA_MLP,
+        "δm",
+        "whole MLP layer's write (incl. b_out) projected onto the direction g",
+    ),
 )
 
-FACTORIES = factories(RECIPES)
+FACTORIES = recipe_factories(RECIPES)

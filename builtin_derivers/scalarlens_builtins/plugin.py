@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-from scalarlens import DerivedScalarType, DstConfig, ScalarDeriver, hookimpl
+from scalarlens import DerivedScalarType, DstConfig, Factory, hookimpl
 
 from . import attention, mlp, raw, residual, tokens
 
@@ -14,8 +14,8 @@ FAMILIES = (raw, residual, mlp, attention, tokens)
 
 
 @hookimpl
-def scalarlens_derivers() -> Mapping[DerivedScalarType, Callable[[DstConfig], ScalarDeriver]]:
-    out: dict[DerivedScalarType, Callable[[DstConfig], ScalarDeriver]] = {}
+def scalarlens_derivers() -> Mapping[DerivedScalarType, Factory]:
+    out: dict[DerivedScalarType, Factory] = {}
     for family in FAMILIES:
         out.update(family.FACTORIES)
     return out

@@ -7,7 +7,7 @@ that hook point.  Kernel: identity.
 from __future__ import annotations
 
 from scalarlens import ActivationLocationType as ALT
-from scalarlens import DerivedScalarType, DstConfig, ScalarDeriver, raw_deriver, raw_dst
+from scalarlens import DerivedScalarType, DstConfig, Factory, ScalarDeriver, raw_deriver, raw_dst
 
 DESCRIPTIONS: dict[ALT, str] = {
     ALT.RESID_POST_EMBEDDING: "token + position embedding x_emb (layer-less)",
@@ -34,7 +34,7 @@ RAW_DSTS: dict[ALT, DerivedScalarType] = {
 }
 
 
-def _factory(location: ALT, dst: DerivedScalarType):  # type: ignore[no-untyped-def]
+def _factory(location: ALT, dst: DerivedScalarType) -> Factory:
     def build(config: DstConfig) -> ScalarDeriver:
         return raw_deriver(dst, location, config)
 

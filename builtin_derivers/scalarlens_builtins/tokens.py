@@ -9,51 +9,41 @@ LayerNorm — a token-level "what excites this neuron" readout independent of th
 from __future__ import annotations
 
 import torch
-from scalarlens import ConfigError, DeriveContext, DstConfig, NodeType, ScalarSource
+from scalarlens import (
+    ConfigError,
+    DeriveContext,
+    DerivedScalarType,
+    DstConfig,
+    Inputs,
+    LayerIndex,
+    NodeType,
+    Recipe,
+    ScalarSource,
+    act_times_grad,
+    need,
+    raw_source,
+    recipe_factories,
+)
 from scalarlens import WeightLocationType as W
 
-from ._recipes import (
-    ALT,
-    BACKWARD,
-    FORWARD,
-    ONE,
-    Inputs,
-    Loc,
-    Recipe,
-    T,
-    V,
-    builtin_options,
-    declare,
-    factories,
-    need,
-    raw,
-)
+from ._shared import ALT, BACKWARD, ONE, Loc, T, V, builtin_options
 
 __all__ = ["FACTORIES", "RECIPES"]
 
-EMB, EMB_GRAD = raw(ALT.RESID_POST_EMBEDDING, FORWARD), raw(ALT.RESID_POST_EMBEDDING, BACKWARD)
+EMB, EMB_GRAD = raw_source(ALT.RESID_POST_EMBEDDING), raw_source(ALT.RESID_POST_EMBEDDING, BACKWARD)
 
 
-def _token_attribution(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-    return (need(inputs[0]) * need(inputs[1])).sum(dim=-1, keepdim=True)
+def _token_attribution(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    return act_times_grad(inputs, layer, ctx).sum(dim=-1, keepdim=True)
 
 
-def _layer_norm_eps(ctx: DeriveContext) -> float:
-    configured = builtin_options(ctx.config).layer_norm_eps
-    if configured is not None:
-        return configured
-    model = ctx.model
-    config_dict = model.config_dict() if model is not None else {}
-    return float(config_dict.get("layer_norm_epsilon", 1e-5))
-
-
-def _vocab_write(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
+def _vocab_write(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     neuron = builtin_options(ctx.config).neuron
     assert neuron is not None  # checked when the deriver was built
     lam, n = neuron.layer, neuron.index
     embedding = ctx.weight(W.EMBEDDING)  # V×D
     centred = embedding - embedding.mean(dim=-1, keepdim=True)
-    sigma = torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + _layer_norm_eps(ctx))
+    sigma = torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + ctx.dims.norm_eps)
     ln = centred / sigma * ctx.weight(W.LAYER_NORM_GAIN_PRE_MLP, lam) + ctx.weight(
         W.LAYER_NORM_BIAS_PRE_MLP, lam
     )
@@ -73,17 +63,30 @@ def _vocab_sources(config: DstConfig) -> tuple[ScalarSource, ...]:
 
 RECIPES: tuple[Recipe, ...] = (
     Recipe(
-        declare("token.attribution", (T, ONE), NodeType.LAYER, None,
-                "act×grad of each token's embedding (token + position)", has_no_layers=True),
-        "Σ_D x_emb[t]·∇x_emb[t]", _token_attribution, (EMB, EMB_GRAD),
+        DerivedScalarType(
+            "token.attribution",
+            (T, ONE),
+            NodeType.LAYER,
+            "act×grad of each token's embedding (token + position)",
+            has_no_layers=True,
+        ),
+        "Σ_D x_emb[t]·∇x_emb[t]",
+        _token_attribution,
+        (EMB, EMB_GRAD),
     ),
     Recipe(
-        declare("vocab.write_to_input_direction", (T, V), NodeType.VOCAB_TOKEN, Loc.MLP,
-                "pre-activation of a chosen MLP neuron for each vocabulary embedding row",
-                has_no_layers=True),
+        DerivedScalarType(
+            "vocab.write_to_input_direction",
+            (T, V),
+            NodeType.VOCAB_TOKEN,
+            "pre-activation of a chosen MLP neuron for each vocabulary embedding row",
+            location=Loc.MLP,
+            has_no_layers=True,
+        ),
         "[LN2_λ(E) W_in + b_in][:, n], broadcast over tokens (neuron from options)",
-        _vocab_write, _vocab_sources,
+        _vocab_write,
+        _vocab_sources,
     ),
 )
 
-FACTORIES = factories(RECIPES)
+FACTORIES = recipe_factories(RECIPES)

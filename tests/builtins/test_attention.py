@@ -8,19 +8,35 @@ import pytest
 import scalarlens
 import torch
 from scalarlens import DstConfig, WeightLocationType
-from scalarlens_builtins._recipes import flatten_lower_triangle, unflatten_lower_triangle
+from scalarlens_builtins._shared import flatten_lower_triangle, unflatten_lower_triangle
 
 from ._tiny import BWD, N_LAYERS, TOL, T, derive, max_err, tiny_adapter
 
 W = WeightLocationType
 ATTN_DSTS = [
-    "attn.qk_probs", "attn.v", "attn.v_out", "attn.q", "attn.k", "attn.qk_logits",
-    "resid.delta_attn", "resid.post_mlp", "attn_ln.scale",
-    "attn.weighted_value", "attn.write", "attn.write_norm", "attn.write_norm_per_token",
-    "attn.act_times_grad", "attn.act_times_grad_per_token", "attn.write_to_final_residual_grad",
-    "attn.write_to_final_residual_grad_per_token", "attn.layer_write_norm",
-    "attn.layer_write_to_final_residual_grad", "attn.qk_probs.pairs", "attn.write_norm.pairs",
-    "attn.act_times_grad.pairs", "attn.write_to_final_residual_grad.pairs",
+    "attn.qk_probs",
+    "attn.v",
+    "attn.v_out",
+    "attn.q",
+    "attn.k",
+    "attn.qk_logits",
+    "resid.delta_attn",
+    "resid.post_mlp",
+    "attn_ln.scale",
+    "attn.weighted_value",
+    "attn.write",
+    "attn.write_norm",
+    "attn.write_norm_per_token",
+    "attn.act_times_grad",
+    "attn.act_times_grad_per_token",
+    "attn.write_to_final_residual_grad",
+    "attn.write_to_final_residual_grad_per_token",
+    "attn.layer_write_norm",
+    "attn.layer_write_to_final_residual_grad",
+    "attn.qk_probs.pairs",
+    "attn.write_norm.pairs",
+    "attn.act_times_grad.pairs",
+    "attn.write_to_final_residual_grad.pairs",
 ]
 PAIRS = {
     "attn.qk_probs.pairs": "attn.qk_probs",
@@ -28,8 +44,14 @@ PAIRS = {
     "attn.act_times_grad.pairs": "attn.act_times_grad",
     "attn.write_to_final_residual_grad.pairs": "attn.write_to_final_residual_grad",
 }
-UNFLATTENED = ["attn.qk_probs", "attn.write_norm", "attn.act_times_grad",
-               "attn.write_to_final_residual_grad", "attn.weighted_value", "attn.write"]
+UNFLATTENED = [
+    "attn.qk_probs",
+    "attn.write_norm",
+    "attn.act_times_grad",
+    "attn.write_to_final_residual_grad",
+    "attn.weighted_value",
+    "attn.write",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +70,9 @@ def _g(store: scalarlens.DerivedScalarStore) -> torch.Tensor:
 
 def _head_write(adapter: Any, store: Any, layer: int) -> torch.Tensor:
     """``c[s,h,:] = Vv[s,h] W_O[h]`` by hand."""
-    return torch.einsum("shv,hvd->shd", store.get("attn.v", layer),
-                        adapter.weight(W.ATTN_TO_RESIDUAL, layer))
+    return torch.einsum(
+        "shv,hvd->shd", store.get("attn.v", layer), adapter.weight(W.ATTN_TO_RESIDUAL, layer)
+    )
 
 
 @pytest.mark.parametrize("layer", range(N_LAYERS))
@@ -57,8 +80,12 @@ def test_hand_formulas(adapter: Any, store: Any, layer: int) -> None:
     p, c = store.get("attn.qk_probs", layer), _head_write(adapter, store, layer)
     write = p[..., None] * c[None]
     assert max_err(store.get("attn.write", layer), write) <= TOL
-    assert max_err(store.get("attn.weighted_value", layer),
-                   p[..., None] * store.get("attn.v", layer)[None]) <= TOL
+    assert (
+        max_err(
+            store.get("attn.weighted_value", layer), p[..., None] * store.get("attn.v", layer)[None]
+        )
+        <= TOL
+    )
     assert max_err(store.get("attn.write_norm", layer), write.norm(dim=-1)) <= TOL  # item 8
     grad_p = store.get("attn.qk_probs", layer, BWD)
     assert max_err(store.get("attn.act_times_grad", layer), p * grad_p) <= TOL
@@ -84,8 +111,10 @@ def test_write_decomposition_item7(adapter: Any, store: Any, layer: int) -> None
     b_o = adapter.weight(W.ATTN_BIAS_RESIDUAL, layer)
     delta = store.get("resid.delta_attn", layer)
     assert max_err(store.get("attn.write", layer).sum(dim=(1, 2)) + b_o, delta) <= TOL
-    assert max_err(store.get("attn.weighted_value", layer).sum(dim=1),
-                   store.get("attn.v_out", layer)) <= TOL
+    assert (
+        max_err(store.get("attn.weighted_value", layer).sum(dim=1), store.get("attn.v_out", layer))
+        <= TOL
+    )
 
 
 @pytest.mark.parametrize("layer", range(N_LAYERS))
@@ -93,8 +122,9 @@ def test_write_norms_item8(store: Any, layer: int) -> None:
     per_token = store.get("attn.write", layer).sum(dim=1).norm(dim=-1)
     assert max_err(store.get("attn.write_norm_per_token", layer), per_token) <= TOL
     delta = store.get("resid.delta_attn", layer)
-    assert max_err(store.get("attn.layer_write_norm", layer),
-                   delta.norm(dim=-1, keepdim=True)) <= TOL
+    assert (
+        max_err(store.get("attn.layer_write_norm", layer), delta.norm(dim=-1, keepdim=True)) <= TOL
+    )
 
 
 @pytest.mark.parametrize("layer", range(N_LAYERS))
@@ -111,8 +141,10 @@ def test_pairs_views_item9(store: Any, layer: int, pair_name: str) -> None:
 
 
 def test_pairs_gradient_is_flattened_gradient(store: Any) -> None:
-    assert torch.equal(store.get("attn.qk_probs.pairs", 2, BWD),
-                       flatten_lower_triangle(store.get("attn.qk_probs", 2, BWD)))
+    assert torch.equal(
+        store.get("attn.qk_probs.pairs", 2, BWD),
+        flatten_lower_triangle(store.get("attn.qk_probs", 2, BWD)),
+    )
 
 
 @pytest.mark.parametrize("layer", range(N_LAYERS))
@@ -129,8 +161,10 @@ def test_per_layer_linearity_item10(adapter: Any, store: Any, layer: int) -> Non
     pairs = store.get("attn.write_to_final_residual_grad", layer)
     total = store.get("attn.layer_write_to_final_residual_grad", layer)
     assert max_err(pairs.sum(dim=(1, 2)).unsqueeze(-1) + (g @ b_o).unsqueeze(-1), total) <= TOL
-    assert max_err(pairs.sum(dim=1),
-                   store.get("attn.write_to_final_residual_grad_per_token", layer)) <= TOL
+    assert (
+        max_err(pairs.sum(dim=1), store.get("attn.write_to_final_residual_grad_per_token", layer))
+        <= TOL
+    )
     assert total.abs().max() > 1e-3
 
 
@@ -140,7 +174,9 @@ def test_act_times_grad_sum_item15(adapter: Any, store: Any, layer: int) -> None
     o, grad_o = store.get("attn.v_out", layer), store.get("attn.v_out", layer, BWD)
     lhs = store.get("attn.act_times_grad", layer).sum(dim=(1, 2))
     assert max_err(lhs, (o * grad_o).sum(dim=(1, 2))) <= TOL
-    delta, grad_delta = store.get("resid.delta_attn", layer), store.get("resid.delta_attn", layer,
-                                                                          BWD)
+    delta, grad_delta = (
+        store.get("resid.delta_attn", layer),
+        store.get("resid.delta_attn", layer, BWD),
+    )
     assert max_err(lhs, ((delta - b_o) * grad_delta).sum(-1)) <= TOL
     assert lhs.abs().max() > 1e-4
