@@ -19,7 +19,7 @@ pass of ``sae.latents`` (``∇x W_decᵀ``) is exactly the gradient the splice g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -32,19 +32,25 @@ from scalarlens import (
     Dimension,
     DstConfig,
     DstReference,
+    Factory,
+    Inputs,
     Intervention,
+    LayerIndex,
     LocationWithinLayer,
     NodeType,
     PassType,
     PluginLocation,
     RawScalarSource,
+    Recipe,
     ScalarDeriver,
     ScalarSource,
     StaticLayerIndexer,
     WeightLocationType,
+    act_times_grad,
+    need,
+    recipe_factories,
 )
 
-# Not re-exported by ``scalarlens`` (yet); the contract documents it in ``scalarlens._model``.
 from ._errors import SaeConfigError, SaeLoadError
 from ._options import SaeOptions, options_from_params, sae_options
 from ._sae import SparseAutoencoder, load_sae, random_sae, read_sae_config
@@ -68,30 +74,8 @@ D, F = Dimension.RESIDUAL_STREAM_CHANNELS, Dimension.MLP_ACTS
 LATENT = NodeType.AUTOENCODER_LATENT
 W_OUT = WeightLocationType.MLP_TO_RESIDUAL
 PROVIDER = "sae"
-Inputs = tuple[torch.Tensor | None, ...]
-Kernel = Callable[[Inputs, int | None, DeriveContext], torch.Tensor]
-Factory = Callable[[DstConfig], ScalarDeriver]
 
 _WHERE = "(location follows options['sae']['location'])"
-
-
-def _dst(
-    name: str,
-    shape: tuple[Dimension, ...],
-    node_type: NodeType,
-    description: str,
-    *,
-    passes: Sequence[PassType] = (FORWARD,),
-    location: LocationWithinLayer | None = None,
-) -> DerivedScalarType:
-    return DerivedScalarType(
-        name=name,
-        shape=shape,
-        node_type=node_type,
-        location=location,
-        pass_types=frozenset(passes),
-        description=description,
-    )
 
 
 # --- the SAE at derive time ----------------------------------------------------------------
@@ -139,11 +123,6 @@ def write_weights(opts: SaeOptions, ctx: DeriveContext, like: torch.Tensor) -> t
     return sae.W_dec
 
 
-def _need(tensor: torch.Tensor | None) -> torch.Tensor:
-    assert tensor is not None, "an always-needed input was not provided"
-    return tensor
-
-
 # --- layer indexers ------------------------------------------------------------------------
 
 
@@ -158,7 +137,7 @@ class SaeDirectionIndexer:
     sae_layer: int
     causal: CausalDirectionIndexer
 
-    def source_layer(self, target: int | None, n_layers: int) -> Any:
+    def source_layer(self, target: LayerIndex, n_layers: int) -> Any:
         if target != self.sae_layer:
             return NOT_NEEDED
         return self.causal.source_layer(target, n_layers)
@@ -182,7 +161,7 @@ def _direction(opts: SaeOptions) -> ScalarSource:
 # --- online locations and the splice -------------------------------------------------------
 
 
-def online_locations(opts: SaeOptions) -> tuple[Any, Any]:
+def online_locations(opts: SaeOptions) -> tuple[PluginLocation, PluginLocation]:
     """The two capture points the splice emits: latents (``T×A``) and error (``T×d_in``)."""
     host = opts.alt
     params = opts.splice_params()
@@ -225,7 +204,7 @@ def make_interventions(params: Mapping[str, Any], model: ModelAdapter) -> list[I
             f"options['sae']['layer']={opts.layer} is outside the model's {dims.n_layers} layers"
         )
 
-    def splice(value: torch.Tensor, layer: int | None, emit: Any) -> torch.Tensor:
+    def splice(value: torch.Tensor, layer: LayerIndex, emit: Any) -> torch.Tensor:
         cast = sae.cast(value)
         latents = emit(latents_loc, cast.encode(value))
         error = emit(error_loc, value - cast.decode(cast.encode(value)))
@@ -243,120 +222,127 @@ def make_interventions(params: Mapping[str, Any], model: ModelAdapter) -> list[I
     ]
 
 
-# --- kernels -------------------------------------------------------------------------------
+# --- sources: functions of the config, since the SAE's location and layer are options --------
 
 
-def _latents_kernel(opts: SaeOptions, n: int) -> Kernel:
+Sources = Callable[[DstConfig], tuple[ScalarSource, ...]]
+
+
+def _sae_input(config: DstConfig) -> tuple[ScalarSource, ...]:
+    """``x`` (or ``∇x``): the builtin raw twin, by name — full activation, biases included."""
+    opts = sae_options(config)
+    return (DstReference(opts.location, None, _at_sae_layer(opts)),)
+
+
+def _online_latents(config: DstConfig) -> tuple[ScalarSource, ...]:
+    opts = sae_options(config)
+    return (RawScalarSource(online_locations(opts)[0], None, _at_sae_layer(opts)),)
+
+
+def _online_error(config: DstConfig) -> tuple[ScalarSource, ...]:
+    opts = sae_options(config)
+    return (RawScalarSource(online_locations(opts)[1], None, _at_sae_layer(opts)),)
+
+
+def _latents_and_direction(latents: str) -> Sources:
+    """``z`` (the DST ``latents``, by name) and the direction g at the SAE's layer."""
+    z = DstReference(latents, FORWARD)
+
+    def sources(config: DstConfig) -> tuple[ScalarSource, ...]:
+        return (z, _direction(sae_options(config)))
+
+    return sources
+
+
+# --- kernels: each reads the SAE options from ctx.config; layers other than L are zeros -----
+
+
+def _latents(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     """Offline latents: ``enc(x)`` (FORWARD), ``∇x W_decᵀ`` (BACKWARD; the splice's gradient)."""
-
-    def kernel(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-        x = _need(inputs[0])  # x or ∇x at layer L
-        if layer != opts.layer:
-            return x.new_zeros((x.shape[0], n))
-        sae = _sae_for(opts, ctx, x)
-        if ctx.pass_type is FORWARD:
-            return sae.encode(x)
-        return x @ sae.W_dec.T
-
-    return kernel
+    opts = sae_options(ctx.config)
+    x = need(inputs[0])  # x or ∇x at layer L
+    if layer != opts.layer:
+        return x.new_zeros((x.shape[0], n_latents(opts)))
+    sae = _sae_for(opts, ctx, x)
+    if ctx.pass_type is FORWARD:
+        return sae.encode(x)
+    return x @ sae.W_dec.T
 
 
-def _error_kernel(opts: SaeOptions) -> Kernel:
+def _error(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     """Offline error: ``x − dec(enc(x))`` (FORWARD), ``∇x`` (BACKWARD; ``∂x̂'/∂e = I``)."""
-
-    def kernel(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-        x = _need(inputs[0])
-        if layer != opts.layer:
-            return torch.zeros_like(x)
-        if ctx.pass_type is BACKWARD:
-            return x
-        sae = _sae_for(opts, ctx, x)
-        return x - sae.decode(sae.encode(x))
-
-    return kernel
-
-
-def _online_kernel(opts: SaeOptions, n: int | None) -> Kernel:
-    """A spliced location's capture (value or gradient) at L; zeros elsewhere."""
-
-    def kernel(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-        x = _need(inputs[0])
-        if layer != opts.layer:
-            return x.new_zeros((x.shape[0], n)) if n is not None else torch.zeros_like(x)
+    opts = sae_options(ctx.config)
+    x = need(inputs[0])
+    if layer != opts.layer:
+        return torch.zeros_like(x)
+    if ctx.pass_type is BACKWARD:
         return x
-
-    return kernel
-
-
-def _write_kernel(opts: SaeOptions) -> Kernel:
-    def kernel(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-        z = _need(inputs[0])
-        if layer != opts.layer:
-            return z.new_zeros((*z.shape, ctx.dims.d_model))
-        return z.unsqueeze(-1) * write_weights(opts, ctx, z)
-
-    return kernel
+    sae = _sae_for(opts, ctx, x)
+    return x - sae.decode(sae.encode(x))
 
 
-def _write_norm_kernel(opts: SaeOptions) -> Kernel:
-    def kernel(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-        z = _need(inputs[0])
-        if layer != opts.layer:
-            return torch.zeros_like(z)
-        norms: torch.Tensor = write_weights(opts, ctx, z).norm(dim=-1)
-        return z * norms
-
-    return kernel
+def _online_latents_capture(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    """The spliced latents' capture (value or gradient) at L; zeros (``T×A``) elsewhere."""
+    opts = sae_options(ctx.config)
+    x = need(inputs[0])
+    if layer != opts.layer:
+        return x.new_zeros((x.shape[0], n_latents(opts)))
+    return x
 
 
-def _act_times_grad_kernel(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-    return _need(inputs[0]) * _need(inputs[1])
+def _online_error_capture(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    """The spliced error's capture (value or gradient) at L; zeros elsewhere."""
+    x = need(inputs[0])
+    if layer != sae_options(ctx.config).layer:
+        return torch.zeros_like(x)
+    return x
 
 
-def _write_to_grad_kernel(opts: SaeOptions) -> Kernel:
-    def kernel(inputs: Inputs, layer: int | None, ctx: DeriveContext) -> torch.Tensor:
-        z, g = _need(inputs[0]), inputs[1]
-        if g is None:  # other layer, or the SAE does not precede g
-            return torch.zeros_like(z)
-        projected: torch.Tensor = g.to(z) @ write_weights(opts, ctx, z).T
-        return projected.mul_(z)
-
-    return kernel
+def _write(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    opts = sae_options(ctx.config)
+    z = need(inputs[0])
+    if layer != opts.layer:
+        return z.new_zeros((*z.shape, ctx.dims.d_model))
+    return z.unsqueeze(-1) * write_weights(opts, ctx, z)
 
 
-# --- declarations ---------------------------------------------------------------------------
+def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    opts = sae_options(ctx.config)
+    z = need(inputs[0])
+    if layer != opts.layer:
+        return torch.zeros_like(z)
+    norms: torch.Tensor = write_weights(opts, ctx, z).norm(dim=-1)
+    return z * norms
+
+
+def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    z, g = need(inputs[0]), inputs[1]
+    if g is None:  # other layer, or the SAE does not precede g
+        return torch.zeros_like(z)
+    projected: torch.Tensor = g.to(z) @ write_weights(sae_options(ctx.config), ctx, z).T
+    return projected.mul_(z)
 
 
 # --- recipes --------------------------------------------------------------------------------
 
 
 @attrs.frozen
-class SaeRecipe:
-    """One DST: declaration, formula, and ``build(opts) -> (sources, kernel)``."""
+class SaeRecipe(Recipe):
+    """A :class:`scalarlens.Recipe` over ``options["sae"]``, plus what only SAEs need.
 
-    dst: DerivedScalarType
-    formula: str
-    build: Callable[[SaeOptions, int], tuple[tuple[ScalarSource, ...], Kernel]]
-    basis: str | None = None  # "mlp" / "resid": DSTs whose shape fixes the SAE's input basis
+    The factory (name, formula docstring) and the deriver are core's; the SAE adds two checks
+    at build time: the options must parse, and ``A`` (the latent count, from the options or
+    ``cfg.json``) is recorded as the deriver's ``AUTOENCODER_LATENTS`` size.  ``basis``
+    (``"mlp"`` / ``"resid"``) marks error DSTs whose shape fixes the SAE's input basis.
+    """
 
-    def factory(self) -> Factory:
-        def build(config: DstConfig) -> ScalarDeriver:
-            opts = sae_options(config)
-            self._check_basis(opts)
-            n = n_latents(opts)
-            sources, kernel = self.build(opts, n)
-            return ScalarDeriver(
-                dst=self.dst,
-                config=config,
-                sub_scalar_sources=sources,
-                tensor_calculate_derived_scalar_fn=kernel,
-                derivable_pass_types=self.dst.pass_types,
-                dimension_sizes={A: n},
-            )
+    basis: str | None = None
 
-        build.__name__ = "build_" + self.dst.name.replace(".", "_")
-        build.__doc__ = f"{self.dst.name} = {self.formula}\n\n{self.dst.description}"
-        return build
+    def build(self, config: DstConfig) -> ScalarDeriver:
+        opts = sae_options(config)
+        self._check_basis(opts)
+        n = n_latents(opts)
+        return attrs.evolve(Recipe.build(self, config), dimension_sizes={A: n})
 
     def _check_basis(self, opts: SaeOptions) -> None:
         if self.basis is None or (self.basis == "mlp") == opts.is_mlp_basis:
@@ -369,108 +355,184 @@ class SaeRecipe:
         )
 
 
-def _offline_input(opts: SaeOptions, pass_type: PassType | None) -> DstReference:
-    # The builtin raw twin, by name: full activation, biases included (same as the splice).
-    return DstReference(opts.location, pass_type, _at_sae_layer(opts))
-
-
-def _derived_recipes(
-    prefix: str, latents_name: str, kind: str
-) -> tuple[SaeRecipe, ...]:
-    """write / write_norm / act_times_grad / write_to_final_residual_grad over some latents."""
-
-    def z(pass_type: PassType = FORWARD) -> DstReference:
-        return DstReference(latents_name, pass_type)
-
-    return (
-        SaeRecipe(
-            _dst(f"{prefix}.write", (T, A, D), LATENT,
-                 f"each {kind} SAE latent's write to the residual stream {_WHERE}"),
-            "z[t,j]·W_write[j,:]",
-            lambda opts, n: ((z(),), _write_kernel(opts)),
-        ),
-        SaeRecipe(
-            _dst(f"{prefix}.write_norm", (T, A), LATENT,
-                 f"norm of each {kind} SAE latent's write (z ≥ 0) {_WHERE}"),
-            "z[t,j]·‖W_write[j,:]‖₂",
-            lambda opts, n: ((z(),), _write_norm_kernel(opts)),
-        ),
-        SaeRecipe(
-            _dst(f"{prefix}.act_times_grad", (T, A), LATENT,
-                 f"{kind} SAE latent × its gradient: first-order attribution to the objective"),
-            "z[t,j]·∇z[t,j]"
-            + (" with ∇z = ∇x W_decᵀ (gradient through the decoder, from the captured ∇x)"
-               if kind == "offline" else " (∇z captured from the spliced model)"),
-            lambda opts, n: ((z(FORWARD), z(BACKWARD)), _act_times_grad_kernel),
-        ),
-        SaeRecipe(
-            _dst(f"{prefix}.write_to_final_residual_grad", (T, A), LATENT,
-                 f"direct effect of each {kind} SAE latent's write on the direction g"),
-            "z[t,j]·(W_write[j,:]·g[t]), 0 where the SAE does not strictly precede g",
-            lambda opts, n: ((z(), _direction(opts)), _write_to_grad_kernel(opts)),
-        ),
-    )
-
-
-def _online_raw(opts: SaeOptions, which: int) -> RawScalarSource:
-    return RawScalarSource(online_locations(opts)[which], None, _at_sae_layer(opts))
-
+LATENTS = DstReference("sae.latents", FORWARD)
+LATENTS_GRAD = DstReference("sae.latents", BACKWARD)
+ONLINE_LATENTS = DstReference("sae.online.latents", FORWARD)
+ONLINE_LATENTS_GRAD = DstReference("sae.online.latents", BACKWARD)
 
 RECIPES: tuple[SaeRecipe, ...] = (
-    # offline
+    # --- offline: the SAE computed from the captured input
     SaeRecipe(
-        _dst("sae.latents", (T, A), LATENT,
-             f"SAE latents computed from the captured input {_WHERE}; BACKWARD: ∇x W_decᵀ",
-             passes=BOTH),
+        DerivedScalarType(
+            "sae.latents",
+            (T, A),
+            LATENT,
+            f"SAE latents computed from the captured input {_WHERE}; BACKWARD: ∇x W_decᵀ",
+            pass_types=BOTH,
+        ),
         "relu((x − b_dec) W_enc + b_enc); BACKWARD ∇z = ∇x W_decᵀ",
-        lambda opts, n: ((_offline_input(opts, None),), _latents_kernel(opts, n)),
+        _latents,
+        _sae_input,
     ),
     SaeRecipe(
-        _dst("sae.reconstruction_error_mlp", (T, F), NodeType.MLP_NEURON,
-             "SAE reconstruction error of an mlp.post_act SAE, per neuron; BACKWARD: ∇x",
-             passes=BOTH, location=LocationWithinLayer.MLP),
+        DerivedScalarType(
+            "sae.reconstruction_error_mlp",
+            (T, F),
+            NodeType.MLP_NEURON,
+            "SAE reconstruction error of an mlp.post_act SAE, per neuron; BACKWARD: ∇x",
+            location=LocationWithinLayer.MLP,
+            pass_types=BOTH,
+        ),
         "x − (z W_dec + b_dec); BACKWARD ∇e = ∇x",
-        lambda opts, n: ((_offline_input(opts, None),), _error_kernel(opts)),
+        _error,
+        _sae_input,
         basis="mlp",
     ),
     SaeRecipe(
-        _dst("sae.reconstruction_error_resid", (T, D), NodeType.RESIDUAL_STREAM_CHANNEL,
-             f"SAE reconstruction error of a resid.delta_* SAE {_WHERE}; BACKWARD: ∇x",
-             passes=BOTH),
+        DerivedScalarType(
+            "sae.reconstruction_error_resid",
+            (T, D),
+            NodeType.RESIDUAL_STREAM_CHANNEL,
+            f"SAE reconstruction error of a resid.delta_* SAE {_WHERE}; BACKWARD: ∇x",
+            pass_types=BOTH,
+        ),
         "x − (z W_dec + b_dec); BACKWARD ∇e = ∇x",
-        lambda opts, n: ((_offline_input(opts, None),), _error_kernel(opts)),
+        _error,
+        _sae_input,
         basis="resid",
     ),
-    *_derived_recipes("sae", "sae.latents", "offline"),
-    # online
     SaeRecipe(
-        _dst("sae.online.latents", (T, A), LATENT,
-             f"latents of the SAE spliced into the forward pass {_WHERE}; BACKWARD: real ∇z",
-             passes=BOTH),
+        DerivedScalarType(
+            "sae.write",
+            (T, A, D),
+            LATENT,
+            f"each offline SAE latent's write to the residual stream {_WHERE}",
+        ),
+        "z[t,j]·W_write[j,:]",
+        _write,
+        (LATENTS,),
+    ),
+    SaeRecipe(
+        DerivedScalarType(
+            "sae.write_norm",
+            (T, A),
+            LATENT,
+            f"norm of each offline SAE latent's write (z ≥ 0) {_WHERE}",
+        ),
+        "z[t,j]·‖W_write[j,:]‖₂",
+        _write_norm,
+        (LATENTS,),
+    ),
+    SaeRecipe(
+        DerivedScalarType(
+            "sae.act_times_grad",
+            (T, A),
+            LATENT,
+            "offline SAE latent × its gradient: first-order attribution to the objective",
+        ),
+        "z[t,j]·∇z[t,j] with ∇z = ∇x W_decᵀ (gradient through the decoder, from the captured ∇x)",
+        act_times_grad,
+        (LATENTS, LATENTS_GRAD),
+    ),
+    SaeRecipe(
+        DerivedScalarType(
+            "sae.write_to_final_residual_grad",
+            (T, A),
+            LATENT,
+            "direct effect of each offline SAE latent's write on the direction g",
+        ),
+        "z[t,j]·(W_write[j,:]·g[t]), 0 where the SAE does not strictly precede g",
+        _write_to_grad,
+        _latents_and_direction("sae.latents"),
+    ),
+    # --- online: the SAE spliced into the forward pass
+    SaeRecipe(
+        DerivedScalarType(
+            "sae.online.latents",
+            (T, A),
+            LATENT,
+            f"latents of the SAE spliced into the forward pass {_WHERE}; BACKWARD: real ∇z",
+            pass_types=BOTH,
+        ),
         "emit(enc(x)) at the splice (captured value / gradient)",
-        lambda opts, n: ((_online_raw(opts, 0),), _online_kernel(opts, n)),
+        _online_latents_capture,
+        _online_latents,
     ),
     SaeRecipe(
-        _dst("sae.online.error_mlp", (T, F), NodeType.MLP_NEURON,
-             "error term of an mlp.post_act SAE spliced into the forward pass; BACKWARD: ∇e",
-             passes=BOTH, location=LocationWithinLayer.MLP),
+        DerivedScalarType(
+            "sae.online.error_mlp",
+            (T, F),
+            NodeType.MLP_NEURON,
+            "error term of an mlp.post_act SAE spliced into the forward pass; BACKWARD: ∇e",
+            location=LocationWithinLayer.MLP,
+            pass_types=BOTH,
+        ),
         "emit(x − dec(enc(x))) at the splice (captured value / gradient)",
-        lambda opts, n: ((_online_raw(opts, 1),), _online_kernel(opts, None)),
+        _online_error_capture,
+        _online_error,
         basis="mlp",
     ),
     SaeRecipe(
-        _dst("sae.online.error_resid", (T, D), NodeType.RESIDUAL_STREAM_CHANNEL,
-             f"error term of a resid.delta_* SAE spliced into the forward pass {_WHERE}",
-             passes=BOTH),
+        DerivedScalarType(
+            "sae.online.error_resid",
+            (T, D),
+            NodeType.RESIDUAL_STREAM_CHANNEL,
+            f"error term of a resid.delta_* SAE spliced into the forward pass {_WHERE}",
+            pass_types=BOTH,
+        ),
         "emit(x − dec(enc(x))) at the splice (captured value / gradient)",
-        lambda opts, n: ((_online_raw(opts, 1),), _online_kernel(opts, None)),
+        _online_error_capture,
+        _online_error,
         basis="resid",
     ),
-    *_derived_recipes("sae.online", "sae.online.latents", "online"),
+    SaeRecipe(
+        DerivedScalarType(
+            "sae.online.write",
+            (T, A, D),
+            LATENT,
+            f"each online SAE latent's write to the residual stream {_WHERE}",
+        ),
+        "z[t,j]·W_write[j,:]",
+        _write,
+        (ONLINE_LATENTS,),
+    ),
+    SaeRecipe(
+        DerivedScalarType(
+            "sae.online.write_norm",
+            (T, A),
+            LATENT,
+            f"norm of each online SAE latent's write (z ≥ 0) {_WHERE}",
+        ),
+        "z[t,j]·‖W_write[j,:]‖₂",
+        _write_norm,
+        (ONLINE_LATENTS,),
+    ),
+    SaeRecipe(
+        DerivedScalarType(
+            "sae.online.act_times_grad",
+            (T, A),
+            LATENT,
+            "online SAE latent × its gradient: first-order attribution to the objective",
+        ),
+        "z[t,j]·∇z[t,j] (∇z captured from the spliced model)",
+        act_times_grad,
+        (ONLINE_LATENTS, ONLINE_LATENTS_GRAD),
+    ),
+    SaeRecipe(
+        DerivedScalarType(
+            "sae.online.write_to_final_residual_grad",
+            (T, A),
+            LATENT,
+            "direct effect of each online SAE latent's write on the direction g",
+        ),
+        "z[t,j]·(W_write[j,:]·g[t]), 0 where the SAE does not strictly precede g",
+        _write_to_grad,
+        _latents_and_direction("sae.online.latents"),
+    ),
 )
 
 DSTS: tuple[DerivedScalarType, ...] = tuple(r.dst for r in RECIPES)
-FACTORIES: dict[DerivedScalarType, Factory] = {r.dst: r.factory() for r in RECIPES}
+FACTORIES: dict[DerivedScalarType, Factory] = recipe_factories(RECIPES)
 
 
 def example_configs(n_latents: int = 8, seed: int = 0, layer: int = 0) -> dict[str, DstConfig]:
@@ -491,4 +553,3 @@ def example_configs(n_latents: int = 8, seed: int = 0, layer: int = 0) -> dict[s
             }
         )
     return out
-

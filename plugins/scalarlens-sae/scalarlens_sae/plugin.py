@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from scalarlens import DerivedScalarType, DstConfig, ScalarDeriver, hookimpl
+from scalarlens import DerivedScalarType, DstConfig, Factory, hookimpl
 
 from ._derivers import FACTORIES, PROVIDER, example_configs, make_interventions
 
@@ -16,7 +16,7 @@ SCALARLENS_PLUGIN_API = 1
 
 
 @hookimpl
-def scalarlens_derivers() -> Mapping[DerivedScalarType, Callable[[DstConfig], ScalarDeriver]]:
+def scalarlens_derivers() -> Mapping[DerivedScalarType, Factory]:
     """Offline ``sae.*`` and online ``sae.online.*`` DSTs (see the README's table)."""
     return dict(FACTORIES)
 
