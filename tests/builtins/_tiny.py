@@ -26,7 +26,11 @@ REGISTRY = scalarlens.Registry()
 
 def tiny_config() -> GPT2Config:
     return GPT2Config(
-        vocab_size=VOCAB, n_positions=16, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS,
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=D_MODEL,
+        n_layer=N_LAYERS,
+        n_head=N_HEADS,
         n_inner=D_MLP,
     )
 
@@ -68,7 +72,11 @@ def derive(
     """``scalarlens.derive`` on the tiny model with a logit-difference objective by default."""
     config = config or DstConfig(detach_final_ln_scale=detach, options=dict(options or {}))
     return scalarlens.derive(
-        adapter, [list(tokens)], dsts, objective=objective or logit_diff(), config=config,
+        adapter,
+        [list(tokens)],
+        dsts,
+        objective=objective or logit_diff(),
+        config=config,
         registry=REGISTRY,
     )
 

@@ -38,7 +38,9 @@ def test_dst_derives_with_declared_shape(adapter: Any, name: str) -> None:
         passes.append(PassType.BACKWARD)
     store = derive(adapter, name, config=config)
     expected = scalarlens.resolve_shape(
-        dst.shape, n_tokens=T, model_sizes=adapter.dims.sizes(),
+        dst.shape,
+        n_tokens=T,
+        model_sizes=adapter.dims.sizes(),
         parameter_sizes=REGISTRY.get(name, config).parameter_sizes,
     )
     for pass_type in passes:

@@ -16,9 +16,12 @@ from scalarlens import ConfigError, DstConfig
 from ._tiny import ALT, N_LAYERS, TOL, T, derive, max_err, tiny_adapter
 
 DIRECT = [
-    "mlp.write_to_final_residual_grad", "mlp.layer_write_to_final_residual_grad",
-    "attn.write_to_final_residual_grad", "attn.write_to_final_residual_grad_per_token",
-    "attn.layer_write_to_final_residual_grad", "resid.post_attn.proj_to_final_residual_grad",
+    "mlp.write_to_final_residual_grad",
+    "mlp.layer_write_to_final_residual_grad",
+    "attn.write_to_final_residual_grad",
+    "attn.write_to_final_residual_grad_per_token",
+    "attn.layer_write_to_final_residual_grad",
+    "resid.post_attn.proj_to_final_residual_grad",
     "resid.post_mlp.proj_to_final_residual_grad",
 ]
 ACT_GRAD = ["mlp.act_times_grad", "attn.act_times_grad", "attn.act_times_grad_per_token"]
@@ -33,8 +36,12 @@ def adapter() -> Any:
 def _trace(adapter: Any, location: Any, layer: int, index: tuple[int, ...]) -> Any:
     objective = scalarlens.NodeObjective(location, layer, index)
     config = DstConfig(direction=scalarlens.Direction.trace_upstream(location, layer))
-    return derive(adapter, [*DIRECT, *ACT_GRAD, *EMBEDDING, "resid.post_attn"],
-                  objective=objective, config=config)
+    return derive(
+        adapter,
+        [*DIRECT, *ACT_GRAD, *EMBEDDING, "resid.post_attn"],
+        objective=objective,
+        config=config,
+    )
 
 
 def test_trace_mlp_neuron(adapter: Any) -> None:
@@ -58,8 +65,12 @@ def test_trace_mlp_neuron(adapter: Any) -> None:
     for layer in range(lam + 1):
         total = total + store.get("attn.layer_write_to_final_residual_grad", layer).sum()
         total = total + store.get("mlp.layer_write_to_final_residual_grad", layer).sum()
-    g_store = derive(adapter, ["resid.post_attn"], objective=scalarlens.NodeObjective(
-        ALT.MLP_POST_ACT, lam, (T - 1, neuron)), config=DstConfig(derive_gradients=True))
+    g_store = derive(
+        adapter,
+        ["resid.post_attn"],
+        objective=scalarlens.NodeObjective(ALT.MLP_POST_ACT, lam, (T - 1, neuron)),
+        config=DstConfig(derive_gradients=True),
+    )
     g = g_store.get("resid.post_attn", lam, scalarlens.PassType.BACKWARD)
     expected = float((store.get("resid.post_attn", lam) * g).sum())
     assert abs(float(total) - expected) <= TOL
@@ -77,8 +88,12 @@ def test_trace_layer0_head_leaves_only_embedding(adapter: Any) -> None:
                 assert (store.get(name, layer) == 0).all(), (name, layer)
     for name in EMBEDDING:
         assert store.get(name).abs().max() > 0
-    assert max_err(store.get("resid.post_emb.proj_to_final_residual_grad"),
-                   store.get("token.attribution")) <= TOL
+    assert (
+        max_err(
+            store.get("resid.post_emb.proj_to_final_residual_grad"), store.get("token.attribution")
+        )
+        <= TOL
+    )
 
 
 def test_default_direction_zeroes_nothing_upstream(adapter: Any) -> None:
@@ -91,14 +106,20 @@ def test_default_direction_zeroes_nothing_upstream(adapter: Any) -> None:
 
 
 def test_direction_validation_names_the_field() -> None:
-    for bad, message in (({"location": "mlp.post_act", "layer": 0}, "direction.location"),
-                         ({"location": "resid.post_emb", "layer": 1}, "direction.layer"),
-                         ({"layer": "x"}, "direction.layer"), ({"where": 1}, "unknown field")):
+    for bad, message in (
+        ({"location": "mlp.post_act", "layer": 0}, "direction.location"),
+        ({"location": "resid.post_emb", "layer": 1}, "direction.layer"),
+        ({"layer": "x"}, "direction.layer"),
+        ({"where": 1}, "unknown field"),
+    ):
         with pytest.raises(ConfigError, match=message):
             DstConfig(direction=bad)
     with pytest.raises(ConfigError, match="outside the model's 3 layers"):
-        derive(tiny_adapter(), "mlp.write_to_final_residual_grad",
-               config=DstConfig(direction={"location": "resid.post_mlp", "layer": 7}))
+        derive(
+            tiny_adapter(),
+            "mlp.write_to_final_residual_grad",
+            config=DstConfig(direction={"location": "resid.post_mlp", "layer": 7}),
+        )
 
 
 def test_trace_upstream_direction_mapping() -> None:

@@ -25,14 +25,22 @@ from ._tiny import REGISTRY, max_err  # noqa: E402
 TOKENS = [5, 1, 8, 13, 2, 7, 7]
 TARGET, DISTRACTOR = 3, 19
 N_LAYER, N_HEAD, D = 2, 4, 16
-DSTS = ["mlp.act_times_grad", "attn.act_times_grad", "mlp.write_to_final_residual_grad",
-        "attn.write_to_final_residual_grad"]
+DSTS = [
+    "mlp.act_times_grad",
+    "attn.act_times_grad",
+    "mlp.write_to_final_residual_grad",
+    "attn.write_to_final_residual_grad",
+]
 
 
 def _hf_model() -> Any:
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        n_layer=N_LAYER, n_embd=D, n_head=N_HEAD, vocab_size=23, n_positions=16,
+        n_layer=N_LAYER,
+        n_embd=D,
+        n_head=N_HEAD,
+        vocab_size=23,
+        n_positions=16,
         attn_implementation="eager",
     )
     model = transformers.GPT2LMHeadModel(cfg).eval()
@@ -51,12 +59,23 @@ def _hf_reference(hf: Any) -> dict[str, list[torch.Tensor]]:
     final: list[torch.Tensor] = []
     handles = []
     for block in hf.transformer.h:
-        handles.append(block.mlp.act.register_forward_hook(
-            lambda _m, _i, out: (out.retain_grad(), acts.append(out))[1]))
-        handles.append(block.attn.c_attn.register_forward_hook(
-            lambda _m, _i, out: values.append(out[0, :, 2 * D:].reshape(-1, N_HEAD, D // N_HEAD))))
-    handles.append(hf.transformer.ln_f.register_forward_pre_hook(
-        lambda _m, args: (args[0].retain_grad(), final.append(args[0]))[1]))
+        handles.append(
+            block.mlp.act.register_forward_hook(
+                lambda _m, _i, out: (out.retain_grad(), acts.append(out))[1]
+            )
+        )
+        handles.append(
+            block.attn.c_attn.register_forward_hook(
+                lambda _m, _i, out: values.append(
+                    out[0, :, 2 * D :].reshape(-1, N_HEAD, D // N_HEAD)
+                )
+            )
+        )
+    handles.append(
+        hf.transformer.ln_f.register_forward_pre_hook(
+            lambda _m, args: (args[0].retain_grad(), final.append(args[0]))[1]
+        )
+    )
     out = hf(torch.tensor([TOKENS]), output_attentions=True)
     probs = list(out.attentions)
     for p in probs:
@@ -71,14 +90,14 @@ def _hf_reference(hf: Any) -> dict[str, list[torch.Tensor]]:
         a = acts[layer][0]
         result["mlp.act_times_grad"].append(a * acts[layer].grad[0])
         result["mlp.write_to_final_residual_grad"].append(
-            torch.einsum("tn,nd,td->tn", a, block.mlp.c_proj.weight, g))
+            torch.einsum("tn,nd,td->tn", a, block.mlp.c_proj.weight, g)
+        )
         p = probs[layer][0].permute(1, 2, 0)  # H×T×S → T×S×H
         grad_p = probs[layer].grad[0].permute(1, 2, 0)
         result["attn.act_times_grad"].append(p * grad_p)
         w_o = block.attn.c_proj.weight.reshape(N_HEAD, D // N_HEAD, D)
         c = torch.einsum("shv,hvd->shd", values[layer], w_o)
-        result["attn.write_to_final_residual_grad"].append(
-            torch.einsum("tsh,shd,td->tsh", p, c, g))
+        result["attn.write_to_final_residual_grad"].append(torch.einsum("tsh,shd,td->tsh", p, c, g))
     return {k: [t.detach() for t in v] for k, v in result.items()}
 
 
@@ -89,8 +108,12 @@ def test_matches_hf_autograd(tmp_path: Path) -> None:
     adapter = load_gpt2_checkpoint(tmp_path, dtype=torch.float64)
     expected = _hf_reference(hf)
     store = scalarlens.derive(
-        adapter, [TOKENS], DSTS, objective=scalarlens.LogitDiffObjective(TARGET, DISTRACTOR),
-        config=DstConfig(), registry=REGISTRY,
+        adapter,
+        [TOKENS],
+        DSTS,
+        objective=scalarlens.LogitDiffObjective(TARGET, DISTRACTOR),
+        config=DstConfig(),
+        registry=REGISTRY,
     )
     for name in DSTS:
         for layer in range(N_LAYER):

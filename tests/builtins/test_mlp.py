@@ -13,9 +13,16 @@ from ._tiny import ALT, BWD, N_LAYERS, TOKENS, TOL, derive, logit_diff, max_err,
 
 W = WeightLocationType
 MLP_DSTS = [
-    "mlp.post_act", "mlp.pre_act", "resid.delta_mlp", "resid.post_mlp",
-    "mlp.resid_delta_from_post_act", "mlp.write", "mlp.write_norm", "mlp.act_times_grad",
-    "mlp.write_to_final_residual_grad", "mlp.layer_write_norm",
+    "mlp.post_act",
+    "mlp.pre_act",
+    "resid.delta_mlp",
+    "resid.post_mlp",
+    "mlp.resid_delta_from_post_act",
+    "mlp.write",
+    "mlp.write_norm",
+    "mlp.act_times_grad",
+    "mlp.write_to_final_residual_grad",
+    "mlp.layer_write_norm",
     "mlp.layer_write_to_final_residual_grad",
 ]
 
@@ -41,9 +48,10 @@ def test_hand_formulas(adapter: Any, store: Any, layer: int) -> None:
     write = torch.einsum("tn,nd->tnd", a, w_out)
     assert max_err(store.get("mlp.write", layer), write) <= TOL
     assert max_err(store.get("mlp.write_norm", layer), a * w_out.norm(dim=1)) <= TOL
-    assert max_err(
-        store.get("mlp.act_times_grad", layer), a * store.get("mlp.post_act", layer, BWD)
-    ) <= TOL
+    assert (
+        max_err(store.get("mlp.act_times_grad", layer), a * store.get("mlp.post_act", layer, BWD))
+        <= TOL
+    )
     expected = torch.einsum("tnd,td->tn", write, _g(store))
     assert max_err(store.get("mlp.write_to_final_residual_grad", layer), expected) <= TOL
 
@@ -92,8 +100,9 @@ def test_pre_act_is_gelu_input(store: Any) -> None:
 
 
 @pytest.mark.parametrize(("layer", "token", "neuron"), [(0, 5, 3), (1, 2, 7), (2, 5, 30)])
-def test_finite_difference_item16(adapter: Any, store: Any, layer: int, token: int,
-                                  neuron: int) -> None:
+def test_finite_difference_item16(
+    adapter: Any, store: Any, layer: int, token: int, neuron: int
+) -> None:
     """Scaling one activation by (1±η) changes J by ±η·act·grad (central difference, O(η³))."""
     eta = 1e-4
 

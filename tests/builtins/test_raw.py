@@ -12,9 +12,22 @@ from ._tiny import ALT, BWD, FWD, N_LAYERS, TOKENS, derive, logit_diff, tiny_ada
 
 RAW = [alt.value for alt in ALT]
 assert set(RAW) == {
-    "resid.post_emb", "attn_ln.scale", "attn.q", "attn.k", "attn.v", "attn.qk_logits",
-    "attn.qk_probs", "attn.v_out", "resid.delta_attn", "resid.post_attn", "mlp_ln.scale",
-    "mlp.pre_act", "mlp.post_act", "resid.delta_mlp", "resid.post_mlp", "resid.ln_f.scale",
+    "resid.post_emb",
+    "attn_ln.scale",
+    "attn.q",
+    "attn.k",
+    "attn.v",
+    "attn.qk_logits",
+    "attn.qk_probs",
+    "attn.v_out",
+    "resid.delta_attn",
+    "resid.post_attn",
+    "mlp_ln.scale",
+    "mlp.pre_act",
+    "mlp.post_act",
+    "resid.delta_mlp",
+    "resid.post_mlp",
+    "resid.ln_f.scale",
     "logits",
 }
 
@@ -26,8 +39,11 @@ def adapter() -> Any:
 
 def test_raw_twins_equal_captures(adapter: Any) -> None:
     store = derive(adapter, RAW, config=DstConfig(derive_gradients=True))
-    captures = [CaptureRequest(alt, p, None if alt.has_no_layers else range(N_LAYERS))
-                for alt in ALT for p in (FWD, BWD)]
+    captures = [
+        CaptureRequest(alt, p, None if alt.has_no_layers else range(N_LAYERS))
+        for alt in ALT
+        for p in (FWD, BWD)
+    ]
     (run,) = adapter.run([TOKENS], captures, logit_diff())
     for alt in ALT:
         for pass_type in (FWD, BWD):

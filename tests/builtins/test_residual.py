@@ -22,12 +22,22 @@ from ._tiny import (
 
 W = WeightLocationType
 RESID_DSTS = [
-    "resid.post_emb", "resid.post_attn", "resid.post_mlp", "resid.delta_attn", "resid.delta_mlp",
-    "resid.prev_layer_post_mlp", "resid.post_emb.norm", "resid.post_attn.norm",
-    "resid.post_mlp.norm", "resid.post_emb.proj_to_final_residual_grad",
-    "resid.post_attn.proj_to_final_residual_grad", "resid.post_mlp.proj_to_final_residual_grad",
-    "attn.layer_write_to_final_residual_grad", "mlp.layer_write_to_final_residual_grad",
-    "resid.ln_f.scale", "logits",
+    "resid.post_emb",
+    "resid.post_attn",
+    "resid.post_mlp",
+    "resid.delta_attn",
+    "resid.delta_mlp",
+    "resid.prev_layer_post_mlp",
+    "resid.post_emb.norm",
+    "resid.post_attn.norm",
+    "resid.post_mlp.norm",
+    "resid.post_emb.proj_to_final_residual_grad",
+    "resid.post_attn.proj_to_final_residual_grad",
+    "resid.post_mlp.proj_to_final_residual_grad",
+    "attn.layer_write_to_final_residual_grad",
+    "mlp.layer_write_to_final_residual_grad",
+    "resid.ln_f.scale",
+    "logits",
 ]
 
 
@@ -46,8 +56,10 @@ def test_bookkeeping_item5(store: Any, layer: int) -> None:
     prev = store.get("resid.prev_layer_post_mlp", layer)
     post_attn = store.get("resid.post_attn", layer)
     assert max_err(post_attn, prev + store.get("resid.delta_attn", layer)) <= TOL
-    assert max_err(store.get("resid.post_mlp", layer),
-                   post_attn + store.get("resid.delta_mlp", layer)) <= TOL
+    assert (
+        max_err(store.get("resid.post_mlp", layer), post_attn + store.get("resid.delta_mlp", layer))
+        <= TOL
+    )
     if layer == 0:
         assert torch.equal(prev, store.get("resid.post_emb"))
     else:
@@ -57,8 +69,11 @@ def test_bookkeeping_item5(store: Any, layer: int) -> None:
 @pytest.mark.parametrize("layer", range(N_LAYERS))
 def test_previous_layer_backward_is_gradient_of_stream(store: Any, layer: int) -> None:
     grad = store.get("resid.prev_layer_post_mlp", layer, BWD)
-    expected = (store.get("resid.post_emb", None, BWD) if layer == 0
-                else store.get("resid.post_mlp", layer - 1, BWD))
+    expected = (
+        store.get("resid.post_emb", None, BWD)
+        if layer == 0
+        else store.get("resid.post_mlp", layer - 1, BWD)
+    )
     assert torch.equal(grad, expected)
     assert grad.abs().max() > 0
 
@@ -105,10 +120,15 @@ def _j_minus_ln_bias(adapter: Any, store: Any) -> float:
 
 def test_global_decomposition_detached_item11(adapter: Any) -> None:
     """Final-LN scale detached: Σ direct effects + embedding = J − d·β_f exactly."""
-    store = derive(adapter, RESID_DSTS, config=DstConfig(detach_final_ln_scale=True,
-                                                         derive_gradients=True))
-    xm_proj = float((store.get("resid.post_mlp", N_LAYERS - 1)
-                     * store.get("resid.post_mlp", N_LAYERS - 1, BWD)).sum())
+    store = derive(
+        adapter, RESID_DSTS, config=DstConfig(detach_final_ln_scale=True, derive_gradients=True)
+    )
+    xm_proj = float(
+        (
+            store.get("resid.post_mlp", N_LAYERS - 1)
+            * store.get("resid.post_mlp", N_LAYERS - 1, BWD)
+        ).sum()
+    )
     total = _global_sum(store)
     assert abs(total - xm_proj) <= TOL
     expected = _j_minus_ln_bias(adapter, store)

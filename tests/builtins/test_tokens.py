@@ -19,8 +19,9 @@ def adapter() -> Any:
 
 
 def test_token_attribution_item16(adapter: Any) -> None:
-    store = derive(adapter, ["token.attribution", "resid.post_emb"],
-                   config=DstConfig(derive_gradients=True))
+    store = derive(
+        adapter, ["token.attribution", "resid.post_emb"], config=DstConfig(derive_gradients=True)
+    )
     x, grad = store.get("resid.post_emb"), store.get("resid.post_emb", None, BWD)
     assert max_err(store.get("token.attribution"), (x * grad).sum(-1, keepdim=True)) <= TOL
     assert store.get("token.attribution").abs().max() > 1e-4
@@ -28,9 +29,9 @@ def test_token_attribution_item16(adapter: Any) -> None:
 
 def test_embedding_is_token_plus_position(adapter: Any) -> None:
     store = derive(adapter, "resid.post_emb")
-    expected = adapter.weight(W.EMBEDDING)[TOKENS] + adapter.weight(W.POSITION_EMBEDDING)[
-        : len(TOKENS)
-    ]
+    expected = (
+        adapter.weight(W.EMBEDDING)[TOKENS] + adapter.weight(W.POSITION_EMBEDDING)[: len(TOKENS)]
+    )
     assert max_err(store.get("resid.post_emb"), expected) <= TOL
 
 
@@ -45,8 +46,9 @@ def test_vocab_write_to_input_direction_matches_model(adapter: Any) -> None:
     block = adapter.model.block(layer)
     with torch.no_grad():
         emb = adapter.weight(W.EMBEDDING)
-        ln = torch.nn.functional.layer_norm(emb, (emb.shape[-1],), block.ln_2.weight,
-                                            block.ln_2.bias, eps=1e-5)
+        ln = torch.nn.functional.layer_norm(
+            emb, (emb.shape[-1],), block.ln_2.weight, block.ln_2.bias, eps=1e-5
+        )
         expected = (ln @ block.mlp.c_fc.weight + block.mlp.c_fc.bias)[:, neuron]
     assert max_err(out[0], expected) <= TOL
 
@@ -55,5 +57,7 @@ def test_vocab_write_needs_a_neuron() -> None:
     with pytest.raises(ConfigError, match="needs a neuron"):
         REGISTRY.get("vocab.write_to_input_direction", DstConfig())
     with pytest.raises(ConfigError, match="builtins"):
-        REGISTRY.get("vocab.write_to_input_direction",
-                     DstConfig(options={"builtins": {"neuron": {"layer": 1}}}))
+        REGISTRY.get(
+            "vocab.write_to_input_direction",
+            DstConfig(options={"builtins": {"neuron": {"layer": 1}}}),
+        )

@@ -28,6 +28,7 @@ LOCATIONS: dict[str, ActivationLocationType] = {
 }
 """Where an SAE may read, by option value.  Inputs are the full activations (biases included)."""
 
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -66,9 +66,7 @@ class SparseAutoencoder:
     )
 
     def __attrs_post_init__(self) -> None:
-        check_shapes(
-            {name: tuple(getattr(self, name).shape) for name in TENSORS}, self.source
-        )
+        check_shapes({name: tuple(getattr(self, name).shape) for name in TENSORS}, self.source)
 
     @property
     def d_in(self) -> int:

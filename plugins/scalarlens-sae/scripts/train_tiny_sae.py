@@ -92,8 +92,10 @@ def main() -> None:
     train = collect(model, make_sequences(generator, 768, n_vocab))
     heldout = collect(model, make_sequences(generator, 128, n_vocab))
     d_in = train.shape[1]
-    print(f"activations: {tuple(train.shape)} train, {tuple(heldout.shape)} held out "
-          f"({time.perf_counter() - start:.1f}s)")
+    print(
+        f"activations: {tuple(train.shape)} train, {tuple(heldout.shape)} held out "
+        f"({time.perf_counter() - start:.1f}s)"
+    )
 
     # Init: unit-norm random decoder, tied encoder, b_dec at the data mean.
     w_dec = torch.randn(args.latents, d_in, generator=generator)
@@ -139,8 +141,10 @@ def main() -> None:
             "heldout": result,
         },
     )
-    print(f"held-out FVU {result['fvu']:.4f}  L0 {result['l0']:.1f} of {args.latents}  "
-          f"dead {result['dead_fraction']:.1%}  ({time.perf_counter() - start:.1f}s)")
+    print(
+        f"held-out FVU {result['fvu']:.4f}  L0 {result['l0']:.1f} of {args.latents}  "
+        f"dead {result['dead_fraction']:.1%}  ({time.perf_counter() - start:.1f}s)"
+    )
     print(f"saved to {args.out}")
 
 

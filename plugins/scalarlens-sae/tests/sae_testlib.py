@@ -36,11 +36,11 @@ def grad_at(
     """Forward value and gradient of the logit-diff objective at one location (per prompt)."""
     runs = model.run(
         TOKENS,
-        [CaptureRequest(location, PassType.FORWARD, {layer}),
-         CaptureRequest(location, PassType.BACKWARD, {layer})],
+        [
+            CaptureRequest(location, PassType.FORWARD, {layer}),
+            CaptureRequest(location, PassType.BACKWARD, {layer}),
+        ],
         scalarlens.LogitDiffObjective(TARGET, DISTRACTOR),
         interventions=interventions,
     )
-    return [
-        torch.stack([r.captured[(location, p)][layer] for p in PassType]) for r in runs
-    ]
+    return [torch.stack([r.captured[(location, p)][layer] for p in PassType]) for r in runs]

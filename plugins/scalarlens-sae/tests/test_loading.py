@@ -91,8 +91,7 @@ def test_cast_is_memoised_and_leaves_the_original(tmp_path: Path) -> None:
         (lambda p: _write(p / "s", _tensors()) / "cfg.json", r"is a file"),
         (lambda p: (p / "empty").mkdir() or p / "empty", r"has no cfg\.json"),
         (
-            lambda p: (_write(p / "s", _tensors()) / "sae_weights.safetensors").unlink()
-            or p / "s",
+            lambda p: (_write(p / "s", _tensors()) / "sae_weights.safetensors").unlink() or p / "s",
             r"has no sae_weights\.safetensors",
         ),
         (

@@ -37,7 +37,11 @@ def _derive(
 ) -> scalarlens.DerivedScalarStore:
     config = DstConfig(options=config.options, derive_gradients=True)
     return scalarlens.derive(
-        model, TOKENS, [*OFFLINE, error, *extra], config=config, target=TARGET,
+        model,
+        TOKENS,
+        [*OFFLINE, error, *extra],
+        config=config,
+        target=TARGET,
         distractor=DISTRACTOR,
     )
 
@@ -47,8 +51,13 @@ def mlp_store(model: scalarlens.ModelAdapter) -> scalarlens.DerivedScalarStore:
     return _derive(
         model,
         sae_config(),
-        ["mlp.post_act", "mlp.act_times_grad", "resid.delta_mlp",
-         "mlp.layer_write_to_final_residual_grad", "resid.post_mlp"],
+        [
+            "mlp.post_act",
+            "mlp.act_times_grad",
+            "resid.delta_mlp",
+            "mlp.layer_write_to_final_residual_grad",
+            "resid.post_mlp",
+        ],
         "sae.reconstruction_error_mlp",
     )
 
@@ -107,8 +116,9 @@ def test_write_sums_to_the_mlp_write(
 @pytest.mark.parametrize("location", ["resid.delta_attn", "resid.delta_mlp"])
 def test_write_sums_to_the_residual_input(model: scalarlens.ModelAdapter, location: str) -> None:
     """Σ_j write[t,j] + b_dec + e = x (resid.delta_*, biases b_O / b_out included)."""
-    store = _derive(model, sae_config(location=location), [location],
-                    "sae.reconstruction_error_resid")
+    store = _derive(
+        model, sae_config(location=location), [location], "sae.reconstruction_error_resid"
+    )
     sae = random_sae(24, 16, seed=0)
     for prompt in range(2):
         write = store.get("sae.write", LAYER, prompt=prompt)
@@ -170,8 +180,14 @@ def test_causal_zeroing(
     model: scalarlens.ModelAdapter, location: str, direction: dict[str, object], nonzero: bool
 ) -> None:
     config = attrs.evolve(sae_config(location=location), direction=direction)
-    store = scalarlens.derive(model, TOKENS, "sae.write_to_final_residual_grad", config=config,
-                              target=TARGET, distractor=DISTRACTOR)
+    store = scalarlens.derive(
+        model,
+        TOKENS,
+        "sae.write_to_final_residual_grad",
+        config=config,
+        target=TARGET,
+        distractor=DISTRACTOR,
+    )
     assert bool(store.get("sae.write_to_final_residual_grad", LAYER).any()) is nonzero
 
 
@@ -198,8 +214,11 @@ def test_shipped_sae_reconstructs_tiny_induction() -> None:
     words = "cat dog sun red one bus cup the cat dog sun red one bus"
     config = DstConfig(options={"sae": tiny_induction_options()})
     store = scalarlens.derive(
-        model, words, ["sae.latents", "sae.reconstruction_error_mlp", "mlp.post_act"],
-        config=config, layers=[1],
+        model,
+        words,
+        ["sae.latents", "sae.reconstruction_error_mlp", "mlp.post_act"],
+        config=config,
+        layers=[1],
     )
     x = store.get("mlp.post_act", 1)
     error = store.get("sae.reconstruction_error_mlp", 1)

@@ -33,8 +33,9 @@ def _derive(
     model: scalarlens.ModelAdapter, config: DstConfig, dsts: list[str]
 ) -> scalarlens.DerivedScalarStore:
     config = DstConfig(options=config.options, derive_gradients=True)
-    return scalarlens.derive(model, TOKENS, dsts, config=config, target=TARGET,
-                             distractor=DISTRACTOR)
+    return scalarlens.derive(
+        model, TOKENS, dsts, config=config, target=TARGET, distractor=DISTRACTOR
+    )
 
 
 @pytest.mark.parametrize("location", ["mlp.post_act", "resid.delta_mlp", "resid.delta_attn"])
@@ -61,9 +62,11 @@ def test_offline_equals_online(model: scalarlens.ModelAdapter, location: str) ->
 def test_splice_leaves_logits_and_gradients_unchanged(model: scalarlens.ModelAdapter) -> None:
     opts = SaeOptions(**sae_config().options["sae"])
     splice = make_interventions(opts.splice_params(), model)
-    for location, layer in [(ActivationLocationType.RESID_POST_ATTN, 0),
-                            (ActivationLocationType.MLP_POST_ACT, LAYER),
-                            (ActivationLocationType.RESID_POST_MLP, 2)]:
+    for location, layer in [
+        (ActivationLocationType.RESID_POST_ATTN, 0),
+        (ActivationLocationType.MLP_POST_ACT, LAYER),
+        (ActivationLocationType.RESID_POST_MLP, 2),
+    ]:
         plain = grad_at(model, location, layer)
         spliced = grad_at(model, location, layer, splice)
         for a, b in zip(plain, spliced, strict=True):
@@ -81,8 +84,9 @@ def test_online_act_times_grad_identity(model: scalarlens.ModelAdapter) -> None:
     (x − e − b_dec)·∇x, the error e·∇x, and the decoder bias b_dec·∇x (owned by no latent).
     """
     sae = random_sae(24, 32, seed=0)
-    store = _derive(model, sae_config(), ["sae.online.act_times_grad", "sae.online.error_mlp",
-                                          "mlp.post_act"])
+    store = _derive(
+        model, sae_config(), ["sae.online.act_times_grad", "sae.online.error_mlp", "mlp.post_act"]
+    )
     for prompt in range(2):
         atg = store.get("sae.online.act_times_grad", LAYER, prompt=prompt)
         e = store.get("sae.online.error_mlp", LAYER, prompt=prompt)
@@ -99,8 +103,9 @@ def test_online_write_decomposition(model: scalarlens.ModelAdapter) -> None:
     sae = random_sae(24, 32, seed=0)
     w_out = model.weight(WeightLocationType.MLP_TO_RESIDUAL, LAYER)
     b_out = model.weight(WeightLocationType.MLP_BIAS_RESIDUAL, LAYER)
-    store = _derive(model, sae_config(), ["sae.online.write", "sae.online.error_mlp",
-                                          "resid.delta_mlp"])
+    store = _derive(
+        model, sae_config(), ["sae.online.write", "sae.online.error_mlp", "resid.delta_mlp"]
+    )
     for prompt in range(2):
         write = store.get("sae.online.write", LAYER, prompt=prompt)
         e = store.get("sae.online.error_mlp", LAYER, prompt=prompt)

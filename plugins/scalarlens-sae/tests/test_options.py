@@ -49,8 +49,11 @@ def test_bad_options_name_the_field(patch: dict[str, Any], field: str) -> None:
 
 
 def test_wrong_basis_error_dst_names_location_and_the_right_dst() -> None:
-    with pytest.raises(SaeConfigError, match=r"location'\] is 'resid.delta_mlp'.*use "
-                       r"sae\.reconstruction_error_resid"):
+    with pytest.raises(
+        SaeConfigError,
+        match=r"location'\] is 'resid.delta_mlp'.*use "
+        r"sae\.reconstruction_error_resid",
+    ):
         _build(sae_options(location="resid.delta_mlp"), "sae.reconstruction_error_mlp")
     with pytest.raises(SaeConfigError, match=r"use sae\.online\.error_mlp"):
         _build(sae_options(), "sae.online.error_resid")
@@ -59,11 +62,18 @@ def test_wrong_basis_error_dst_names_location_and_the_right_dst() -> None:
 def test_direction_layer_outside_the_model_fails_at_planning(
     model: scalarlens.ModelAdapter,
 ) -> None:
-    config = DstConfig(options={"sae": sae_options()},
-                       direction={"location": "resid.post_mlp", "layer": 7})
+    config = DstConfig(
+        options={"sae": sae_options()}, direction={"location": "resid.post_mlp", "layer": 7}
+    )
     with pytest.raises(ConfigError, match=r"direction.layer 7 is outside the model's 3 layers"):
-        scalarlens.derive(model, [[1, 2]], "sae.write_to_final_residual_grad", config=config,
-                          target=1, distractor=2)
+        scalarlens.derive(
+            model,
+            [[1, 2]],
+            "sae.write_to_final_residual_grad",
+            config=config,
+            target=1,
+            distractor=2,
+        )
 
 
 def test_options_round_trip_and_serialisable_deriver() -> None:
@@ -74,5 +84,7 @@ def test_options_round_trip_and_serialisable_deriver() -> None:
     assert rebuilt.parameter_sizes == {scalarlens.Dimension.AUTOENCODER_LATENTS: 24}
     opts = SaeOptions(**sae_options())
     assert opts.splice_params() == {
-        "random_init": {"n_latents": 24, "seed": 0}, "location": "mlp.post_act", "layer": 1,
+        "random_init": {"n_latents": 24, "seed": 0},
+        "location": "mlp.post_act",
+        "layer": 1,
     }
