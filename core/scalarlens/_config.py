@@ -66,6 +66,24 @@ class FrozenOptions(Mapping[str, Any]):
         return json.loads(self._key)  # type: ignore[no-any-return]
 
 
+def validation_message(exc: BaseException) -> str:
+    """``"field: expected X, got Y"`` for attrs validator errors, the plain message otherwise.
+
+    attrs' ``instance_of`` raises ``TypeError(msg, attribute, expected, value)``, whose ``str``
+    is a tuple with the whole ``Attribute(name=..., default=NOTHING, ...)`` repr in it.
+    """
+    args = exc.args
+    if len(args) >= 4 and isinstance(args[1], attrs.Attribute):
+        expected = args[2]
+        names = (
+            " or ".join(t.__name__ for t in expected)
+            if isinstance(expected, tuple)
+            else getattr(expected, "__name__", repr(expected))
+        )
+        return f"{args[1].name}: expected {names}, got {args[3]!r}"
+    return str(args[0]) if len(args) == 1 else str(exc)
+
+
 def _to_layers(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -158,7 +176,9 @@ class DstConfig:
         except ConfigError:
             raise
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"DstConfig.options[{namespace!r}]: {exc}") from exc
+            raise ConfigError(
+                f"DstConfig.options[{namespace!r}]: {validation_message(exc)}"
+            ) from exc
 
     def with_options(self, namespace: str, **values: Any) -> DstConfig:
         merged = self.options.to_dict()

@@ -57,6 +57,8 @@ class UnknownDstError(ScalarLensError, KeyError):
         msg = f"unknown derived scalar type {name!r}"
         if self.suggestions:
             msg += "; did you mean " + " or ".join(repr(s) for s in self.suggestions) + "?"
+        else:
+            msg += "."
         msg += hint or " Run `scalarlens dsts` to list every registered DST."
         super().__init__(msg)
 

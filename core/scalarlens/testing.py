@@ -32,7 +32,7 @@ from ._model import LogitDiffObjective, ModelAdapter, Objective
 from ._plan import Plan, execute_plan, make_plan
 from ._registry import Registry
 from ._vocab import resolve_shape
-from .exceptions import KernelError, KernelMutationWarning, ShapeError
+from .exceptions import ConfigError, KernelError, KernelMutationWarning, ShapeError
 
 TINY_TOKENS = ((3, 1, 4, 1, 5, 9), (2, 6, 5))
 
@@ -73,7 +73,14 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
     where = f"{name} (plugin {reg.provider(name).name})"
     dst = reg.dst(name)
     assert dst.description.strip(), f"{where}: DerivedScalarType.description is empty"
-    deriver = reg.get(name, config)  # resolves every DstReference or raises
+    try:
+        deriver = reg.get(name, config)  # resolves every DstReference or raises
+    except ConfigError as exc:
+        raise AssertionError(
+            f"{where}: cannot be built with {config!r}: {exc}. If it needs plugin options, "
+            "return an example config for it from the plugin's scalarlens_dst_examples hook "
+            "(or pass configs={name: DstConfig(...)} to conformance_tests)"
+        ) from None
     n_layers = model.dims.n_layers
     for pass_type in sorted(deriver.derivable_pass_types, key=lambda p: p.value):  # stable
         plan = make_plan([(deriver, pass_type)], n_layers)
