@@ -27,11 +27,12 @@ import torch
 from ._activations import ActivationsAndMetadata, RawActivationStore
 from ._config import DstConfig
 from ._derive import plugin_interventions
+from ._deriver import ScalarDeriver
 from ._dst import DstAndPass
-from ._model import LogitDiffObjective, ModelAdapter, Objective
+from ._model import LogitDiffObjective, ModelAdapter, Objective, RunResult
 from ._plan import Plan, execute_plan, make_plan
 from ._registry import Registry
-from ._vocab import resolve_shape
+from ._vocab import PassType, resolve_shape
 from .exceptions import ConfigError, KernelError, KernelMutationWarning, ShapeError
 
 TINY_TOKENS = ((3, 1, 4, 1, 5, 9), (2, 6, 5))
@@ -81,9 +82,8 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
             "return an example config for it from the plugin's scalarlens_dst_examples hook "
             "(or pass configs={name: DstConfig(...)} to conformance_tests)"
         ) from None
-    n_layers = model.dims.n_layers
     for pass_type in sorted(deriver.derivable_pass_types, key=lambda p: p.value):  # stable
-        plan = make_plan([(deriver, pass_type)], n_layers)
+        plan = make_plan([(deriver, pass_type)], model.dims.n_layers)
         objective = LogitDiffObjective(target=1, distractor=2) if plan.needs_objective else None
         # Splice plugin interventions exactly as derive() does, so online DSTs are checked too.
         spliced = plugin_interventions(plan, model, reg)
@@ -94,43 +94,56 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
             interventions=spliced,
         )
         for run in runs:
-            raw = RawActivationStore.from_nested_dict(run.captured)
-            before = _clone_store(raw)
-            first = _execute(plan, raw, model, objective, f"{where} ({pass_type.value})")
-            second = execute_plan(plan, raw, model=model, objective=objective)
-            after = _clone_store(raw)
-            for key, by_layer in before.items():
-                for layer, tensor in by_layer.items():
-                    assert torch.equal(tensor, after[key][layer]), (
-                        f"{where} ({pass_type.value}) mutated its input {key[0].value} "
-                        f"layer {layer}"
-                    )
-            ((label, out),) = first.items()
-            assert label.dst == dst and label.pass_type is pass_type, (
-                f"{where}: result labelled {label}, expected {name}/{pass_type.value}"
+            _check_run(run, plan, deriver, pass_type, model, objective, f"{where} "
+                       f"({pass_type.value})")
+
+
+def _check_run(
+    run: RunResult,
+    plan: Plan,
+    deriver: ScalarDeriver,
+    pass_type: PassType,
+    model: ModelAdapter,
+    objective: Objective | None,
+    where: str,
+) -> None:
+    """One prompt's derivation: inputs untouched, labels, layers, shapes, no graph, repeatable."""
+    dst = deriver.dst
+    raw = RawActivationStore.from_nested_dict(run.captured)
+    before = _clone_store(raw)
+    first = _execute(plan, raw, model, objective, where)
+    second = execute_plan(plan, raw, model=model, objective=objective)
+    after = _clone_store(raw)
+    for key, by_layer in before.items():
+        for layer, tensor in by_layer.items():
+            assert torch.equal(tensor, after[key][layer]), (
+                f"{where} mutated its input {key[0].value} layer {layer}"
             )
-            expected_layers = (None,) if dst.has_no_layers else tuple(range(n_layers))
-            assert out.layer_indices == expected_layers, (
-                f"{where} ({pass_type.value}): layers {out.layer_indices}, "
-                f"expected {expected_layers}"
-            )
-            want = resolve_shape(
-                dst.shape, n_tokens=len(run.tokens), model_sizes=model.dims.sizes(),
-                parameter_sizes=deriver.parameter_sizes,
-            )
-            for layer in out.layer_indices:
-                tensor = out[layer]
-                assert tuple(tensor.shape) == want, (
-                    f"{where} ({pass_type.value}) layer {layer}: shape {tuple(tensor.shape)}, "
-                    f"declared {[d.value for d in dst.shape]} = {want}"
-                )
-                assert tensor.grad_fn is None and not tensor.requires_grad, (
-                    f"{where} ({pass_type.value}) layer {layer}: output carries an autograd graph"
-                )
-                again = second[label][layer]
-                assert torch.equal(tensor.nan_to_num(), again.nan_to_num()), (
-                    f"{where} ({pass_type.value}) layer {layer}: two derivations differ"
-                )
+    ((label, out),) = first.items()
+    assert label.dst == dst and label.pass_type is pass_type, (
+        f"{where}: result labelled {label}, expected {dst.name}/{pass_type.value}"
+    )
+    n_layers = model.dims.n_layers
+    expected_layers = (None,) if dst.has_no_layers else tuple(range(n_layers))
+    assert out.layer_indices == expected_layers, (
+        f"{where}: layers {out.layer_indices}, expected {expected_layers}"
+    )
+    want = resolve_shape(
+        dst.shape, n_tokens=len(run.tokens), model_sizes=model.dims.sizes(),
+        parameter_sizes=deriver.parameter_sizes,
+    )
+    for layer in out.layer_indices:
+        tensor = out[layer]
+        assert tuple(tensor.shape) == want, (
+            f"{where} layer {layer}: shape {tuple(tensor.shape)}, "
+            f"declared {[d.value for d in dst.shape]} = {want}"
+        )
+        assert tensor.grad_fn is None and not tensor.requires_grad, (
+            f"{where} layer {layer}: output carries an autograd graph"
+        )
+        assert torch.equal(tensor.nan_to_num(), second[label][layer].nan_to_num()), (
+            f"{where} layer {layer}: two derivations differ"
+        )
 
 
 def _execute(
