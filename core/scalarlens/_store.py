@@ -20,7 +20,7 @@ from ._activations import ActivationsAndMetadata
 from ._dst import DerivedScalarType, DstAndPass
 from ._inputs import check_top_k
 from ._vocab import Dimension, PassType
-from .exceptions import MissingActivationError, ModelInputError, ShapeError
+from .exceptions import MissingActivationError, ModelInputError, ShapeError, StoreError
 
 LayerIndex = int | None
 PromptResults = Mapping[DstAndPass, ActivationsAndMetadata]
@@ -254,6 +254,8 @@ class DerivedScalarStore:
                 "pass_types": sorted(p.value for p in key.dst.pass_types),
                 "description": key.dst.description,
                 "has_no_layers": key.dst.has_no_layers,
+                "allows_non_finite": key.dst.allows_non_finite,
+                "needs_objective": key.dst.needs_objective,
             }
         header = {
             "scalarlens": json.dumps(
@@ -268,28 +270,10 @@ class DerivedScalarStore:
 
     @classmethod
     def load(cls, path: str | Path) -> DerivedScalarStore:
-        from safetensors import safe_open
-
-        from ._vocab import LocationWithinLayer, NodeType
-
-        with safe_open(str(path), framework="pt") as fh:
-            header = json.loads((fh.metadata() or {})["scalarlens"])
-            raw = {name: fh.get_tensor(name) for name in fh.keys()}
+        """Read a store written by ``save``; a missing or foreign file is a ``StoreError``."""
+        header, raw = _read_store_file(Path(path))
         tokens = header["tokens"]
-        dsts = {
-            name: DerivedScalarType(
-                name=name,
-                shape=tuple(Dimension(d) for d in meta["shape"]),  # type: ignore[call-arg]
-                node_type=NodeType(meta["node_type"]),
-                location=(
-                    None if meta["location"] is None else LocationWithinLayer(meta["location"])
-                ),
-                pass_types=frozenset(PassType(p) for p in meta["pass_types"]),
-                description=meta["description"],
-                has_no_layers=meta["has_no_layers"],
-            )
-            for name, meta in header["dsts"].items()
-        }
+        dsts = {name: _dst_from_meta(name, meta) for name, meta in header["dsts"].items()}
         grouped: dict[DstAndPass, dict[LayerIndex, torch.Tensor]] = {}
         for name, tensor in raw.items():
             dst_name, pass_name, layer_text = name.rsplit("/", 2)
@@ -328,3 +312,39 @@ def _unpad(tensor: torch.Tensor, dst: DerivedScalarType, n_tokens: int) -> torch
         size = n_tokens * (n_tokens + 1) // 2 if dim is Dimension.TOKEN_PAIRS else n_tokens
         index[axis] = slice(0, size)
     return tensor[tuple(index)].clone()
+
+
+def _read_store_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise StoreError(f"{path}: no such store file (write one with store.save or --out)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            text = (fh.metadata() or {}).get("scalarlens")
+            raw = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise StoreError(f"{path}: not a readable safetensors file ({exc})") from None
+    if text is None:
+        raise StoreError(
+            f"{path}: a safetensors file without ScalarLens metadata; load only files written "
+            "by DerivedScalarStore.save or `scalarlens derive --out`"
+        )
+    header: dict[str, Any] = json.loads(text)
+    return header, raw
+
+
+def _dst_from_meta(name: str, meta: Mapping[str, Any]) -> DerivedScalarType:
+    from ._vocab import LocationWithinLayer, NodeType
+
+    return DerivedScalarType(
+        name,
+        tuple(Dimension(d) for d in meta["shape"]),  # type: ignore[call-arg]
+        NodeType(meta["node_type"]),
+        meta["description"],
+        location=None if meta["location"] is None else LocationWithinLayer(meta["location"]),
+        pass_types=frozenset(PassType(p) for p in meta["pass_types"]),
+        has_no_layers=meta["has_no_layers"],
+        allows_non_finite=meta.get("allows_non_finite", False),
+        needs_objective=meta.get("needs_objective", False),
+    )

@@ -25,6 +25,7 @@ __all__ = [
     "RegistrationError",
     "ScalarLensError",
     "ShapeError",
+    "StoreError",
     "TokenizerError",
     "UnknownDstError",
     "UnknownInterventionError",
@@ -139,3 +140,7 @@ class KernelMutationWarning(UserWarning):
 
 class OutputError(ScalarLensError, OSError):
     """An output file cannot be written (missing or read-only directory, failed plot)."""
+
+
+class StoreError(ScalarLensError, ValueError):
+    """A derived-scalar store file is missing, unreadable, or was not written by ScalarLens."""

@@ -64,3 +64,20 @@ def test_the_kit_hints_at_the_examples_hook_when_options_are_missing() -> None:
     with pytest.raises(AssertionError, match="scalarlens_dst_examples") as err:
         check_dst(reg, "needy.dst", tiny_model(), DstConfig())
     assert "needy.dst (plugin needy)" in str(err.value)
+
+
+def test_loading_a_missing_or_foreign_store_file_is_a_store_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from safetensors.torch import save_file
+    from scalarlens import DerivedScalarStore, StoreError
+
+    with pytest.raises(StoreError, match="no such store file"):
+        DerivedScalarStore.load(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(StoreError, match="not a readable safetensors file"):
+        DerivedScalarStore.load(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    with pytest.raises(StoreError, match="without ScalarLens metadata"):
+        DerivedScalarStore.load(foreign)
