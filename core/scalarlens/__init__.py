@@ -135,7 +135,14 @@ _LAZY = {
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 
 
+# Subpackages reachable as attributes (``help(scalarlens.models.GPT2Adapter)``) without an
+# explicit import, but still imported only when used (they import torch).
+_SUBMODULES = ("models", "testing")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY_NAMES.get(name)
     if module is None:
         raise AttributeError(f"module 'scalarlens' has no attribute {name!r}")

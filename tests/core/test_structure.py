@@ -118,3 +118,12 @@ def test_public_namespace_is_sorted_resolves_and_matches_the_lazy_table() -> Non
         return 0 if n.isupper() else 1 if n[:1].isupper() else 2
 
     assert list(names) == sorted(names, key=lambda n: (kind(n), n))
+
+
+def test_subpackages_are_reachable_as_attributes_in_a_fresh_interpreter() -> None:
+    import subprocess
+    import sys
+
+    code = "import scalarlens; print(scalarlens.models.GPT2Adapter.__name__)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert run.stdout.strip() == "GPT2Adapter", run.stderr
