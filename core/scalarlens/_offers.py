@@ -10,11 +10,16 @@ that name is an error too, never silently ignored.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from .exceptions import ConfigError, DstConflictError
+
+if TYPE_CHECKING:
+    from ._config import DstConfig
+    from ._deriver import ScalarDeriver
+    from ._dst import DerivedScalarType
 
 
 @attrs.frozen
@@ -87,3 +92,45 @@ class OfferTable:
             f"Registry(prefer={{{name!r}: '<plugin>'}}), registry.prefer({name!r}, '<plugin>') "
             f"or SCALARLENS_PREFER={name}=<plugin>, or uninstall one of them"
         )
+
+
+@attrs.frozen
+class Provision:
+    """One plugin's offer of one DST: the DST and its factory."""
+
+    dst: DerivedScalarType
+    factory: Callable[[DstConfig], ScalarDeriver] = attrs.field(eq=False)
+    plugin: str
+
+
+class Contributions:
+    """Everything loaded plugins offer, one table per hook, with one way to file and drop."""
+
+    def __init__(self) -> None:
+        self.dsts = OfferTable("DST")
+        self.loaders = OfferTable("model loader")
+        self.examples = OfferTable("DST example")
+        self.interventions = OfferTable("intervention provider")
+
+    def named(self) -> tuple[OfferTable, ...]:
+        """The tables whose names can conflict (and be settled by a preference)."""
+        return (self.dsts, self.loaders, self.interventions)
+
+    def file(self, hook: str, result: Mapping[Any, Any], plugin: str) -> list[str]:
+        """File one hook's (checked) result; return the DST names it offered."""
+        if hook == "scalarlens_derivers":
+            for dst, factory in result.items():
+                self.dsts.add(dst.name, Provision(dst, factory, plugin), plugin)
+            return [dst.name for dst in result]
+        table = {
+            "scalarlens_model_loaders": self.loaders,
+            "scalarlens_dst_examples": self.examples,
+            "scalarlens_interventions": self.interventions,
+        }[hook]
+        for name, value in result.items():
+            table.add(name, value, plugin)
+        return []
+
+    def drop(self, plugin: str) -> None:
+        for table in (self.dsts, self.loaders, self.examples, self.interventions):
+            table.drop(plugin)

@@ -9,13 +9,18 @@ error, so one broken distribution never takes the registry down.
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._offers import Contributions
 from .hookspecs import PLUGIN_API_VERSION
+
+if TYPE_CHECKING:
+    import pluggy
 
 ENTRY_POINT_GROUP = "scalarlens"
 ENV_DISABLE_AUTOLOAD = "SCALARLENS_DISABLE_PLUGIN_AUTOLOAD"
@@ -180,3 +185,158 @@ def check_derivers_result(result: object) -> str | None:
         if not callable(factory):
             return f"scalarlens_derivers(): the factory for {dst.name!r} is not callable"
     return None
+
+
+def _check_loaders(result: object) -> str | None:
+    return check_mapping("scalarlens_model_loaders", result, str, "loader")
+
+
+def _check_interventions(result: object) -> str | None:
+    return check_mapping("scalarlens_interventions", result, str, "intervention factory")
+
+
+def _check_examples(result: object) -> str | None:
+    from ._config import DstConfig
+
+    if not isinstance(result, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, DstConfig) for k, v in result.items()
+    ):
+        return "scalarlens_dst_examples() must return a mapping of DST name to DstConfig"
+    return None
+
+
+# Each hook with the check its return value must pass before anything it offers is filed.
+HOOK_CHECKS: tuple[tuple[str, Callable[[object], str | None]], ...] = (
+    ("scalarlens_derivers", check_derivers_result),
+    ("scalarlens_model_loaders", _check_loaders),
+    ("scalarlens_dst_examples", _check_examples),
+    ("scalarlens_interventions", _check_interventions),
+)
+
+
+class PluginSet:
+    """The loaded plugins: their records, their pluggy registrations and what they offer.
+
+    Loading lives here, apart from resolution (``Registry``): importing a candidate, calling
+    each of its hooks once through one collector, and turning every way that can fail into a
+    ``failed`` record instead of an exception.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, PluginInfo] = {}
+        self.candidates: dict[str, PluginCandidate] = {}
+        self.contributions = Contributions()
+        self._pm: pluggy.PluginManager | None = None
+
+    def manager(self) -> pluggy.PluginManager:
+        if self._pm is None:
+            import pluggy
+
+            from . import hookspecs
+
+            self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+            self._pm.add_hookspecs(hookspecs)
+        return self._pm
+
+    def remove(self, name: str) -> None:
+        """Forget a plugin and everything it contributed."""
+        self.contributions.drop(name)
+        if self._pm is not None and self._pm.get_plugin(name) is not None:
+            self._pm.unregister(name=name)
+        del self.records[name]
+
+    def info(self, name: str) -> PluginInfo:
+        """A plugin's record, with distribution name and version filled in on first need."""
+        info = self.records[name]
+        candidate = self.candidates.get(name)
+        if candidate is not None and info.distribution is None:
+            distribution, version = candidate.distribution_and_version()
+            info = attrs.evolve(info, distribution=distribution, version=version)
+            self.records[name] = info
+        return info
+
+    def load_candidate(self, candidate: PluginCandidate, blocked: frozenset[str]) -> None:
+        info = PluginInfo(
+            name=candidate.name,
+            distribution=None,
+            version=None,
+            module=candidate.value,
+            status="loaded",
+        )
+        if candidate.name in self.candidates:
+            self._record_duplicate(candidate, info)
+            return
+        self.candidates[candidate.name] = candidate
+        if candidate.name in blocked or (
+            blocked and candidate.distribution_and_version()[0] in blocked
+        ):
+            self.records[candidate.name] = attrs.evolve(info, status="blocked")
+            return
+        started = time.perf_counter()
+        try:
+            plugin = candidate.load()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit at import is a broken plugin, not an exit
+            self.records[candidate.name] = attrs.evolve(
+                info,
+                status="failed",
+                error=f"import failed: {format_error(exc)}",
+                load_seconds=time.perf_counter() - started,
+            )
+            return
+        info = self.add(plugin, info)
+        self.records[info.name] = attrs.evolve(info, load_seconds=time.perf_counter() - started)
+
+    def _record_duplicate(self, candidate: PluginCandidate, info: PluginInfo) -> None:
+        """Two distributions use one entry-point name: the second is reported, not loaded."""
+        first = self.candidates[candidate.name].distribution_and_version()
+        dist, version = candidate.distribution_and_version()
+        key = f"{candidate.name} ({dist or candidate.value})"
+        self.records[key] = attrs.evolve(
+            info,
+            distribution=dist,
+            version=version,
+            status="failed",
+            error=(
+                f"duplicate entry-point name {candidate.name!r}: distribution {first[0]} "
+                f"{first[1] or ''} already uses it, so this one was not loaded. Rename the "
+                "entry point in one distribution's pyproject.toml "
+                "([project.entry-points.scalarlens]) or uninstall one of them"
+            ),
+        )
+
+    def add(self, plugin: object, info: PluginInfo) -> PluginInfo:
+        problem = check_api_version(plugin)
+        pm = self.manager()
+        if problem is None:
+            try:
+                pm.register(plugin, name=info.name)
+            except Exception as exc:  # pluggy validation errors, duplicate names
+                problem = f"hook validation failed: {format_error(exc)}"
+        dsts: list[str] = []
+        if problem is None:
+            problem = self._collect(pm, plugin, info.name, dsts)
+            if problem is not None:
+                pm.unregister(plugin)
+                self.contributions.drop(info.name)
+        info = attrs.evolve(info, status="failed", error=problem) if problem else attrs.evolve(
+            info, dsts=tuple(dsts)
+        )
+        self.records[info.name] = info
+        return info
+
+    def _collect(
+        self, pm: pluggy.PluginManager, plugin: object, name: str, dsts: list[str]
+    ) -> str | None:
+        """Call each hook of ``plugin`` once and file what it offers; or say what is wrong."""
+        for hook, check in HOOK_CHECKS:
+            results, problem = call_hook(pm, hook, plugin)
+            for result in results:
+                problem = problem or check(result)
+            if problem is not None:
+                return problem
+            for result in results:
+                dsts += self.contributions.file(hook, result, name)
+        return None
+

@@ -10,7 +10,6 @@ detecting cycles.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,15 +19,11 @@ from ._bundled import BUNDLED_MODELS
 from ._config import DstConfig
 from ._deriver import DerivedScalarSource, ScalarDeriver
 from ._dst import DerivedScalarType
-from ._offers import Offer, OfferTable
+from ._offers import Offer, OfferTable, Provision
 from ._plugins import (
-    PluginCandidate,
     PluginInfo,
+    PluginSet,
     blocked_names,
-    call_hook,
-    check_api_version,
-    check_derivers_result,
-    check_mapping,
     discover_candidates,
     format_error,
     preferences_from_env,
@@ -46,7 +41,6 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:
-    import pluggy
 
     from ._model import Intervention, ModelAdapter
 
@@ -56,15 +50,6 @@ InterventionFactory = Callable[[Mapping[str, Any], "ModelAdapter"], Sequence["In
 ModelLoader = Callable[[str], "ModelAdapter"]
 LOCAL_PLUGIN = "__local__"
 CORE = "scalarlens"  # the pseudo-plugin offering the bundled models
-
-
-@attrs.frozen
-class Provision:
-    """One plugin's offer of one DST."""
-
-    dst: DerivedScalarType
-    factory: Factory = attrs.field(eq=False)
-    plugin: str
 
 
 @attrs.frozen
@@ -106,13 +91,11 @@ class Registry:
 
     def _reset(self) -> None:
         self._prefer: dict[str, str] = dict(self._explicit_prefer)
-        self._pm: pluggy.PluginManager | None = None
-        self._plugins: dict[str, PluginInfo] = {}
-        self._candidates: dict[str, PluginCandidate] = {}
-        self._dsts = OfferTable("DST")
-        self._loaders = OfferTable("model loader")
-        self._interventions = OfferTable("intervention provider")
-        self._examples = OfferTable("DST example")
+        self._set = PluginSet()
+        self._plugins = self._set.records
+        offered = self._set.contributions
+        self._dsts, self._loaders = offered.dsts, offered.loaders
+        self._interventions, self._examples = offered.interventions, offered.examples
 
     # --- loading --------------------------------------------------------------------------
 
@@ -128,74 +111,13 @@ class Registry:
                     self._prefer = {**preferences_from_env(), **self._explicit_prefer}
                     blocked = self._block | blocked_names()
                     for candidate in discover_candidates():
-                        self._load_candidate(candidate, blocked)
+                        self._set.load_candidate(candidate, blocked)
                 self._loaded = True  # only now may other threads see the tables
             except BaseException:
                 self._reset()  # e.g. Ctrl-C mid-discovery: the next use starts over
                 raise
             finally:
                 self._loading_thread = None
-
-    def _plugin_manager(self) -> pluggy.PluginManager:
-        if self._pm is None:
-            import pluggy
-
-            from . import hookspecs
-
-            self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-            self._pm.add_hookspecs(hookspecs)
-        return self._pm
-
-    def _load_candidate(self, candidate: PluginCandidate, blocked: frozenset[str]) -> None:
-        info = PluginInfo(
-            name=candidate.name,
-            distribution=None,
-            version=None,
-            module=candidate.value,
-            status="loaded",
-        )
-        if candidate.name in self._candidates:
-            self._record_duplicate(candidate, info)
-            return
-        self._candidates[candidate.name] = candidate
-        if candidate.name in blocked or (
-            blocked and candidate.distribution_and_version()[0] in blocked
-        ):
-            self._plugins[candidate.name] = attrs.evolve(info, status="blocked")
-            return
-        started = time.perf_counter()
-        try:
-            plugin = candidate.load()
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # SystemExit at import is a broken plugin, not an exit
-            self._plugins[candidate.name] = attrs.evolve(
-                info,
-                status="failed",
-                error=f"import failed: {format_error(exc)}",
-                load_seconds=time.perf_counter() - started,
-            )
-            return
-        info = self._add_plugin(plugin, info)
-        self._plugins[info.name] = attrs.evolve(info, load_seconds=time.perf_counter() - started)
-
-    def _record_duplicate(self, candidate: PluginCandidate, info: PluginInfo) -> None:
-        """Two distributions use one entry-point name: the second is reported, not loaded."""
-        first = self._candidates[candidate.name].distribution_and_version()
-        dist, version = candidate.distribution_and_version()
-        key = f"{candidate.name} ({dist or candidate.value})"
-        self._plugins[key] = attrs.evolve(
-            info,
-            distribution=dist,
-            version=version,
-            status="failed",
-            error=(
-                f"duplicate entry-point name {candidate.name!r}: distribution {first[0]} "
-                f"{first[1] or ''} already uses it, so this one was not loaded. Rename the "
-                "entry point in one distribution's pyproject.toml "
-                "([project.entry-points.scalarlens]) or uninstall one of them"
-            ),
-        )
 
     def register(
         self,
@@ -218,59 +140,7 @@ class Registry:
                 module=getattr(plugin, "__name__", type(plugin).__name__),
                 status="loaded",
             )
-            return self._add_plugin(plugin, info)
-
-    def _add_plugin(self, plugin: object, info: PluginInfo) -> PluginInfo:
-        problem = check_api_version(plugin)
-        pm = self._plugin_manager()
-        if problem is None:
-            try:
-                pm.register(plugin, name=info.name)
-            except Exception as exc:  # pluggy validation errors, duplicate names
-                problem = f"hook validation failed: {format_error(exc)}"
-        dsts: list[str] = []
-        if problem is None:
-            problem = self._collect(pm, plugin, info.name, dsts)
-            if problem is not None:
-                pm.unregister(plugin)
-                self._drop(info.name)
-        info = attrs.evolve(info, status="failed", error=problem) if problem else attrs.evolve(
-            info, dsts=tuple(dsts)
-        )
-        self._plugins[info.name] = info
-        return info
-
-    def _collect(
-        self, pm: pluggy.PluginManager, plugin: object, name: str, dsts: list[str]
-    ) -> str | None:
-        """Call each hook of ``plugin`` once and file what it offers; or say what is wrong."""
-        for hook, check in (
-            ("scalarlens_derivers", check_derivers_result),
-            ("scalarlens_model_loaders", _check_loaders),
-            ("scalarlens_dst_examples", _check_examples),
-            ("scalarlens_interventions", _check_interventions),
-        ):
-            results, problem = call_hook(pm, hook, plugin)
-            for result in results:
-                problem = problem or check(result)
-            if problem is not None:
-                return problem
-            for result in results:
-                for key, value in result.items():
-                    if hook == "scalarlens_derivers":
-                        self._dsts.add(key.name, Provision(key, value, name), name)
-                        dsts.append(key.name)
-                    elif hook == "scalarlens_model_loaders":
-                        self._loaders.add(key, value, name)
-                    elif hook == "scalarlens_dst_examples":
-                        self._examples.add(key, value, name)
-                    else:
-                        self._interventions.add(key, value, name)
-        return None
-
-    def _drop(self, plugin_name: str) -> None:
-        for table in (self._dsts, self._loaders, self._examples, self._interventions):
-            table.drop(plugin_name)
+            return self._set.add(plugin, info)
 
     def unregister(self, name: str) -> None:
         """Remove a plugin and everything it contributed."""
@@ -278,10 +148,7 @@ class Registry:
         with self._lock:
             if name not in self._plugins:
                 raise RegistrationError(f"no plugin named {name!r} is registered")
-            self._drop(name)
-            if self._pm is not None and self._pm.get_plugin(name) is not None:
-                self._pm.unregister(name=name)
-            del self._plugins[name]
+            self._set.remove(name)
 
     def register_factory(
         self,
@@ -324,14 +191,7 @@ class Registry:
     # --- queries --------------------------------------------------------------------------
 
     def _info(self, name: str) -> PluginInfo:
-        """A plugin's record, with distribution name and version filled in on first need."""
-        info = self._plugins[name]
-        candidate = self._candidates.get(name)
-        if candidate is not None and info.distribution is None:
-            distribution, version = candidate.distribution_and_version()
-            info = attrs.evolve(info, distribution=distribution, version=version)
-            self._plugins[name] = info
-        return info
+        return self._set.info(name)
 
     def _where(self, plugin: str) -> str:
         if plugin == CORE:
@@ -597,22 +457,6 @@ class Registry:
                             "no plugin offers that name")
                 )
         return problems
-
-
-def _check_loaders(result: object) -> str | None:
-    return check_mapping("scalarlens_model_loaders", result, str, "loader")
-
-
-def _check_interventions(result: object) -> str | None:
-    return check_mapping("scalarlens_interventions", result, str, "intervention factory")
-
-
-def _check_examples(result: object) -> str | None:
-    if not isinstance(result, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, DstConfig) for k, v in result.items()
-    ):
-        return "scalarlens_dst_examples() must return a mapping of DST name to DstConfig"
-    return None
 
 
 registry = Registry()
