@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 import scalarlens
 import torch
-from scalarlens import ConfigError, DstConfig, ModelInputError, Registry, WeightLocationType
+from scalarlens import DstConfig, ModelInputError, Registry, WeightLocationType
 from scalarlens.testing import check_dst, isolated_registry, tiny_model
 
 Install = Callable[[str], list[str]]
@@ -47,19 +47,8 @@ def test_example_installs_from_its_pyproject(install: Install, distribution: str
         assert reg.provider(dst).name == name
 
 
-_KIT_CASES = [
-    pytest.param(
-        "scalarlens-lens",
-        "lens.logit_diff",
-        marks=pytest.mark.xfail(
-            raises=ConfigError,
-            reason="scalarlens.testing.check_dst passes an objective only when the plan needs "
-            "a backward pass, not for needs_objective=True DSTs (core change requested)",
-        ),
-    ),
-    ("scalarlens-entropy", "entropy.attention"),
-    ("scalarlens-headshare", "headshare.write_share"),
-]
+# Every example DST, the lens included: the kit gives needs_objective DSTs an objective.
+_KIT_CASES = [(distribution, dst) for distribution, (_, dsts) in EXAMPLES.items() for dst in dsts]
 
 
 @pytest.mark.parametrize(("distribution", "dst"), _KIT_CASES)
