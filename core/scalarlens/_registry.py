@@ -179,6 +179,7 @@ class Registry:
         self._ensure_loaded()
         tables = (self._dsts, self._loaders, self._interventions)
         offered = [o.plugin for t in tables for o in t.offers(name)]
+        offered += [CORE] if name in BUNDLED_MODELS else []
         if plugin not in offered:
             raise ConfigError(
                 f"cannot prefer plugin {plugin!r} for {name!r}: it offers nothing under that "

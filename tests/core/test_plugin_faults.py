@@ -125,6 +125,8 @@ def test_model_loader_cannot_silently_replace_the_bundled_model(
     assert bundled.name == "tiny-induction"
     with pytest.raises(RuntimeError, match="the impostor loader ran"):
         scalarlens.load_model("tiny-induction", Registry(prefer={"tiny-induction": "impostor"}))
+    reg.prefer("tiny-induction", "scalarlens")  # the bundled model, by its pseudo-plugin name
+    assert scalarlens.load_model("tiny-induction", reg).name == "tiny-induction"
 
 
 def test_two_loaders_with_one_key_conflict(make_plugin_dist: Callable[..., str]) -> None:
