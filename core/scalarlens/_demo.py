@@ -17,7 +17,7 @@ import attrs
 
 from ._config import DstConfig
 from ._model import ModelAdapter
-from ._report import _pyplot, _token_heatmap, format_table
+from ._report import _pyplot, _token_heatmap, fit_titles, format_table
 from ._store import DerivedScalarStore
 
 DEMO_PROMPT = "the old king saw a red fox and one happy dog ran to the big green tree"
@@ -194,7 +194,7 @@ def draw_demo(result: DemoResult, path: str | Path) -> Path:
     fig.suptitle(
         f"Why {result.target!r} and not {result.distractor!r}? logit diff {result.logit_diff:+.2f}"
     )
-    fig.tight_layout()
+    fit_titles(fig)
     out = Path(path)
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -37,13 +37,30 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def format_columns(cells: Sequence[str], width: int = 100) -> str:
+    """``cells`` in as many aligned columns as fit ``width``, read down then across (like ls)."""
+    if not cells:
+        return ""
+    cell_width = max(map(len, cells)) + 2
+    n_columns = max(1, width // cell_width)
+    n_rows = -(-len(cells) // n_columns)
+    lines = []
+    for row in range(n_rows):
+        line = "".join(cell.ljust(cell_width) for cell in cells[row::n_rows])
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
 def token_label(words: Sequence[str] | None, index: int | None) -> str:
     if index is None:
         return ""
     return f"{index}:{words[index]}" if words is not None else str(index)
 
 
-def records_table(records: Sequence[NodeRecord], words: Sequence[str] | None = None) -> str:
+def records_table(
+    records: Sequence[NodeRecord], words: Sequence[str] | None = None, *, show_dst: bool = True
+) -> str:
+    headers = ["#", "DST", "layer", "token", "attends to", "component", "value"]
     rows = [
         [
             str(i + 1),
@@ -56,7 +73,23 @@ def records_table(records: Sequence[NodeRecord], words: Sequence[str] | None = N
         ]
         for i, r in enumerate(records)
     ]
-    return format_table(["#", "DST", "layer", "token", "attends to", "component", "value"], rows)
+    if not show_dst:
+        headers.pop(1)
+        for row in rows:
+            row.pop(1)
+    return format_table(headers, rows)
+
+
+PLOT_HINT = (
+    "figure: not drawn (matplotlib is not installed); to get it: pip install 'scalarlens[plot]'"
+)
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib is importable (found without importing it: that takes ~0.5 s)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _pyplot() -> Any:
@@ -147,7 +180,7 @@ def plot_writer(
         ax.set_yticks(range(len(layers)))
         ax.set_yticklabels([str(layer) for layer in layers])
         ax.set_ylabel("layer")
-    fig.tight_layout()
+    fit_titles(fig)
     return figure_writer(plt, fig, fmt, dpi=110)
 
 
@@ -181,16 +214,55 @@ def figure_writer(plt: Any, fig: Any, fmt: str, **savefig: Any) -> Writer:
     return write
 
 
+SEQUENTIAL_CMAP = "viridis"
+DIVERGING_CMAP = "RdBu_r"
+
+
+def color_scale(matrix: torch.Tensor) -> dict[str, Any]:
+    """``imshow`` colour arguments: sequential from 0 for non-negative values, else diverging.
+
+    Norms and probabilities are never negative, so a diverging map would waste its lower
+    half and make every value look "positive, strongly"; signed values (effects, act×grad)
+    keep white at 0 and a symmetric range so the sign reads at a glance.
+    """
+    finite = matrix[matrix.isfinite()]
+    if finite.numel() == 0:
+        return {"cmap": SEQUENTIAL_CMAP, "vmin": 0.0, "vmax": 1.0}
+    if float(finite.min()) >= 0:
+        return {"cmap": SEQUENTIAL_CMAP, "vmin": 0.0, "vmax": float(finite.max()) or 1.0}
+    bound = float(finite.abs().max()) or 1.0
+    return {"cmap": DIVERGING_CMAP, "vmin": -bound, "vmax": bound}
+
+
+def fit_titles(fig: Any, margin_inches: float = 0.2) -> None:
+    """Widen ``fig`` until every axes title and the suptitle fit inside it (after layout).
+
+    Long DST names make long titles; a fixed-size figure would cut them off at the edges.
+    """
+    for _ in range(3):  # widening re-flows the layout, which can move a title again
+        fig.tight_layout()
+        renderer = fig.canvas.get_renderer()
+        figure_box = fig.get_window_extent(renderer)
+        titles = [ax.title for ax in fig.axes if ax.get_title()] + list(fig.texts)  # suptitle
+        overflow = 0.0
+        for title in titles:
+            box = title.get_window_extent(renderer)
+            overflow = max(overflow, figure_box.x0 - box.x0, box.x1 - figure_box.x1)
+        if overflow <= 0:
+            return
+        width = fig.get_figwidth()
+        fig.set_figwidth(width + 2 * overflow / fig.dpi + margin_inches)
+
+
 def _heatmap(ax: Any, matrix: torch.Tensor, title: str, xlabel: str) -> None:
-    bound = float(matrix.abs().max()) or 1.0
-    image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    image = ax.imshow(matrix.numpy(), aspect="auto", **color_scale(matrix))
     ax.figure.colorbar(image, ax=ax, fraction=0.046)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
 
 
 def _token_heatmap(ax: Any, matrix: torch.Tensor, words: Sequence[str] | None) -> None:
-    image = ax.imshow(matrix.numpy(), cmap="viridis", aspect="auto")
+    image = ax.imshow(matrix.numpy(), aspect="auto", **color_scale(matrix))
     ax.figure.colorbar(image, ax=ax, fraction=0.046)
     if words is not None and len(words) <= 40:
         ax.set_xticks(range(len(words)))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +31,9 @@ if TYPE_CHECKING:  # torch-importing modules load lazily so `scalarlens dsts` st
     from ._model import ModelAdapter
     from ._prepare import Preparation
     from ._store import DerivedScalarStore
+
+
+DEMO_FIGURE = "scalarlens-demo.png"
 
 
 def _dst_records(reg: Registry) -> list[dict[str, Any]]:
@@ -74,20 +79,69 @@ def cmd_dsts(args: argparse.Namespace, reg: Registry) -> int:
     return 0
 
 
+SLOW_PLUGIN_SECONDS = 0.2
+"""A plugin taking longer than this to import is named under ``scalarlens plugins``."""
+
+
+def _load_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.0f}"
+
+
 def cmd_plugins(args: argparse.Namespace, reg: Registry) -> int:
+    # Plugins import torch (through scalarlens); imported here first, it is not charged to
+    # whichever plugin happens to load first (that one would look ~2 s slow).
+    import torch  # noqa: F401
+
+    if args.check:
+        return _check_plugins(args, reg)
     infos = reg.plugins()
+    slow = [i for i in infos if (i.load_seconds or 0.0) > SLOW_PLUGIN_SECONDS]
     if args.json:
         print(json.dumps([i.to_dict() for i in infos], indent=2))
         return 0
     rows = [
-        [i.name, i.distribution or "-", i.version or "-", i.status, str(len(i.dsts)), i.error or ""]
+        [
+            i.name,
+            i.distribution or "-",
+            i.version or "-",
+            i.status,
+            str(len(i.dsts)),
+            _load_ms(i.load_seconds),
+            i.error or "",
+        ]
         for i in infos
     ]
-    print(format_table(["plugin", "distribution", "version", "status", "DSTs", "error"], rows))
+    headers = ["plugin", "distribution", "version", "status", "DSTs", "load ms", "error"]
+    print(format_table(headers, rows))
     failed = [i for i in infos if i.status == "failed"]
     if failed:
         print(f"\n{len(failed)} plugin(s) failed to load; their DSTs are unavailable.")
+    for info in slow:
+        print(f"slow to load: {info.name} ({_load_ms(info.load_seconds)} ms)")
     return 0
+
+
+def _check_plugins(args: argparse.Namespace, reg: Registry) -> int:
+    """``plugins --check``: every problem, grouped by plugin; exit 1 if there is any."""
+    problems = reg.check()
+    n_plugins = len(reg.plugins())
+    if args.json:
+        records = [
+            {"plugin": p.plugin, "subject": p.subject, "message": p.message} for p in problems
+        ]
+        print(json.dumps({"plugins": n_plugins, "ok": not problems, "problems": records}, indent=2))
+        return 1 if problems else 0
+    if not problems:
+        print(f"all {n_plugins} plugins OK")
+        return 0
+    by_plugin: dict[str, list[str]] = {}
+    for problem in problems:
+        by_plugin.setdefault(problem.plugin, []).append(f"  {problem.subject}: {problem.message}")
+    for plugin, lines in by_plugin.items():
+        print(f"{plugin}:")
+        print("\n".join(lines))
+    print(f"\n{len(problems)} problem(s) in {len(by_plugin)} plugin(s)")
+    return 1
 
 
 def _progress(done: int, total: int) -> None:
@@ -253,20 +307,28 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
         return tokenizer.decode_tokens(store.tokens[p]) if tokenizer else None
 
     _write_outputs(args, store, words(0))
+    # Ranked per DST: values of different DSTs are in different units, one ranking would
+    # let the largest-scale DST crowd out the rest.
+    dsts = list(dict.fromkeys(args.dst))
     results = [
         {
             "prompt": p,
             "tokens": list(store.tokens[p]),
             "words": words(p),
             "objective_value": store.metadata["objective_values"][p],
-            "top": store.topk(args.top, prompt=p, absolute=True),
+            "top": {dst: store.topk(args.top, [dst], prompt=p, absolute=True) for dst in dsts},
         }
         for p in range(store.n_prompts)
     ]
     if args.json:
         for r in results:
-            r["top"] = [record.to_dict() for record in r["top"]]
-        print(json.dumps({"model": model.name, "dsts": args.dst, "results": results}, indent=2))
+            r["top"] = [
+                {**record.to_dict(), "rank": rank}
+                for ranking in r["top"].values()
+                for rank, record in enumerate(ranking, 1)
+            ]
+        payload = {"model": model.name, "dsts": dsts, "top_per_dst": args.top, "results": results}
+        print(json.dumps(payload, indent=2))
         return 0
     from ._report import records_table
 
@@ -275,7 +337,9 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
         print(f"prompt {r['prompt']}: {shown}")
         if r["objective_value"] is not None:
             print(f"objective: {r['objective_value']:+.4f}")
-        print(records_table(r["top"], r["words"]))
+        for dst, ranking in r["top"].items():
+            print(f"\n{dst}: top {len(ranking)} by |value|")
+            print(records_table(ranking, r["words"], show_dst=False))
         print()
     if args.out:
         print(f"store written to {args.out}")
@@ -285,27 +349,48 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, reg: Registry) -> int:
+    """The tables need no plotting library: without matplotlib they print, plus a hint.
+
+    Only an explicit ``--plot`` makes a missing matplotlib an error (checked before any work).
+    """
     from ._demo import format_demo, run_demo
     from ._output_files import check_output_path
-    from ._report import plot_format
+    from ._report import PLOT_HINT, plot_format, plotting_available
     from .models._loading import load_model
 
     check_top_k(args.top, "--top")
-    check_output_path(args.plot, "--plot")
-    plot_format(args.plot, "--plot")
+    figure, hint = args.plot, None
+    if figure is None and not args.no_plot:
+        figure, hint = (DEMO_FIGURE, None) if plotting_available() else (None, PLOT_HINT)
+    if figure is not None:
+        check_output_path(figure, "--plot")
+        plot_format(figure, "--plot")
 
-    result = run_demo(load_model(args.model, reg), top=args.top, figure=args.plot)
+    result = run_demo(load_model(args.model, reg), top=args.top, figure=figure)
     print(format_demo(result, args.top))
+    if hint:
+        print(f"\n{hint}")
     return 0
 
 
 def cmd_vocab(args: argparse.Namespace, reg: Registry) -> int:
+    from ._report import format_columns
     from .models._loading import load_model
 
-    tokenizer = getattr(load_model(args.model, reg), "tokenizer", None)
+    model = load_model(args.model, reg)
+    tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ModelInputError(f"model {args.model!r} has no word tokenizer; pass token ids")
-    print(" ".join(tokenizer.vocab))
+    words: Sequence[str] = tokenizer.vocab
+    if args.json:
+        records = (json.dumps({"id": i, "word": w}) for i, w in enumerate(words))
+        print("[\n  " + ",\n  ".join(records) + "\n]")  # one record a line: greppable
+        return 0
+    width = shutil.get_terminal_size((100, 24)).columns
+    id_width = len(str(len(words) - 1))
+    cells = [f"{i:>{id_width}} {word}" for i, word in enumerate(words)]
+    print(format_columns(cells, width))
+    print(f"\n{len(words)} words (id word); ids work wherever a word does, e.g. --target 12")
     return 0
 
 
@@ -329,26 +414,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"scalarlens: error: {message} (see: {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="scalarlens",
-        description="Derived scalars from transformer activations, through plugins.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("dsts", help="list every registered derived scalar type")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_dsts)
-    p = sub.add_parser("plugins", help="list plugins, their versions, DSTs and load errors")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_plugins)
-
-    p = sub.add_parser("demo", help="explain the bundled model's prediction on a repeated sequence")
-    p.add_argument("--model", default="tiny-induction", help="model spec (default: bundled)")
-    p.add_argument("--top", type=int, default=8, help="rows per table")
-    p.add_argument("--plot", default="scalarlens-demo.png", help="PNG to write")
-    p.set_defaults(func=cmd_demo)
-
+def _add_derive(sub: Any) -> None:
+    """The ``derive`` subcommand: the one with most flags."""
     p = sub.add_parser("derive", help="derive DSTs for prompts and rank components")
     p.add_argument(
         "--model",
@@ -367,7 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distractor", help="the competing token (word or id)")
     p.add_argument("--dst", action="append", required=True, help="DST name (repeatable)")
     p.add_argument("--layers", type=int, nargs="+", help="layers to derive (default: all)")
-    p.add_argument("--top", type=int, default=10, help="number of top records per prompt")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        help="records per DST and prompt, ranked by |value| (--json: one flat list per prompt, "
+        "each record with its dst and its rank within that DST)",
+    )
     p.add_argument("--out", help="write the store to this .safetensors file")
     p.add_argument("--plot", help="write a PNG of the first DST")
     p.add_argument("--json", action="store_true", help="print records as JSON")
@@ -393,13 +466,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_derive)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="scalarlens",
+        description="Derived scalars from transformer activations, through plugins.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("dsts", help="list every registered derived scalar type")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_dsts)
+    p = sub.add_parser(
+        "plugins", help="list plugins, their versions, DSTs, load times and load errors"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="resolve every plugin's DSTs and references without running a model; "
+        "exit 1 on any problem",
+    )
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("demo", help="explain the bundled model's prediction on a repeated sequence")
+    p.add_argument("--model", default="tiny-induction", help="model spec (default: bundled)")
+    p.add_argument("--top", type=int, default=8, help="rows per table")
+    plot = p.add_mutually_exclusive_group()
+    plot.add_argument(
+        "--plot",
+        help=f"image to write (default: {DEMO_FIGURE} when matplotlib is installed)",
+    )
+    plot.add_argument("--no-plot", action="store_true", help="print the tables only")
+    p.set_defaults(func=cmd_demo)
+
+    _add_derive(sub)
+
     p = sub.add_parser("new-plugin", help="write a new plugin distribution (scalarlens-NAME)")
     p.add_argument("name", help="plugin name: a lowercase identifier, e.g. 'probe'")
     p.add_argument("--dir", default=".", help="parent directory (default: current)")
     p.set_defaults(func=cmd_new_plugin)
 
-    p = sub.add_parser("vocab", help="print the model's word vocabulary")
+    p = sub.add_parser("vocab", help="print the model's word vocabulary with token ids")
     p.add_argument("--model", default="tiny-induction")
+    p.add_argument("--json", action="store_true", help='[{"id": 0, "word": ...}, ...]')
     p.set_defaults(func=cmd_vocab)
     return parser
 
@@ -419,6 +529,9 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
             raise
         print(f"scalarlens: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `scalarlens vocab | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from scalarlens.cli import main
@@ -45,3 +48,109 @@ def test_console_script_runs() -> None:
         [sys.executable, "-m", "scalarlens.cli", "dsts"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "resid.post_mlp" in result.stdout
+
+
+def _cli_with_site(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a fresh process that also sees the throwaway distributions in ``site``."""
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    for name in ("SCALARLENS_PLUGINS", "SCALARLENS_BLOCK_PLUGINS", "SCALARLENS_PREFER"):
+        env.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "scalarlens.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_plugins_shows_load_times_and_names_slow_plugins(
+    make_plugin_dist: Callable[..., str], tmp_path: Path
+) -> None:
+    make_plugin_dist("import time\ntime.sleep(0.3)\n", dist="scalarlens-sluggish")
+    run = _cli_with_site(tmp_path / "site", "plugins")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "load ms" in lines[0]
+    row = next(line for line in lines if line.startswith("sluggish "))
+    assert int(row.split()[5]) >= 300
+    slow = [line for line in lines if line.startswith("slow to load:")]
+    assert len(slow) == 1 and re.fullmatch(r"slow to load: sluggish \(\d+ ms\)", slow[0])
+    records = json.loads(_cli_with_site(tmp_path / "site", "plugins", "--json").stdout)
+    assert {r["name"]: r["load_seconds"] for r in records}["sluggish"] >= 0.3
+
+
+def test_plugins_check_passes_for_the_installed_plugins(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from scalarlens import Registry
+
+    reg = Registry()
+    code = main(["plugins", "--check"], registry=reg)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.strip() == f"all {len(reg.plugins())} plugins OK"
+    assert main(["plugins", "--check", "--json"], registry=reg) == 0
+    assert json.loads(capsys.readouterr().out)["problems"] == []
+
+
+DANGLING = """
+from scalarlens import (DerivedScalarType, Dimension, DstReference, NodeType, ScalarDeriver,
+                        hookimpl)
+X = DerivedScalarType("dangling.x", (Dimension.TOKENS,), NodeType.LAYER, "x")
+Y = DerivedScalarType("dangling.y", (Dimension.TOKENS,), NodeType.LAYER, "y")
+
+def _factory(dst, reference):
+    return lambda c: ScalarDeriver(dst, c, (DstReference(reference),), lambda i, l, ctx: i[0])
+
+@hookimpl
+def scalarlens_derivers():
+    return {X: _factory(X, "mlp.post_akt"), Y: _factory(Y, "no.such_dst")}
+"""
+
+
+def test_plugins_check_reports_every_problem_grouped_by_plugin(
+    make_plugin_dist: Callable[..., str], tmp_path: Path
+) -> None:
+    make_plugin_dist("raise ImportError('nope')\n", dist="scalarlens-broken")
+    make_plugin_dist(DANGLING, dist="scalarlens-dangling")
+    run = _cli_with_site(tmp_path / "site", "plugins", "--check")
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    broken, dangling = lines.index("broken:"), lines.index("dangling:")
+    assert lines[broken + 1].startswith("  load: ") and "nope" in lines[broken + 1]
+    assert (
+        lines[dangling + 1].startswith("  dangling.x: ") and "mlp.post_akt" in lines[dangling + 1]
+    )
+    assert lines[dangling + 2].startswith("  dangling.y: ") and "no.such_dst" in lines[dangling + 2]
+    assert lines[-1] == "3 problem(s) in 2 plugin(s)"
+    assert "Traceback" not in run.stderr
+
+    run = _cli_with_site(tmp_path / "site", "plugins", "--check", "--json")
+    assert run.returncode == 1
+    payload = json.loads(run.stdout)
+    assert payload["ok"] is False
+    problems = [(p["plugin"], p["subject"]) for p in payload["problems"]]
+    assert sorted(problems) == [
+        ("broken", "load"),
+        ("dangling", "dangling.x"),
+        ("dangling", "dangling.y"),
+    ]
+
+
+def test_vocab_lists_ids_with_words(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scalarlens
+
+    vocab = scalarlens.load_model().tokenizer.vocab  # type: ignore[attr-defined]
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["vocab"]) == 0
+    table, footer = capsys.readouterr().out.split("\n\n")
+    assert dict((int(i), w) for i, w in re.findall(r"(\d+) (\S+)", table)) == dict(enumerate(vocab))
+    lines = table.splitlines()
+    assert len(lines) < len(vocab) / 3 and max(map(len, lines)) <= 100  # columns, not a list
+    assert footer.startswith(f"{len(vocab)} words")
+    assert main(["vocab", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert records == [{"id": i, "word": w} for i, w in enumerate(vocab)]

@@ -71,6 +71,37 @@ def test_demo_cli_prints_both_tables(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert (tmp_path / "d.png").stat().st_size > 10_000
 
 
+def test_demo_without_matplotlib_prints_the_tables_and_a_hint(tmp_path: Path) -> None:
+    # What `pip install scalarlens` (no extras) gets; the wheel-built venv test does it for real.
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; from scalarlens.cli import main; "
+        "sys.exit(main(['demo', '--top', '3']))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Top components by estimated total effect" in run.stdout
+    assert run.stdout.rstrip().splitlines()[-1] == (
+        "figure: not drawn (matplotlib is not installed); to get it: pip install 'scalarlens[plot]'"
+    )
+    assert list(tmp_path.iterdir()) == []  # no figure, no stray file
+    explicit = subprocess.run(
+        [sys.executable, "-c", code.replace("'3'", "'3', '--plot', 'x.png'")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert explicit.returncode == 1 and "plotting needs matplotlib" in explicit.stderr
+
+
+def test_demo_no_plot_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--top", "2", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "Top components by direct effect" in out and "figure" not in out
+    assert list(tmp_path.iterdir()) == []
+
+
 PROMPT = "the old king saw a red fox the old king saw a red"
 
 
@@ -142,7 +173,8 @@ def test_cli_derive_json_and_prompts_file(
     captured = capsys.readouterr()
     payload = json.loads(captured.out)
     assert [r["prompt"] for r in payload["results"]] == [0, 1]
-    assert all(len(r["top"]) == 3 for r in payload["results"])
+    assert all(len(r["top"]) == 3 for r in payload["results"])  # one DST: 3 records
+    assert [r["rank"] for r in payload["results"][0]["top"]] == [1, 2, 3]
     assert payload["results"][1]["words"] == ["a", "dog", "ran", "to", "a"]
     assert "2/2 prompts" in captured.err  # progress bar
 
@@ -151,6 +183,34 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "scalarlens.cli", *args], capture_output=True, text=True
     )
+
+
+def test_cli_derive_top_ranks_each_dst_separately(capsys: pytest.CaptureFixture[str]) -> None:
+    # act×grad values are ~1, attention probabilities up to 1 and the residual norm ~10: one
+    # ranking across DSTs would show only the largest-scale DST.
+    dsts = ["mlp.act_times_grad", "attn.qk_probs", "resid.post_mlp"]
+    args = ["derive", "--prompt", PROMPT, "--target", "fox", "--distractor", "king", "--top", "4"]
+    for dst in dsts:
+        args += ["--dst", dst]
+    assert main([*args, "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["dsts"] == dsts and payload["top_per_dst"] == 4
+    top = payload["results"][0]["top"]
+    assert [r["dst"] for r in top] == [d for d in dsts for _ in range(4)]  # grouped, in order
+    assert [r["rank"] for r in top] == [1, 2, 3, 4] * 3
+    store = scalarlens.derive(
+        scalarlens.load_model(), PROMPT, dsts, target="fox", distractor="king"
+    )
+    for dst in dsts:
+        want = [r.value for r in store.topk(4, [dst], absolute=True)]
+        assert [r["value"] for r in top if r["dst"] == dst] == pytest.approx(want)
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for dst in dsts:
+        heading = f"\n{dst}: top 4 by |value|\n"
+        table = out[out.index(heading) + len(heading) :].split("\n\n")[0].splitlines()
+        assert table[0].split()[:2] == ["#", "layer"] and len(table) == 2 + 4
 
 
 def test_friendly_failures() -> None:
@@ -173,14 +233,45 @@ def test_cli_derive_takes_plugin_options_and_a_direction(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     options = '{"builtins": {"neuron": {"layer": 1, "index": 3}}}'
-    assert main(["derive", "--prompt", PROMPT, "--dst", "vocab.write_to_input_direction",
-                 "--options", options, "--top", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "derive",
+                "--prompt",
+                PROMPT,
+                "--dst",
+                "vocab.write_to_input_direction",
+                "--options",
+                options,
+                "--top",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     records = json.loads(capsys.readouterr().out)["results"][0]["top"]
     assert [r["dst"] for r in records] == ["vocab.write_to_input_direction"] * 2
     direction = '{"location": "resid.post_attn", "layer": 1}'
-    assert main(["derive", "--prompt", PROMPT, "--dst", "mlp.write_to_final_residual_grad",
-                 "--target", "fox", "--distractor", "king", "--direction", direction,
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "derive",
+                "--prompt",
+                PROMPT,
+                "--dst",
+                "mlp.write_to_final_residual_grad",
+                "--target",
+                "fox",
+                "--distractor",
+                "king",
+                "--direction",
+                direction,
+                "--json",
+            ]
+        )
+        == 0
+    )
     top = json.loads(capsys.readouterr().out)["results"][0]["top"]
     assert top and all(r["layer"] == 0 for r in top if r["value"] != 0)  # layer 1 is after g
     bad = _cli("derive", "--prompt", PROMPT, "--dst", "mlp.post_act", "--options", "{bad")
