@@ -48,8 +48,11 @@ test: venv
 		(cd "$$plugin" && run $(CURDIR)/$(BIN)/python -m pytest -q) || exit $$?; \
 	done
 
+LINTED := core builtin_derivers tests benchmarks scripts plugins docs/gen_pages.py
+
 lint: venv
-	$(BIN)/ruff check core builtin_derivers tests benchmarks scripts plugins docs/gen_pages.py
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
 docs: venv

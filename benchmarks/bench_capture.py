@@ -29,8 +29,9 @@ def gpt2_small(seed: int = 0):  # type: ignore[no-untyped-def]
     from scalarlens.models import GPT2Adapter, GPT2Config, GPT2Model
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                     n_inner=3072)
+    cfg = GPT2Config(
+        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=3072
+    )
     return GPT2Adapter(GPT2Model(cfg), name="gpt2-small-random")
 
 
@@ -71,8 +72,9 @@ def worker_memory(case: str, n_tokens: int) -> dict[str, float]:
     from scalarlens import ActivationLocationType, CaptureRequest, PassType
 
     adapter = gpt2_small()
-    tokens = [torch.randint(0, 50257, (n_tokens,), generator=torch.Generator().manual_seed(1))
-              .tolist()]
+    tokens = [
+        torch.randint(0, 50257, (n_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    ]
     layers = range(adapter.dims.n_layers)
     everything = [
         CaptureRequest(loc, PassType.FORWARD, None if loc.has_no_layers else layers)
@@ -111,8 +113,14 @@ def worker_time(n_tokens: int) -> dict[str, list[float]]:
     config = DstConfig(derive_gradients=True)
 
     def ours() -> None:
-        scalarlens.derive(adapter, tokens.tolist(), "mlp.post_act", target=target,
-                          distractor=distractor, config=config)
+        scalarlens.derive(
+            adapter,
+            tokens.tolist(),
+            "mlp.post_act",
+            target=target,
+            distractor=distractor,
+            config=config,
+        )
 
     times: dict[str, list[float]] = {"plain": [], "derive": []}
     plain(), ours()  # warm-up
@@ -125,8 +133,9 @@ def worker_time(n_tokens: int) -> dict[str, list[float]]:
 
 
 def _spawn(*args: str) -> dict:  # type: ignore[type-arg]
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -139,8 +148,12 @@ def _summary(values: list[float]) -> str:
 
 
 def main() -> str:
-    lines = ["### Capture: memory and end-to-end time (GPT-2-small shapes, random weights)", "",
-             "| workload | ScalarLens | baseline | ratio | target |", "|---|---|---|---|---|"]
+    lines = [
+        "### Capture: memory and end-to-end time (GPT-2-small shapes, random weights)",
+        "",
+        "| workload | ScalarLens | baseline | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
     for n in N_TOKENS:
         ours = _spawn("memory", "derive_post_act", str(n))["bytes"]
         every = _spawn("memory", "capture_everything", str(n))["bytes"]

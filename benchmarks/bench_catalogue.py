@@ -28,19 +28,27 @@ from scalarlens.models import GPT2Adapter, GPT2Config, GPT2Model
 
 N_TOKENS, RUNS = 128, 9
 DSTS = [
-    "mlp.act_times_grad", "attn.act_times_grad", "mlp.write_norm", "attn.write_norm",
-    "mlp.write_to_final_residual_grad", "attn.write_to_final_residual_grad",
-    "attn.act_times_grad_per_token", "attn.write_norm_per_token",
-    "attn.write_to_final_residual_grad_per_token", "mlp.layer_write_to_final_residual_grad",
-    "attn.layer_write_to_final_residual_grad", "token.attribution",
+    "mlp.act_times_grad",
+    "attn.act_times_grad",
+    "mlp.write_norm",
+    "attn.write_norm",
+    "mlp.write_to_final_residual_grad",
+    "attn.write_to_final_residual_grad",
+    "attn.act_times_grad_per_token",
+    "attn.write_norm_per_token",
+    "attn.write_to_final_residual_grad_per_token",
+    "mlp.layer_write_to_final_residual_grad",
+    "attn.layer_write_to_final_residual_grad",
+    "token.attribution",
 ]
 F, B = PassType.FORWARD, PassType.BACKWARD
 
 
 def _model() -> GPT2Adapter:
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
-                     n_inner=3072)
+    cfg = GPT2Config(
+        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=3072
+    )
     return GPT2Adapter(GPT2Model(cfg), dtype=torch.float32)
 
 
@@ -75,12 +83,13 @@ def _hand(
             c = torch.einsum("shv,hvd->shd", v, w_o)
             out["attn.write_norm"].append(p * c.norm(dim=-1))
             out["attn.write_norm_per_token"].append(
-                torch.einsum("thv,hvd->thd", o, w_o).norm(dim=-1))
+                torch.einsum("thv,hvd->thd", o, w_o).norm(dim=-1)
+            )
             wg = torch.einsum("hvd,td->thv", w_o, g)
-            out["attn.write_to_final_residual_grad"].append(
-                p * torch.einsum("shv,thv->tsh", v, wg))
+            out["attn.write_to_final_residual_grad"].append(p * torch.einsum("shv,thv->tsh", v, wg))
             out["attn.write_to_final_residual_grad_per_token"].append(
-                torch.einsum("thv,thv->th", o, wg))
+                torch.einsum("thv,thv->th", o, wg)
+            )
             delta_a = get(ALT.RESID_DELTA_ATTN, F, layer)
             out["attn.layer_write_to_final_residual_grad"].append((delta_a * g).sum(-1, True))
     return out
@@ -101,16 +110,21 @@ def _time_pair(
 
 
 def _fmt(samples: list[float]) -> str:
-    return (f"{statistics.median(samples) * 1e3:.1f} ms "
-            f"({min(samples) * 1e3:.1f}–{max(samples) * 1e3:.1f})")
+    return (
+        f"{statistics.median(samples) * 1e3:.1f} ms "
+        f"({min(samples) * 1e3:.1f}–{max(samples) * 1e3:.1f})"
+    )
 
 
-def _memory(adapter: GPT2Adapter, raw: scalarlens.RawActivationStore,
-            plan: scalarlens.Plan) -> tuple[int, int, int]:
+def _memory(
+    adapter: GPT2Adapter, raw: scalarlens.RawActivationStore, plan: scalarlens.Plan
+) -> tuple[int, int, int]:
     from torch.profiler import ProfilerActivity, profile
 
-    read = sum(t.numel() * t.element_size() for t in raw.get(ALT.MLP_POST_ACT, F)
-               .activations_by_layer_index.values())
+    read = sum(
+        t.numel() * t.element_size()
+        for t in raw.get(ALT.MLP_POST_ACT, F).activations_by_layer_index.values()
+    )
     read += raw.get(ALT.RESID_POST_MLP, B)[adapter.dims.n_layers - 1].numel() * 4
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         scalarlens.execute_plan(plan, raw, model=adapter)
@@ -122,8 +136,9 @@ def main() -> str:
     registry = scalarlens.Registry()
     adapter = _model()
     n = adapter.dims.n_layers
-    tokens = torch.randint(0, adapter.dims.n_vocab, (N_TOKENS,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
+    tokens = torch.randint(
+        0, adapter.dims.n_vocab, (N_TOKENS,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
     derivers = [(registry.get(name), F) for name in DSTS]
     plan = scalarlens.make_plan(derivers, n)
     (run,) = adapter.run([tokens], plan.captures, scalarlens.LogitDiffObjective(1, 2))

@@ -47,14 +47,30 @@ Kernel = Callable[[Inputs, int | None, DeriveContext], torch.Tensor]
 
 # (shared source DST, result shape, node type, kernel of the i-th consumer)
 CHAINS: tuple[tuple[str, tuple[Dimension, ...], NodeType, Callable[[int], Kernel]], ...] = (
-    ("attn.act_times_grad", (T, H), NodeType.ATTENTION_HEAD,
-     lambda i: lambda inputs, layer, ctx: _x(inputs).sum(1) * (i + 1)),
-    ("mlp.act_times_grad", (T, FF), NodeType.MLP_NEURON,
-     lambda i: lambda inputs, layer, ctx: _x(inputs) * (i + 1)),
-    ("mlp.write_to_final_residual_grad", (T, FF), NodeType.MLP_NEURON,
-     lambda i: lambda inputs, layer, ctx: _x(inputs) + i),
-    ("attn.write_to_final_residual_grad", (T, H), NodeType.ATTENTION_HEAD,
-     lambda i: lambda inputs, layer, ctx: _x(inputs).sum(1) - i),
+    (
+        "attn.act_times_grad",
+        (T, H),
+        NodeType.ATTENTION_HEAD,
+        lambda i: lambda inputs, layer, ctx: _x(inputs).sum(1) * (i + 1),
+    ),
+    (
+        "mlp.act_times_grad",
+        (T, FF),
+        NodeType.MLP_NEURON,
+        lambda i: lambda inputs, layer, ctx: _x(inputs) * (i + 1),
+    ),
+    (
+        "mlp.write_to_final_residual_grad",
+        (T, FF),
+        NodeType.MLP_NEURON,
+        lambda i: lambda inputs, layer, ctx: _x(inputs) + i,
+    ),
+    (
+        "attn.write_to_final_residual_grad",
+        (T, H),
+        NodeType.ATTENTION_HEAD,
+        lambda i: lambda inputs, layer, ctx: _x(inputs).sum(1) - i,
+    ),
 )
 
 
@@ -64,8 +80,9 @@ def _x(inputs: Inputs) -> torch.Tensor:
     return x
 
 
-def _factory(dst: DerivedScalarType, source: str,
-             kernel: Kernel) -> Callable[[DstConfig], ScalarDeriver]:
+def _factory(
+    dst: DerivedScalarType, source: str, kernel: Kernel
+) -> Callable[[DstConfig], ScalarDeriver]:
     def build(config: DstConfig) -> ScalarDeriver:
         return ScalarDeriver(dst, config, (DstReference(source, F),), kernel)
 
@@ -81,16 +98,18 @@ def dedup_registry(n: int = N_DSTS) -> tuple[scalarlens.Registry, list[str]]:
     names = []
     for i in range(n):
         source, shape, node_type, make_kernel = CHAINS[i % len(CHAINS)]
-        dst = DerivedScalarType(f"bench.dedup_{i}", shape, node_type,
-                                description=f"consumer {i} of {source}")
+        dst = DerivedScalarType(
+            f"bench.dedup_{i}", shape, node_type, description=f"consumer {i} of {source}"
+        )
 
         reg.register_factory(dst, _factory(dst, source, make_kernel(i)), plugin="bench")
         names.append(dst.name)
     return reg, names
 
 
-def _time_pair(a: Callable[[], object], b: Callable[[], object],
-               runs: int) -> tuple[list[float], list[float]]:
+def _time_pair(
+    a: Callable[[], object], b: Callable[[], object], runs: int
+) -> tuple[list[float], list[float]]:
     a(), b()  # warm-up
     out_a: list[float] = []
     out_b: list[float] = []
@@ -103,8 +122,10 @@ def _time_pair(a: Callable[[], object], b: Callable[[], object],
 
 
 def _fmt(samples: list[float]) -> str:
-    return (f"{statistics.median(samples) * 1e3:.1f} ms "
-            f"({min(samples) * 1e3:.1f}–{max(samples) * 1e3:.1f})")
+    return (
+        f"{statistics.median(samples) * 1e3:.1f} ms "
+        f"({min(samples) * 1e3:.1f}–{max(samples) * 1e3:.1f})"
+    )
 
 
 def main(runs: int = RUNS) -> str:
@@ -114,22 +135,25 @@ def main(runs: int = RUNS) -> str:
     n_layers = adapter.dims.n_layers
     reg, names = dedup_registry()
     requests = [(reg.get(name, DstConfig()), F) for name in names]
-    tokens = torch.randint(0, adapter.dims.n_vocab, (N_TOKENS,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
+    tokens = torch.randint(
+        0, adapter.dims.n_vocab, (N_TOKENS,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
     union = scalarlens.make_plan(requests, n_layers)
     (run,) = adapter.run([tokens], union.captures, scalarlens.LogitDiffObjective(1, 2))
     raw = scalarlens.RawActivationStore.from_nested_dict(run.captured)
 
     def together(counter: scalarlens.EvaluationCounter | None = None) -> dict[str, torch.Tensor]:
-        out = scalarlens.execute_plan(scalarlens.make_plan(requests, n_layers), raw,
-                                      model=adapter, counter=counter)
+        out = scalarlens.execute_plan(
+            scalarlens.make_plan(requests, n_layers), raw, model=adapter, counter=counter
+        )
         return {k.dst.name: v[n_layers - 1] for k, v in out.items()}
 
     def separately(counter: scalarlens.EvaluationCounter | None = None) -> dict[str, torch.Tensor]:
         result: dict[str, torch.Tensor] = {}
         for request in requests:
-            out = scalarlens.execute_plan(scalarlens.make_plan([request], n_layers), raw,
-                                          model=adapter, counter=counter)
+            out = scalarlens.execute_plan(
+                scalarlens.make_plan([request], n_layers), raw, model=adapter, counter=counter
+            )
             result.update({k.dst.name: v[n_layers - 1] for k, v in out.items()})
         return result
 
@@ -145,13 +169,16 @@ def main(runs: int = RUNS) -> str:
     per_run = [j / a for j, a in zip(t_joint, t_alone, strict=True)]
     ratio = statistics.median(t_joint) / statistics.median(t_alone)
     lines = [
-        "### Plan deduplication (bench_dedup.py)", "",
+        "### Plan deduplication (bench_dedup.py)",
+        "",
         f"GPT-2-small shapes, random weights, {N_TOKENS} tokens, all {n_layers} layers: "
         f"{N_DSTS} DSTs, five over each of {', '.join(f'`{s}`' for s, *_ in CHAINS)}, derived "
         "from one captured store in one plan vs one plan per DST (identical results). Kernel "
         "evaluations are one per plan node and layer; times are the median of "
-        f"{runs} alternated runs (min–max), planning included.", "",
-        "| | one plan for all 20 | 20 separate plans | ratio |", "|---|---|---|---|",
+        f"{runs} alternated runs (min–max), planning included.",
+        "",
+        "| | one plan for all 20 | 20 separate plans | ratio |",
+        "|---|---|---|---|",
         f"| kernel evaluations | {joint_counter.total} | {alone_counter.total} | "
         f"{joint_counter.total / alone_counter.total:.2f}× |",
         f"| of which shared nodes (the four shared DSTs and the direction g) | "
@@ -160,7 +187,8 @@ def main(runs: int = RUNS) -> str:
         f"| of which the four shared DSTs themselves | {shared_joint} | {shared_alone} | "
         f"{shared_joint / shared_alone:.2f}× |",
         f"| time | {_fmt(t_joint)} | {_fmt(t_alone)} | {ratio:.2f}× "
-        f"(per run {min(per_run):.2f}–{max(per_run):.2f}) |", "",
+        f"(per run {min(per_run):.2f}–{max(per_run):.2f}) |",
+        "",
     ]
     return "\n".join(lines)
 

@@ -92,15 +92,21 @@ def save_random_gpt2(directory: str | Path, shape: Mapping[str, int], seed: int 
     torch.manual_seed(seed)
     options: dict[str, Any] = {"attn_implementation": "eager", **shape}
     cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=N_CTX, activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **options,
+        vocab_size=VOCAB,
+        n_positions=N_CTX,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **options,
     )
     model = transformers.GPT2LMHeadModel(cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".ln_" in name or name.startswith("transformer.ln_f"):
-                param.copy_((1.0 if name.endswith("weight") else 0.0)
-                            + 0.1 * torch.randn_like(param))
+                param.copy_(
+                    (1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(param)
+                )
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.02)
     model.save_pretrained(str(directory), safe_serialization=True)
@@ -126,16 +132,30 @@ def load_transformer_lens(
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(directory), attn_implementation="eager")
     c = hf.config
     cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head,
-        n_heads=c.n_head, d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size,
-        act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
-        eps=c.layer_norm_epsilon, original_architecture="GPT2LMHeadModel", init_weights=False,
-        default_prepend_bos=False, dtype=dtype or torch.float32, device="cpu",
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        n_ctx=c.n_positions,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd,
+        d_vocab=c.vocab_size,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        eps=c.layer_norm_epsilon,
+        original_architecture="GPT2LMHeadModel",
+        init_weights=False,
+        default_prepend_bos=False,
+        dtype=dtype or torch.float32,
+        device="cpu",
     )
     model = HookedTransformer(cfg)
     state = {k: v.to(cfg.dtype) for k, v in convert_gpt2_weights(hf, cfg).items()}
     model.load_and_process_state_dict(
-        state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
         fold_value_biases=False,
     )
     model.eval()
@@ -158,8 +178,14 @@ def scalarlens_dla(adapter: GPT2Adapter, tokens: list[int], *, heads: bool = Tru
     import torch
 
     names = [HEAD_DE, NEURON_DE] if heads else [NEURON_DE]
-    store = scalarlens.derive(adapter, [tokens], names, target=TARGET, distractor=DISTRACTOR,
-                              config=scalarlens.DstConfig(detach_final_ln_scale=True))
+    store = scalarlens.derive(
+        adapter,
+        [tokens],
+        names,
+        target=TARGET,
+        distractor=DISTRACTOR,
+        config=scalarlens.DstConfig(detach_final_ln_scale=True),
+    )
     layers = range(adapter.dims.n_layers)
     h = torch.stack([store.get(HEAD_DE, layer)[-1] for layer in layers]) if heads else None
     n = torch.stack([store.get(NEURON_DE, layer)[-1] for layer in layers])
@@ -174,7 +200,10 @@ def _logit_diff_direction(model: HookedTransformer) -> torch.Tensor:
 
 
 def transformer_lens_dla(
-    model: HookedTransformer, tokens: torch.Tensor, *, heads: bool = True,
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    *,
+    heads: bool = True,
     names_filter: Callable[[str], bool] | None = None,
 ) -> Pair:
     """TransformerLens's DLA recipe: cache, stack results at the last position, apply final LN."""
@@ -206,11 +235,14 @@ def scalarlens_act_times_grad(adapter: GPT2Adapter, tokens: list[int]) -> Pair:
     import scalarlens
     import torch
 
-    store = scalarlens.derive(adapter, [tokens], [HEAD_ATG, NEURON_ATG], target=TARGET,
-                              distractor=DISTRACTOR)
+    store = scalarlens.derive(
+        adapter, [tokens], [HEAD_ATG, NEURON_ATG], target=TARGET, distractor=DISTRACTOR
+    )
     layers = range(adapter.dims.n_layers)
-    return (torch.stack([store.get(HEAD_ATG, layer) for layer in layers]),
-            torch.stack([store.get(NEURON_ATG, layer) for layer in layers]))
+    return (
+        torch.stack([store.get(HEAD_ATG, layer) for layer in layers]),
+        torch.stack([store.get(NEURON_ATG, layer) for layer in layers]),
+    )
 
 
 def _leaf(act: torch.Tensor, hook: object) -> torch.Tensor:
@@ -229,23 +261,33 @@ def transformer_lens_act_times_grad(model: HookedTransformer, tokens: torch.Tens
     model.set_use_attn_result(False)
     model.requires_grad_(False)
     cache, fwd, bwd = model.get_caching_hooks(incl_bwd=True)
-    with warnings.catch_warnings(), torch.enable_grad(), model.hooks(
-        fwd_hooks=[("hook_embed", _leaf), *fwd], bwd_hooks=bwd
+    with (
+        warnings.catch_warnings(),
+        torch.enable_grad(),
+        model.hooks(fwd_hooks=[("hook_embed", _leaf), *fwd], bwd_hooks=bwd),
     ):
         # hook_embed's own backward hook has no input needing a gradient; torch says so.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         logits = model(tokens)
         (logits[0, -1, TARGET] - logits[0, -1, DISTRACTOR]).backward()
     with torch.no_grad():
-        heads = torch.stack([
-            (cache[f"blocks.{i}.attn.hook_pattern"] * cache[f"blocks.{i}.attn.hook_pattern_grad"])
-            .sum(-1)[0].T
-            for i in range(cfg.n_layers)
-        ])
-        neurons = torch.stack([
-            (cache[f"blocks.{i}.mlp.hook_post"] * cache[f"blocks.{i}.mlp.hook_post_grad"])[0]
-            for i in range(cfg.n_layers)
-        ])
+        heads = torch.stack(
+            [
+                (
+                    cache[f"blocks.{i}.attn.hook_pattern"]
+                    * cache[f"blocks.{i}.attn.hook_pattern_grad"]
+                )
+                .sum(-1)[0]
+                .T
+                for i in range(cfg.n_layers)
+            ]
+        )
+        neurons = torch.stack(
+            [
+                (cache[f"blocks.{i}.mlp.hook_post"] * cache[f"blocks.{i}.mlp.hook_post_grad"])[0]
+                for i in range(cfg.n_layers)
+            ]
+        )
     return heads, neurons
 
 
@@ -270,14 +312,18 @@ def hand_act_times_grad(adapter: GPT2Adapter, tokens: torch.Tensor) -> Pair:
         (logits[0, -1, TARGET] - logits[0, -1, DISTRACTOR]).backward()
     n = adapter.dims.n_layers
     with torch.no_grad():
-        heads = torch.stack([
-            (kept[probs_name, layer] * kept[probs_name, layer].grad)[0].sum(1)  # type: ignore[operator]
-            for layer in range(n)
-        ])
-        neurons = torch.stack([
-            (kept[post_name, layer] * kept[post_name, layer].grad)[0]  # type: ignore[operator]
-            for layer in range(n)
-        ])
+        heads = torch.stack(
+            [
+                (kept[probs_name, layer] * kept[probs_name, layer].grad)[0].sum(1)  # type: ignore[operator]
+                for layer in range(n)
+            ]
+        )
+        neurons = torch.stack(
+            [
+                (kept[post_name, layer] * kept[post_name, layer].grad)[0]  # type: ignore[operator]
+                for layer in range(n)
+            ]
+        )
     return heads, neurons
 
 
@@ -330,12 +376,20 @@ def worker_time(directory: str, n_tokens: int, runs: int) -> dict[str, Any]:
         raise AssertionError(f"sides disagree beyond {rtol}: {out['agreement']}")
 
     out["dla"] = _time_alternating(
-        {"scalarlens": lambda: scalarlens_dla(adapter, ids),
-         "transformer_lens": lambda: transformer_lens_dla(tl, batch)}, runs)
+        {
+            "scalarlens": lambda: scalarlens_dla(adapter, ids),
+            "transformer_lens": lambda: transformer_lens_dla(tl, batch),
+        },
+        runs,
+    )
     out["atg"] = _time_alternating(
-        {"scalarlens": lambda: scalarlens_act_times_grad(adapter, ids),
-         "transformer_lens": lambda: transformer_lens_act_times_grad(tl, batch),
-         "hand": lambda: hand_act_times_grad(adapter, batch)}, runs)
+        {
+            "scalarlens": lambda: scalarlens_act_times_grad(adapter, ids),
+            "transformer_lens": lambda: transformer_lens_act_times_grad(tl, batch),
+            "hand": lambda: hand_act_times_grad(adapter, batch),
+        },
+        runs,
+    )
     return out
 
 
@@ -350,8 +404,9 @@ MEMORY_CASES: dict[str, tuple[str, Callable[[Any, list[int]], object]]] = {
     "tl_neuron_de": ("tl", lambda m, ids: transformer_lens_dla(m, _batch(ids), heads=False)),
     "tl_neuron_de_filtered": (
         "tl",
-        lambda m, ids: transformer_lens_dla(m, _batch(ids), heads=False,
-                                            names_filter=tl_neuron_filter),
+        lambda m, ids: transformer_lens_dla(
+            m, _batch(ids), heads=False, names_filter=tl_neuron_filter
+        ),
     ),
 }
 
@@ -389,8 +444,10 @@ def _fmt_s(values: list[float]) -> str:
 
 def _ratio(ours: list[float], base: list[float]) -> str:
     per_run = [o / b for o, b in zip(ours, base, strict=True)]
-    return (f"{statistics.median(ours) / statistics.median(base):.2f}× "
-            f"({min(per_run):.2f}–{max(per_run):.2f})")
+    return (
+        f"{statistics.median(ours) / statistics.median(base):.2f}× "
+        f"({min(per_run):.2f}–{max(per_run):.2f})"
+    )
 
 
 def _mib(n: float) -> str:
@@ -403,12 +460,15 @@ def _versions() -> str:
     import torch
     import transformer_lens  # noqa: F401
 
-    return (f"TransformerLens {version('transformer-lens')}, transformers "
-            f"{version('transformers')}, torch {torch.__version__}")
+    return (
+        f"TransformerLens {version('transformer-lens')}, transformers "
+        f"{version('transformers')}, torch {torch.__version__}"
+    )
 
 
-def main(runs: int = RUNS, shapes: tuple[str, ...] = tuple(SHAPES),
-         n_tokens: tuple[int, ...] = N_TOKENS) -> str:
+def main(
+    runs: int = RUNS, shapes: tuple[str, ...] = tuple(SHAPES), n_tokens: tuple[int, ...] = N_TOKENS
+) -> str:
     time_rows: list[str] = []
     memory_rows: list[str] = []
     agreement: list[str] = []
@@ -420,54 +480,93 @@ def main(runs: int = RUNS, shapes: tuple[str, ...] = tuple(SHAPES),
                 agree = t["agreement"]
                 agreement.append(
                     f"{shape}, {n} tokens: DLA {agree['dla']:.1e}, act×grad vs TransformerLens "
-                    f"{agree['atg_tl']:.1e}, vs hand-written {agree['atg_hand']:.1e}")
+                    f"{agree['atg_tl']:.1e}, vs hand-written {agree['atg_hand']:.1e}"
+                )
                 dla, atg = t["dla"], t["atg"]
                 time_rows.append(
                     f"| 1. DLA, every head and neuron | {shape} | {n} | "
                     f"{_fmt_s(dla['scalarlens'])} | TransformerLens "
                     f"{_fmt_s(dla['transformer_lens'])} | "
-                    f"{_ratio(dla['scalarlens'], dla['transformer_lens'])} | ≤ 1.0× (aim 0.7×) |")
+                    f"{_ratio(dla['scalarlens'], dla['transformer_lens'])} | ≤ 1.0× (aim 0.7×) |"
+                )
                 time_rows.append(
                     f"| 2. act×grad, every head and neuron | {shape} | {n} | "
                     f"{_fmt_s(atg['scalarlens'])} | TransformerLens "
                     f"{_fmt_s(atg['transformer_lens'])} | "
-                    f"{_ratio(atg['scalarlens'], atg['transformer_lens'])} | ≤ 1.0× (aim 0.7×) |")
+                    f"{_ratio(atg['scalarlens'], atg['transformer_lens'])} | ≤ 1.0× (aim 0.7×) |"
+                )
                 time_rows.append(
                     f"| 2. act×grad, every head and neuron | {shape} | {n} | "
                     f"{_fmt_s(atg['scalarlens'])} | hand-written torch {_fmt_s(atg['hand'])} | "
-                    f"{_ratio(atg['scalarlens'], atg['hand'])} | |")
+                    f"{_ratio(atg['scalarlens'], atg['hand'])} | |"
+                )
 
-                mem = {case: _spawn("memory", directory, str(n), case)["bytes"]
-                       for case in MEMORY_CASES}
+                mem = {
+                    case: _spawn("memory", directory, str(n), case)["bytes"]
+                    for case in MEMORY_CASES
+                }
                 for label, ours, base, base_label, target in (
-                    ("1. DLA, every head and neuron", "sl_dla", "tl_dla", "TransformerLens",
-                     "≤ 0.5×"),
-                    ("2. act×grad, every head and neuron", "sl_atg", "tl_atg", "TransformerLens",
-                     "≤ 0.5×"),
-                    ("2. act×grad, every head and neuron", "sl_atg", "hand_atg",
-                     "hand-written torch", ""),
-                    ("6. `mlp.write_to_final_residual_grad`", "sl_neuron_de", "tl_neuron_de",
-                     "TransformerLens, cache everything", "≤ 0.5×"),
-                    ("6. `mlp.write_to_final_residual_grad`", "sl_neuron_de",
-                     "tl_neuron_de_filtered", "TransformerLens, `names_filter` (post, ln_final)",
-                     ""),
+                    (
+                        "1. DLA, every head and neuron",
+                        "sl_dla",
+                        "tl_dla",
+                        "TransformerLens",
+                        "≤ 0.5×",
+                    ),
+                    (
+                        "2. act×grad, every head and neuron",
+                        "sl_atg",
+                        "tl_atg",
+                        "TransformerLens",
+                        "≤ 0.5×",
+                    ),
+                    (
+                        "2. act×grad, every head and neuron",
+                        "sl_atg",
+                        "hand_atg",
+                        "hand-written torch",
+                        "",
+                    ),
+                    (
+                        "6. `mlp.write_to_final_residual_grad`",
+                        "sl_neuron_de",
+                        "tl_neuron_de",
+                        "TransformerLens, cache everything",
+                        "≤ 0.5×",
+                    ),
+                    (
+                        "6. `mlp.write_to_final_residual_grad`",
+                        "sl_neuron_de",
+                        "tl_neuron_de_filtered",
+                        "TransformerLens, `names_filter` (post, ln_final)",
+                        "",
+                    ),
                 ):
                     memory_rows.append(
                         f"| {label} | {shape} | {n} | {_mib(mem[ours])} | {base_label} "
-                        f"{_mib(mem[base])} | {mem[ours] / mem[base]:.3f}× | {target} |")
+                        f"{_mib(mem[base])} | {mem[ours] / mem[base]:.3f}× | {target} |"
+                    )
     lines = [
-        "### Peers: TransformerLens and hand-written torch (bench_peers.py)", "",
+        "### Peers: TransformerLens and hand-written torch (bench_peers.py)",
+        "",
         f"Random weights saved once per shape and loaded by both libraries ({_versions()}); "
         "float32, one prompt, objective logit[11] − logit[12] at the last token. "
         f"Times: median of {runs} alternated runs after a warm-up (min–max); the ratio is of "
         "medians, with the range of per-run ratios. Memory: peak RSS above the loaded model, "
-        "fresh process per figure.", "",
+        "fresh process per figure.",
+        "",
         "| workload | model | tokens | ScalarLens | baseline | ratio | target |",
-        "|---|---|---|---|---|---|---|", *time_rows, "",
+        "|---|---|---|---|---|---|---|",
+        *time_rows,
+        "",
         "| peak memory above the model | model | tokens | ScalarLens | baseline | ratio | target |",
-        "|---|---|---|---|---|---|---|", *memory_rows, "",
+        "|---|---|---|---|---|---|---|",
+        *memory_rows,
+        "",
         "Agreement checked before timing (max |difference| / max |value|, float32): "
-        + "; ".join(agreement) + ".", "",
+        + "; ".join(agreement)
+        + ".",
+        "",
     ]
     return "\n".join(lines)
 

@@ -41,8 +41,9 @@ def make_synthetic_site(root: Path, n: int = 300, every_plugin: int = 50) -> Non
     for i in range(n):
         info = root / f"synthetic_dist_{i}-1.0.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: synthetic-dist-{i}\n"
-                                       "Version: 1.0\n")
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: synthetic-dist-{i}\nVersion: 1.0\n"
+        )
         lines = ["[console_scripts]", f"synthetic-{i} = synthetic_mod_{i}:main"]
         if i % every_plugin == 0:
             lines += ["[scalarlens]", f"synthetic{i} = synthetic_mod_{i}"]
@@ -56,8 +57,9 @@ def make_synthetic_site(root: Path, n: int = 300, every_plugin: int = 50) -> Non
 def sample(env: dict[str, str], runs: int) -> list[dict[str, float]]:
     out = []
     for _ in range(runs):
-        res = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
-                             text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+        )
         out.append(json.loads(res.stdout))
     return out
 
@@ -70,8 +72,11 @@ def summarize(values: list[float]) -> str:
 def main(runs: int = 9) -> str:
     base_env = dict(os.environ)
     # "with the builtins": only the builtin catalogue is loaded, whatever else is installed.
-    builtins_env = {**base_env, "SCALARLENS_DISABLE_PLUGIN_AUTOLOAD": "1",
-                    "SCALARLENS_PLUGINS": "builtins"}
+    builtins_env = {
+        **base_env,
+        "SCALARLENS_DISABLE_PLUGIN_AUTOLOAD": "1",
+        "SCALARLENS_PLUGINS": "builtins",
+    }
     sample(builtins_env, 2)  # warm the page cache
     builtins_only = sample(builtins_env, runs)
     everything = sample(base_env, runs)
@@ -82,21 +87,40 @@ def main(runs: int = 9) -> str:
         crowded = sample(env, runs)
     installed = int(everything[0]["n_loaded"])
     rows = [
-        ("`import scalarlens` + first `registry.get` with the builtins (torch already imported)",
-         summarize([s["import"] + s["get"] for s in builtins_only]), "≤ 30 ms"),
+        (
+            "`import scalarlens` + first `registry.get` with the builtins (torch already imported)",
+            summarize([s["import"] + s["get"] for s in builtins_only]),
+            "≤ 30 ms",
+        ),
         ("  of which `import scalarlens`", summarize([s["import"] for s in builtins_only]), ""),
-        ("  of which first `registry.get` (discovery + loading the builtins)",
-         summarize([s["get"] for s in builtins_only]), ""),
-        (f"same with every installed plugin loaded ({installed} plugins)",
-         summarize([s["import"] + s["get"] for s in everything]), ""),
-        ("entry-point discovery alone, 300 synthetic distributions on the path "
-         f"({int(crowded[0]['n_plugins'])} plugins found)",
-         summarize([s["discovery"] for s in crowded]), "≤ 25 ms"),
-        ("`import torch` (subtracted, for reference)",
-         summarize([s["torch"] for s in builtins_only]), ""),
+        (
+            "  of which first `registry.get` (discovery + loading the builtins)",
+            summarize([s["get"] for s in builtins_only]),
+            "",
+        ),
+        (
+            f"same with every installed plugin loaded ({installed} plugins)",
+            summarize([s["import"] + s["get"] for s in everything]),
+            "",
+        ),
+        (
+            "entry-point discovery alone, 300 synthetic distributions on the path "
+            f"({int(crowded[0]['n_plugins'])} plugins found)",
+            summarize([s["discovery"] for s in crowded]),
+            "≤ 25 ms",
+        ),
+        (
+            "`import torch` (subtracted, for reference)",
+            summarize([s["torch"] for s in builtins_only]),
+            "",
+        ),
     ]
-    lines = [f"### Startup (median of {runs} fresh interpreters, min–max)", "",
-             "| measurement | time | target |", "|---|---|---|"]
+    lines = [
+        f"### Startup (median of {runs} fresh interpreters, min–max)",
+        "",
+        "| measurement | time | target |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
     return "\n".join(lines) + "\n"
 

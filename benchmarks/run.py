@@ -17,8 +17,12 @@ sys.path.insert(0, str(HERE))
 def header() -> str:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=HERE).stdout.strip() or "unknown"
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
+        ).stdout.strip()
+        or "unknown"
+    )
     return (
         "# Benchmark results\n\n"
         f"Date {datetime.date.today().isoformat()}, commit `{commit}`, "
@@ -34,22 +38,27 @@ def peers() -> str:
     title = "### Peers: TransformerLens and hand-written torch (bench_peers.py)\n\n"
     python = os.environ.get("SCALARLENS_TL_PYTHON")  # an existing venv's python, if given
     if not python:
-        setup = subprocess.run(["bash", str(HERE / "setup_tl_venv.sh")], capture_output=True,
-                               text=True)
+        setup = subprocess.run(
+            ["bash", str(HERE / "setup_tl_venv.sh")], capture_output=True, text=True
+        )
         if setup.returncode:
             reason = (setup.stderr.strip().splitlines() or ["no output"])[-1]
-            return (title + "**Skipped**: the TransformerLens venv could not be created "
-                    f"(`benchmarks/setup_tl_venv.sh` failed: `{reason}`), so workloads 1, 2 "
-                    "and 6 have no TransformerLens baseline in this run.\n")
+            return (
+                title + "**Skipped**: the TransformerLens venv could not be created "
+                f"(`benchmarks/setup_tl_venv.sh` failed: `{reason}`), so workloads 1, 2 "
+                "and 6 have no TransformerLens baseline in this run.\n"
+            )
         python = setup.stdout.strip().splitlines()[-1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.md"
-        run = subprocess.run([python, str(HERE / "bench_peers.py"), "--out", str(out)],
-                             capture_output=True, text=True)
+        run = subprocess.run(
+            [python, str(HERE / "bench_peers.py"), "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
         if run.returncode or not out.is_file():
             reason = (run.stderr.strip().splitlines() or ["no output"])[-1]
-            return (title + f"**Failed** in the TransformerLens venv (`{python}`): "
-                    f"`{reason}`\n")
+            return title + f"**Failed** in the TransformerLens venv (`{python}`): `{reason}`\n"
         return out.read_text()
 
 
@@ -59,8 +68,14 @@ def main() -> None:
     import bench_dedup
     import bench_startup
 
-    sections = [header(), bench_startup.main(), bench_capture.main(), bench_catalogue.main(),
-                bench_dedup.main(), peers()]
+    sections = [
+        header(),
+        bench_startup.main(),
+        bench_capture.main(),
+        bench_catalogue.main(),
+        bench_dedup.main(),
+        peers(),
+    ]
     text = "\n".join(sections)
     (HERE / "RESULTS.md").write_text(text)
     print(text)

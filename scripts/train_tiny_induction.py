@@ -152,8 +152,11 @@ def main() -> None:
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: min(1.0, (s + 1) / warmup)
-        * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / args.steps)).item()),
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * 0.5
+            * (1 + torch.cos(torch.tensor(torch.pi * s / args.steps)).item())
+        ),
     )
     g = torch.Generator().manual_seed(args.seed + 1)
     for step in range(args.steps):

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ._locations import PluginLocation
 
 
-
 def _freeze(mapping: Mapping[LayerIndex, torch.Tensor]) -> Mapping[LayerIndex, torch.Tensor]:
     return MappingProxyType(dict(mapping))
 

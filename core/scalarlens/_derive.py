@@ -32,7 +32,7 @@ from ._model import (
     resolve_position,
 )
 from ._plan import EvaluationCounter, Plan, execute_plan, make_plan
-from ._prepare import prepare, prepare_objective, prepare_tokens
+from ._prepare import Preparation, prepare, prepare_objective, prepare_tokens
 from ._store import DerivedScalarStore
 from ._vocab import ActivationLocationType, PassType
 from .exceptions import ModelInputError
@@ -77,17 +77,17 @@ def derive(
     tokens = prepare_tokens(adapter, prompts_or_tokens)
     if objective is None:
         objective = prepare_objective(adapter, target, distractor)
-    if prepared.needs_objective and objective is None:
-        raise ModelInputError(
-            f"{', '.join(prepared.needs_objective)} need(s) an objective (a backward pass, or "
-            "a kernel reading ctx.objective): pass target= and distractor= (e.g. "
-            "derive(model, prompt, dsts, target='mat', distractor='cat')) or objective="
-        )
+    _require_objective(prepared, objective)
     interventions = [*interventions, *plugin_interventions(plan, adapter, registry)]
     runs = _run(adapter, plan, tokens, objective, interventions, prepared.config)
     results = [
-        execute_plan(plan, RawActivationStore.from_nested_dict(run.captured), model=adapter,
-                     counter=counter, objective=objective)
+        execute_plan(
+            plan,
+            RawActivationStore.from_nested_dict(run.captured),
+            model=adapter,
+            counter=counter,
+            objective=objective,
+        )
         for run in runs
     ]
     metadata = {
@@ -98,6 +98,15 @@ def derive(
         "versions": _versions(),
     }
     return DerivedScalarStore(results, tokens, metadata)
+
+
+def _require_objective(prepared: Preparation, objective: Objective | None) -> None:
+    if prepared.needs_objective and objective is None:
+        raise ModelInputError(
+            f"{', '.join(prepared.needs_objective)} need(s) an objective (a backward pass, or "
+            "a kernel reading ctx.objective): pass target= and distractor= (e.g. "
+            "derive(model, prompt, dsts, target='mat', distractor='cat')) or objective="
+        )
 
 
 def _run(
@@ -115,8 +124,7 @@ def _run(
         assert objective is not None
         captures = [c for c in plan.captures if c.pass_type is PassType.FORWARD]
         captures = _with_final_residual(captures, adapter.dims.n_layers)
-        runs = adapter.run(tokens, captures, None, interventions=interventions,
-                           return_logits=False)
+        runs = adapter.run(tokens, captures, None, interventions=interventions, return_logits=False)
         return [_add_final_gradient(run, objective, adapter, config) for run in runs]
     return adapter.run(
         tokens,

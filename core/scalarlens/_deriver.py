@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from ._model import ModelAdapter, ModelDims, ObjectiveInfo
 
 
-
 @attrs.frozen
 class DeriveContext:
     """What a kernel may consult besides its input tensors.
@@ -52,9 +51,9 @@ class DeriveContext:
         """A model weight, read now through the adapter (never cached in the deriver)."""
         from ._guard import guarded_weight
 
-        return guarded_weight(self._model("reads the weight " + repr(location.value)).weight(
-            location, layer
-        ))
+        return guarded_weight(
+            self._model("reads the weight " + repr(location.value)).weight(location, layer)
+        )
 
     def _model(self, why: str) -> ModelAdapter:
         if self.model is None:

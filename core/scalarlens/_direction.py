@@ -148,8 +148,9 @@ class CausalDirectionIndexer:
 
     def source_layer(self, target: int | None, n_layers: int) -> SourceLayer:
         layer = self.direction.resolved_layer(n_layers)
-        if not precedes(target, self.component_location, layer,
-                        self.direction.location_within_layer):
+        if not precedes(
+            target, self.component_location, layer, self.direction.location_within_layer
+        ):
             return NOT_NEEDED
         return layer
 

@@ -49,10 +49,15 @@ def _writes(func: Any) -> bool:
     known = _WRITES.get(func)
     if known is None:
         name = getattr(func, "__name__", "")
-        known = _WRITES[func] = name in ("__setitem__", "set_", "copy_") or (
-            name.startswith("__i") and name.endswith("__") and name not in ("__init__",
-                                                                            "__iter__")
-        ) or (name.endswith("_") and not name.endswith("__"))
+        known = _WRITES[func] = (
+            name in ("__setitem__", "set_", "copy_")
+            or (
+                name.startswith("__i")
+                and name.endswith("__")
+                and name not in ("__init__", "__iter__")
+            )
+            or (name.endswith("_") and not name.endswith("__"))
+        )
     return known
 
 

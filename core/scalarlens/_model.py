@@ -92,8 +92,6 @@ class ModelDims:
         }
 
 
-
-
 @attrs.frozen
 class CaptureRequest:
     """Capture ``location`` in ``pass_type`` at ``layers`` (``None`` for layer-less locations)."""

@@ -23,8 +23,7 @@ if TYPE_CHECKING:
 def _n_tokens(raw_store: RawActivationStore) -> int | None:
     """The prompt's token count, read off any captured per-token tensor."""
     for (location, _), entry in raw_store.entries.items():
-        if location.shape and location.shape[0] in (Dimension.TOKENS,
-                                                    Dimension.ATTENDED_TO_TOKENS):
+        if location.shape and location.shape[0] in (Dimension.TOKENS, Dimension.ATTENDED_TO_TOKENS):
             for tensor in entry.activations_by_layer_index.values():
                 return int(tensor.shape[0])
     return None

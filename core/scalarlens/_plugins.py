@@ -320,8 +320,10 @@ class PluginSet:
             if problem is not None:
                 pm.unregister(plugin)
                 self.contributions.drop(info.name)
-        info = attrs.evolve(info, status="failed", error=problem) if problem else attrs.evolve(
-            info, dsts=tuple(dsts)
+        info = (
+            attrs.evolve(info, status="failed", error=problem)
+            if problem
+            else attrs.evolve(info, dsts=tuple(dsts))
         )
         self.records[info.name] = info
         return info
@@ -339,4 +341,3 @@ class PluginSet:
             for result in results:
                 dsts += self.contributions.file(hook, result, name)
         return None
-

@@ -23,6 +23,7 @@ from .exceptions import ModelInputError, TokenizerError
 if TYPE_CHECKING:
     from ._registry import Registry
 
+
 def _encode(model: ModelAdapter, item: str | int, role: str) -> int:
     """A target or distractor as a token id inside the model's vocabulary."""
     if isinstance(item, bool) or not isinstance(item, (str, int)):

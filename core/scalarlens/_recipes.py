@@ -123,9 +123,7 @@ def row_norm(tensor: torch.Tensor) -> torch.Tensor:
     return norm
 
 
-def project_onto_direction(
-    inputs: Inputs, layer: LayerIndex, ctx: DeriveContext
-) -> torch.Tensor:
+def project_onto_direction(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     """``x[t]·g[t]`` as ``T×1``: sources are a ``T×D`` write and the direction g (last input).
 
     Exact zeros where g is ``None`` (the write does not precede the direction).

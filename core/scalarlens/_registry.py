@@ -41,7 +41,6 @@ from .exceptions import (
 )
 
 if TYPE_CHECKING:
-
     from ._model import Intervention, ModelAdapter
 
 from ._recipes import Factory
@@ -167,7 +166,10 @@ class Registry:
         with self._lock:
             self._dsts.add(dst.name, Provision(dst, factory, plugin), plugin, replace=override)
             info = self._plugins.get(plugin) or PluginInfo(
-                name=plugin, distribution=None, version=None, module="(in process)",
+                name=plugin,
+                distribution=None,
+                version=None,
+                module="(in process)",
                 status="loaded",
             )
             if dst.name not in info.dsts:
@@ -233,8 +235,7 @@ class Registry:
         key = name.name if isinstance(name, DerivedScalarType) else name
         return key in self._dsts
 
-    def _resolve_offer(self, table: OfferTable, name: str, extra: tuple[Offer, ...] = ()
-                       ) -> Offer:
+    def _resolve_offer(self, table: OfferTable, name: str, extra: tuple[Offer, ...] = ()) -> Offer:
         return table.resolve(name, (*table.offers(name), *extra), self._prefer, self._where)
 
     def model_loaders(self) -> dict[str, ModelLoader]:
@@ -313,8 +314,11 @@ class Registry:
                 "`scalarlens plugins` to check.",
             )
         hint = f" It may also come from a plugin that failed to load — {detail}." if failed else ""
-        return UnknownDstError(name, suggestions, hint + " Run `scalarlens dsts` to list every "
-                               "registered DST." if hint else "")
+        return UnknownDstError(
+            name,
+            suggestions,
+            hint + " Run `scalarlens dsts` to list every registered DST." if hint else "",
+        )
 
     # --- building -------------------------------------------------------------------------
 
@@ -444,8 +448,11 @@ class Registry:
                     problems.append(Problem(offer.plugin, name, str(exc)))
         for table in (self._dsts, self._loaders, self._interventions):
             for name in table:
-                bundled = (Offer(name, None, CORE),) if table is self._loaders and (
-                    name in BUNDLED_MODELS) else ()
+                bundled = (
+                    (Offer(name, None, CORE),)
+                    if table is self._loaders and (name in BUNDLED_MODELS)
+                    else ()
+                )
                 try:
                     self._resolve_offer(table, name, bundled)
                 except ScalarLensError as exc:
@@ -454,8 +461,12 @@ class Registry:
         for name, plugin in sorted(self._prefer.items()):
             if not any(name in t for t in (self._dsts, self._loaders, self._interventions)):
                 problems.append(
-                    Problem(plugin, name, f"the preference {name}={plugin} matches nothing: "
-                            "no plugin offers that name")
+                    Problem(
+                        plugin,
+                        name,
+                        f"the preference {name}={plugin} matches nothing: "
+                        "no plugin offers that name",
+                    )
                 )
         return problems
 

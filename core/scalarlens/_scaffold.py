@@ -14,7 +14,7 @@ from .exceptions import ConfigError
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
-PYPROJECT = '''\
+PYPROJECT = """\
 [build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
@@ -36,7 +36,7 @@ test = ["pytest>=7.4"]
 
 [tool.setuptools.packages.find]
 include = ["scalarlens_{name}*"]
-'''
+"""
 
 INIT = '''\
 """ScalarLens plugin ``{name}``."""
@@ -114,7 +114,7 @@ def test_post_act_squared_matches_the_raw_activation() -> None:
         assert torch.allclose(store.get("{name}.post_act_squared", layer), post_act**2)
 '''
 
-README = '''\
+README = """\
 # scalarlens-{name}
 
 A [ScalarLens](https://pypi.org/project/scalarlens/) plugin.
@@ -132,7 +132,7 @@ pip install -e '.[test]' && pytest
 
 Add DSTs in `scalarlens_{name}/plugin.py`; `tests/test_conformance.py` checks each against the
 ScalarLens contract automatically.
-'''
+"""
 
 
 PROJECT_PLUGINS = ("builtins", "sae")

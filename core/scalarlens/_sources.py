@@ -95,6 +95,7 @@ def direction_source(
 ) -> RawScalarSource:
     """``g`` as a deriver input, causally masked for components at ``component_location``."""
     return RawScalarSource(
-        direction.location, PassType.BACKWARD,
+        direction.location,
+        PassType.BACKWARD,
         CausalDirectionIndexer(direction, component_location),
     )

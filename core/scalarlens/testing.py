@@ -94,8 +94,9 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
             interventions=spliced,
         )
         for run in runs:
-            _check_run(run, plan, deriver, pass_type, model, objective, f"{where} "
-                       f"({pass_type.value})")
+            _check_run(
+                run, plan, deriver, pass_type, model, objective, f"{where} ({pass_type.value})"
+            )
 
 
 def _check_run(
@@ -129,7 +130,9 @@ def _check_run(
         f"{where}: layers {out.layer_indices}, expected {expected_layers}"
     )
     want = resolve_shape(
-        dst.shape, n_tokens=len(run.tokens), model_sizes=model.dims.sizes(),
+        dst.shape,
+        n_tokens=len(run.tokens),
+        model_sizes=model.dims.sizes(),
         parameter_sizes=deriver.parameter_sizes,
     )
     for layer in out.layer_indices:
@@ -172,7 +175,9 @@ def _execute(
 
 
 def conformance_tests(
-    plugin: str | None = None, *, model: Callable[[], ModelAdapter] = tiny_model,
+    plugin: str | None = None,
+    *,
+    model: Callable[[], ModelAdapter] = tiny_model,
     configs: Mapping[str, DstConfig] | None = None,
 ) -> Callable[[str], None]:
     """A pytest test, parametrised over every DST ``plugin`` registers (all plugins if None)."""

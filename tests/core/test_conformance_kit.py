@@ -25,8 +25,9 @@ def _registry_with(kernel, *, description: str = "a test DST", shape=T_F) -> Reg
     dst = DerivedScalarType("bad.dst", shape, NodeType.MLP_NEURON, description=description)
     module = types.ModuleType("badplugin")
     module.scalarlens_derivers = scalarlens_builtins.plugin.hookimpl(  # type: ignore[attr-defined]
-        lambda: {dst: lambda config: ScalarDeriver(dst, config, (DstReference("mlp.post_act"),),
-                                                     kernel)}
+        lambda: {
+            dst: lambda config: ScalarDeriver(dst, config, (DstReference("mlp.post_act"),), kernel)
+        }
     )
     reg = Registry(autoload=False)
     reg.register(scalarlens_builtins.plugin, "builtins")

@@ -217,7 +217,11 @@ def test_execution_errors_are_specific(reg: Registry) -> None:
         (RawScalarSource(ALT.MLP_POST_ACT, F),),
         lambda inputs, layer, ctx: inputs[0].sum(),
     )
-    with pytest.raises(ShapeError, match=r"t.bad \(forward pass at layer 0; .*\): the kernel returned shape \(\), declared \(tokens=4"):
+    with pytest.raises(
+        ShapeError,
+        match=r"t.bad \(forward pass at layer 0; .*\): the kernel returned shape \(\), "
+        r"declared \(tokens=4",
+    ):
         derive_from_raw([(bad, F)], _raw_store(), n_layers=N_LAYERS)
     unresolved = ScalarDeriver(
         _dst("t.unres"),

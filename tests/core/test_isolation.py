@@ -119,16 +119,21 @@ def test_mutating_kernels_leave_every_builtin_bit_identical(hostile: Registry) -
     post = same_call[("mlp.post_act/forward", 0)]
     assert torch.equal(same_call[("evil.mutating/forward", 0)], post * 100)
     messages = {str(w.message) for w in caught if issubclass(w.category, KernelMutationWarning)}
-    assert any("evil.mutating" in m and "plugin 'evil'" in m and "mlp.post_act" in m
-               for m in messages)
+    assert any(
+        "evil.mutating" in m and "plugin 'evil'" in m and "mlp.post_act" in m for m in messages
+    )
     assert any("evil.zero_weight" in m and "a model weight" in m for m in messages)
 
 
 @pytest.mark.parametrize(
     ("dst", "error", "message"),
     [
-        ("evil.wrong_size", ShapeError, r"returned shape \(13, 5\), declared \(tokens=13, "
-         r"mlp_acts=256\)"),
+        (
+            "evil.wrong_size",
+            ShapeError,
+            r"returned shape \(13, 5\), declared \(tokens=13, "
+            r"mlp_acts=256\)",
+        ),
         ("evil.nan", KernelError, r"non-finite value\(s\) \(NaN or inf\)"),
         ("evil.none", KernelError, "returned NoneType, expected a torch.Tensor"),
         ("evil.numpy", KernelError, "returned ndarray, expected a torch.Tensor"),

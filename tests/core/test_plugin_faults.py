@@ -74,9 +74,7 @@ def test_keyboard_interrupt_propagates_and_leaves_no_half_loaded_registry(
     make_plugin_dist: Callable[..., str],
 ) -> None:
     module = make_plugin_dist(
-        "import os\n"
-        "if not os.environ.get('SL_TEST_CALM'):\n"
-        "    raise KeyboardInterrupt\n",
+        "import os\nif not os.environ.get('SL_TEST_CALM'):\n    raise KeyboardInterrupt\n",
         dist="scalarlens-ctrlc",
     )
     reg = Registry()
@@ -103,7 +101,10 @@ def test_sys_exit_plugin_does_not_silence_the_cli(
     for command, expected in ((["dsts"], "mlp.act_times_grad"), (["plugins"], "SystemExit")):
         run = subprocess.run(
             [sys.executable, "-m", "scalarlens.cli", *command],
-            capture_output=True, text=True, env=env, timeout=120,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
         )
         assert run.returncode == 0, run.stderr
         assert expected in run.stdout
@@ -112,16 +113,20 @@ def test_sys_exit_plugin_does_not_silence_the_cli(
 def test_model_loader_cannot_silently_replace_the_bundled_model(
     make_plugin_dist: Callable[..., str],
 ) -> None:
-    make_plugin_dist(LOADER.format(name="impostor", key="tiny-induction"),
-                     dist="scalarlens-impostor", version="1.0")
+    make_plugin_dist(
+        LOADER.format(name="impostor", key="tiny-induction"),
+        dist="scalarlens-impostor",
+        version="1.0",
+    )
     reg = Registry()
     with pytest.raises(DstConflictError) as err:
         scalarlens.load_model("tiny-induction", reg)
     assert "scalarlens-impostor 1.0" in str(err.value)
     assert "bundled model" in str(err.value) and "SCALARLENS_PREFER" in str(err.value)
     # An explicit preference settles it either way.
-    bundled = scalarlens.load_model("tiny-induction", Registry(prefer={"tiny-induction":
-                                                                       "scalarlens"}))
+    bundled = scalarlens.load_model(
+        "tiny-induction", Registry(prefer={"tiny-induction": "scalarlens"})
+    )
     assert bundled.name == "tiny-induction"
     with pytest.raises(RuntimeError, match="the impostor loader ran"):
         scalarlens.load_model("tiny-induction", Registry(prefer={"tiny-induction": "impostor"}))
@@ -130,10 +135,12 @@ def test_model_loader_cannot_silently_replace_the_bundled_model(
 
 
 def test_two_loaders_with_one_key_conflict(make_plugin_dist: Callable[..., str]) -> None:
-    make_plugin_dist(LOADER.format(name="first", key="myarch:"), dist="scalarlens-first",
-                     version="1.0")
-    make_plugin_dist(LOADER.format(name="second", key="myarch:"), dist="scalarlens-second",
-                     version="2.0")
+    make_plugin_dist(
+        LOADER.format(name="first", key="myarch:"), dist="scalarlens-first", version="1.0"
+    )
+    make_plugin_dist(
+        LOADER.format(name="second", key="myarch:"), dist="scalarlens-second", version="2.0"
+    )
     reg = Registry()
     with pytest.raises(DstConflictError, match="model loader 'myarch:'") as err:
         scalarlens.load_model("myarch:/x", reg)
@@ -184,7 +191,8 @@ def test_duplicate_entry_point_names_are_reported(make_plugin_dist: Callable[...
     assert len(failed) == 1
     assert "duplicate entry-point name 'probe'" in (failed[0].error or "")
     assert {"scalarlens-alpha", "scalarlens-beta"} <= {
-        *(p.distribution for p in records), *(failed[0].error or "").split()
+        *(p.distribution for p in records),
+        *(failed[0].error or "").split(),
     }
     assert ("probe.a" in reg) != ("probe.b" in reg)  # exactly one of them was loaded
     _builtins_work(reg)
@@ -286,7 +294,6 @@ if __name__ == "__main__":
 def test_first_use_from_eight_threads_in_fresh_processes(tmp_path: Path) -> None:
     script = tmp_path / "first_use_race.py"
     script.write_text(CONCURRENT)
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "failures 0", run.stdout

@@ -113,6 +113,7 @@ def test_public_namespace_is_sorted_resolves_and_matches_the_lazy_table() -> Non
         assert getattr(importlib.import_module(module, "scalarlens"), name) is getattr(
             scalarlens, name
         )
+
     # isort-style order (ruff RUF022): CONSTANTS, then Classes, then functions and values
     def kind(n: str) -> int:
         return 0 if n.isupper() else 1 if n[:1].isupper() else 2

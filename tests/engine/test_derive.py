@@ -64,12 +64,16 @@ def test_backward_only_when_needed_and_target_required(model: SpyAdapter) -> Non
     with pytest.raises(ModelInputError, match="need.*backward pass.*target="):
         scalarlens.derive(model, PROMPTS, "mlp.post_act", config=config)
     assert model.calls == []  # failed before any model run
-    store = scalarlens.derive(model, PROMPTS, ["mlp.post_act", "resid.post_emb"], target=3,
-                              distractor=4, config=config)
+    store = scalarlens.derive(
+        model, PROMPTS, ["mlp.post_act", "resid.post_emb"], target=3, distractor=4, config=config
+    )
     (captures,) = model.calls
     assert {(c.location, c.pass_type) for c in captures} == {
-        (ALT.MLP_POST_ACT, F), (ALT.MLP_POST_ACT, B),
-        (ALT.RESID_POST_EMBEDDING, F), (ALT.RESID_POST_EMBEDDING, B)}
+        (ALT.MLP_POST_ACT, F),
+        (ALT.MLP_POST_ACT, B),
+        (ALT.RESID_POST_EMBEDDING, F),
+        (ALT.RESID_POST_EMBEDDING, B),
+    }
     grad = store.get("mlp.post_act", 2, pass_type=B, prompt=0)
     assert grad.abs().sum() > 0
     # Forward-only request: no backward objective reaches the model.
@@ -92,8 +96,13 @@ def test_store_topk_semantics(model: SpyAdapter) -> None:
     assert len(records) == 5  # exactly k across DSTs, not k per DST
     values = [r.value for r in records]
     assert values == sorted(values, reverse=True)
-    everything = torch.cat([store.get(d, layer).reshape(-1) for d in ("mlp.pre_act",
-                            "mlp.post_act") for layer in range(3)])
+    everything = torch.cat(
+        [
+            store.get(d, layer).reshape(-1)
+            for d in ("mlp.pre_act", "mlp.post_act")
+            for layer in range(3)
+        ]
+    )
     assert values == pytest.approx(torch.topk(everything, 5).values.tolist())
     lowest = store.topk(4, dsts=["mlp.post_act"], largest=False, layers=[2])
     assert [r.layer for r in lowest] == [2] * 4
@@ -109,8 +118,14 @@ def test_store_topk_semantics(model: SpyAdapter) -> None:
 
 
 def test_save_and_load_round_trip(model: SpyAdapter, tmp_path: Path) -> None:
-    store = scalarlens.derive(model, PROMPTS, ["attn.qk_probs", "logits", "mlp.post_act"],
-                              target=1, distractor=2, config=DstConfig(derive_gradients=True))
+    store = scalarlens.derive(
+        model,
+        PROMPTS,
+        ["attn.qk_probs", "logits", "mlp.post_act"],
+        target=1,
+        distractor=2,
+        config=DstConfig(derive_gradients=True),
+    )
     path = tmp_path / "store.safetensors"
     store.save(path)
     from safetensors import safe_open
@@ -170,17 +185,24 @@ def test_direct_effects_use_a_local_final_gradient(model: SpyAdapter) -> None:
         ((*captures,),) = model.calls
         assert all(c.pass_type is F for c in captures)  # no backward through the network
         # Reference: force a real backward by also asking for a gradient elsewhere.
-        full = scalarlens.derive(model, PROMPTS, [*dsts, "resid.post_attn"], target=3,
-                                 distractor=4, config=DstConfig(
-                                     detach_final_ln_scale=detach, derive_gradients=True))
+        full = scalarlens.derive(
+            model,
+            PROMPTS,
+            [*dsts, "resid.post_attn"],
+            target=3,
+            distractor=4,
+            config=DstConfig(detach_final_ln_scale=detach, derive_gradients=True),
+        )
         assert any(c.pass_type is B for c in model.calls[-1])
         for dst in dsts:
             for p in range(2):
                 for layer in range(3):
-                    torch.testing.assert_close(local.get(dst, layer, prompt=p),
-                                               full.get(dst, layer, prompt=p))
+                    torch.testing.assert_close(
+                        local.get(dst, layer, prompt=p), full.get(dst, layer, prompt=p)
+                    )
         assert local.metadata["objective_values"] == pytest.approx(
-            full.metadata["objective_values"])
+            full.metadata["objective_values"]
+        )
 
 
 def test_local_final_gradient_for_log_prob_and_callable_objectives(model: SpyAdapter) -> None:
@@ -192,9 +214,15 @@ def test_local_final_gradient_for_log_prob_and_callable_objectives(model: SpyAda
     ]
     for objective in objectives:
         local = scalarlens.derive(model, PROMPTS, dst, objective=objective)
-        full = scalarlens.derive(model, PROMPTS, [dst, "resid.post_attn"], objective=objective,
-                                 config=DstConfig(derive_gradients=True))
+        full = scalarlens.derive(
+            model,
+            PROMPTS,
+            [dst, "resid.post_attn"],
+            objective=objective,
+            config=DstConfig(derive_gradients=True),
+        )
         for p in range(2):
             for layer in range(3):
-                torch.testing.assert_close(local.get(dst, layer, prompt=p),
-                                           full.get(dst, layer, prompt=p))
+                torch.testing.assert_close(
+                    local.get(dst, layer, prompt=p), full.get(dst, layer, prompt=p)
+                )

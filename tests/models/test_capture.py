@@ -89,46 +89,84 @@ def reference(
         acts[(alt, layer)] = x
         return x
 
-    def ln(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, alt: ALT, layer: int | None,
-           detach: bool = False) -> torch.Tensor:
+    def ln(
+        x: torch.Tensor,
+        g: torch.Tensor,
+        b: torch.Tensor,
+        alt: ALT,
+        layer: int | None,
+        detach: bool = False,
+    ) -> torch.Tensor:
         c = x - x.mean(-1, keepdim=True)
         s = (c.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         s = mark(alt, layer, s.detach() if detach else s)
         return c / s * g + b
 
     t = len(ids)
-    x = mark(ALT.RESID_POST_EMBEDDING, None, a.weight(W.EMBEDDING)[ids] + a.weight(
-        W.POSITION_EMBEDDING)[:t])
+    x = mark(
+        ALT.RESID_POST_EMBEDDING,
+        None,
+        a.weight(W.EMBEDDING)[ids] + a.weight(W.POSITION_EMBEDDING)[:t],
+    )
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     for l in range(a.dims.n_layers):  # noqa: E741
 
         def w(loc: WeightLocationType, layer: int = l) -> torch.Tensor:
             return a.weight(loc, layer)
 
-        u = ln(x, w(W.LAYER_NORM_GAIN_PRE_ATTN), w(W.LAYER_NORM_BIAS_PRE_ATTN),
-               ALT.ATTN_INPUT_LAYER_NORM_SCALE, l)
-        q = mark(ALT.ATTN_QUERY, l, torch.einsum("td,hdk->thk", u, w(W.ATTN_TO_QUERY))
-                 + w(W.ATTN_BIAS_QUERY))
-        k = mark(ALT.ATTN_KEY, l, torch.einsum("td,hdk->thk", u, w(W.ATTN_TO_KEY))
-                 + w(W.ATTN_BIAS_KEY))
-        v = mark(ALT.ATTN_VALUE, l, torch.einsum("td,hdk->thk", u, w(W.ATTN_TO_VALUE))
-                 + w(W.ATTN_BIAS_VALUE))
+        u = ln(
+            x,
+            w(W.LAYER_NORM_GAIN_PRE_ATTN),
+            w(W.LAYER_NORM_BIAS_PRE_ATTN),
+            ALT.ATTN_INPUT_LAYER_NORM_SCALE,
+            l,
+        )
+        q = mark(
+            ALT.ATTN_QUERY,
+            l,
+            torch.einsum("td,hdk->thk", u, w(W.ATTN_TO_QUERY)) + w(W.ATTN_BIAS_QUERY),
+        )
+        k = mark(
+            ALT.ATTN_KEY, l, torch.einsum("td,hdk->thk", u, w(W.ATTN_TO_KEY)) + w(W.ATTN_BIAS_KEY)
+        )
+        v = mark(
+            ALT.ATTN_VALUE,
+            l,
+            torch.einsum("td,hdk->thk", u, w(W.ATTN_TO_VALUE)) + w(W.ATTN_BIAS_VALUE),
+        )
         scores = torch.einsum("thk,shk->tsh", q, k) / math.sqrt(dk)
         scores = mark(ALT.ATTN_QK_LOGITS, l, scores.masked_fill(~causal[..., None], -math.inf))
         p = mark(ALT.ATTN_QK_PROBS, l, torch.softmax(scores, dim=1))
         o = mark(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, l, torch.einsum("tsh,shv->thv", p, v))
-        delta = mark(ALT.RESID_DELTA_ATTN, l, torch.einsum("thv,hvd->td", o, w(W.ATTN_TO_RESIDUAL))
-                     + w(W.ATTN_BIAS_RESIDUAL))
+        delta = mark(
+            ALT.RESID_DELTA_ATTN,
+            l,
+            torch.einsum("thv,hvd->td", o, w(W.ATTN_TO_RESIDUAL)) + w(W.ATTN_BIAS_RESIDUAL),
+        )
         x = mark(ALT.RESID_POST_ATTN, l, x + delta)
-        m = ln(x, w(W.LAYER_NORM_GAIN_PRE_MLP), w(W.LAYER_NORM_BIAS_PRE_MLP),
-               ALT.MLP_INPUT_LAYER_NORM_SCALE, l)
+        m = ln(
+            x,
+            w(W.LAYER_NORM_GAIN_PRE_MLP),
+            w(W.LAYER_NORM_BIAS_PRE_MLP),
+            ALT.MLP_INPUT_LAYER_NORM_SCALE,
+            l,
+        )
         z = mark(ALT.MLP_PRE_ACT, l, m @ w(W.MLP_TO_HIDDEN) + w(W.MLP_BIAS_HIDDEN))
-        act = mark(ALT.MLP_POST_ACT, l, 0.5 * z * (1 + torch.tanh(
-            math.sqrt(2 / math.pi) * (z + 0.044715 * z**3))))
+        act = mark(
+            ALT.MLP_POST_ACT,
+            l,
+            0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3))),
+        )
         delta = mark(ALT.RESID_DELTA_MLP, l, act @ w(W.MLP_TO_RESIDUAL) + w(W.MLP_BIAS_RESIDUAL))
         x = mark(ALT.RESID_POST_MLP, l, x + delta)
-    xf = ln(x, a.weight(W.LAYER_NORM_GAIN_FINAL), a.weight(W.LAYER_NORM_BIAS_FINAL),
-            ALT.RESID_FINAL_LAYER_NORM_SCALE, None, detach=detach_ln_f)
+    xf = ln(
+        x,
+        a.weight(W.LAYER_NORM_GAIN_FINAL),
+        a.weight(W.LAYER_NORM_BIAS_FINAL),
+        ALT.RESID_FINAL_LAYER_NORM_SCALE,
+        None,
+        detach=detach_ln_f,
+    )
     mark(ALT.LOGITS, None, xf @ a.weight(W.UNEMBEDDING))
     return acts, (leaf[0] if leaf else None)
 
@@ -191,6 +229,7 @@ def test_backward_captures_match_reference(adapter: GPT2Adapter, detach: bool) -
     objective = LogitDiffObjective(target=3, distractor=8, position=-1)
     results = adapter.run(PROMPTS, _every_location(BWD), objective, detach_final_ln_scale=detach)
     for ids, res in zip(PROMPTS, results, strict=True):
+
         def obj(acts: dict[Key, torch.Tensor]) -> torch.Tensor:
             logits = acts[(ALT.LOGITS, None)]
             return logits[-1, 3] - logits[-1, 8]
@@ -206,8 +245,10 @@ def test_backward_captures_match_reference(adapter: GPT2Adapter, detach: bool) -
 
 def test_detach_final_ln_scale_changes_upstream_gradient_only(adapter: GPT2Adapter) -> None:
     obj = LogProbObjective(target=5)
-    caps = [CaptureRequest(ALT.RESID_POST_MLP, BWD, {1}),
-            CaptureRequest(ALT.RESID_FINAL_LAYER_NORM_SCALE, BWD)]
+    caps = [
+        CaptureRequest(ALT.RESID_POST_MLP, BWD, {1}),
+        CaptureRequest(ALT.RESID_FINAL_LAYER_NORM_SCALE, BWD),
+    ]
     attached = adapter.run([PROMPTS[0]], caps, obj)[0].captured
     detached = adapter.run([PROMPTS[0]], caps, obj, detach_final_ln_scale=True)[0].captured
     g_att = attached[(ALT.RESID_POST_MLP, BWD)][1]
@@ -234,8 +275,9 @@ def test_hooks_do_not_change_logits(adapter: GPT2Adapter) -> None:
     with torch.no_grad():
         plain = adapter.model(torch.tensor([ids]))[0]
     fwd = adapter.run([ids], _every_location(FWD))[0].logits
-    bwd = adapter.run([ids], _every_location(BWD) + _every_location(FWD),
-                      LogProbObjective(1))[0].logits
+    bwd = adapter.run([ids], _every_location(BWD) + _every_location(FWD), LogProbObjective(1))[
+        0
+    ].logits
     assert torch.equal(plain, fwd)
     assert torch.equal(plain, bwd)
 
@@ -250,7 +292,9 @@ def test_only_requested_locations_and_layers_are_captured(adapter: GPT2Adapter) 
     results = adapter.run(PROMPTS, caps, LogitDiffObjective(1, 2))
     for ids, res in zip(PROMPTS, results, strict=True):
         assert set(res.captured) == {
-            (ALT.MLP_POST_ACT, FWD), (ALT.ATTN_QK_PROBS, BWD), (ALT.LOGITS, FWD)
+            (ALT.MLP_POST_ACT, FWD),
+            (ALT.ATTN_QK_PROBS, BWD),
+            (ALT.LOGITS, FWD),
         }
         assert set(res.captured[(ALT.MLP_POST_ACT, FWD)]) == {0, 1}
         assert set(res.captured[(ALT.ATTN_QK_PROBS, BWD)]) == {0, 1}
@@ -271,8 +315,12 @@ def test_forward_only_run_builds_no_graph(adapter: GPT2Adapter) -> None:
         seen.append(x.requires_grad)
         return x
 
-    adapter.run(PROMPTS, [CaptureRequest(ALT.MLP_POST_ACT, FWD)], LogProbObjective(1),
-                interventions=[Intervention(ALT.MLP_POST_ACT, spy)])
+    adapter.run(
+        PROMPTS,
+        [CaptureRequest(ALT.MLP_POST_ACT, FWD)],
+        LogProbObjective(1),
+        interventions=[Intervention(ALT.MLP_POST_ACT, spy)],
+    )
     assert seen == [False, False]
 
 
@@ -287,17 +335,22 @@ def test_batched_prompts_equal_single_runs(adapter: GPT2Adapter) -> None:
         assert set(res.captured) == set(alone.captured)
         for key, per_layer in res.captured.items():
             for layer, tensor in per_layer.items():
-                torch.testing.assert_close(tensor, alone.captured[key][layer], rtol=1e-9,
-                                           atol=1e-12, msg=str((key, layer)))
+                torch.testing.assert_close(
+                    tensor, alone.captured[key][layer], rtol=1e-9, atol=1e-12, msg=str((key, layer))
+                )
 
 
 @pytest.mark.parametrize(
     ("location", "layer", "index"),
-    [(ALT.MLP_POST_ACT, 0, (2, 5)), (ALT.ATTN_QK_PROBS, 0, (3, 1, 2)),
-     (ALT.ATTN_QK_LOGITS, 1, (-1, 0, 0))],
+    [
+        (ALT.MLP_POST_ACT, 0, (2, 5)),
+        (ALT.ATTN_QK_PROBS, 0, (3, 1, 2)),
+        (ALT.ATTN_QK_LOGITS, 1, (-1, 0, 0)),
+    ],
 )
-def test_node_objective(adapter: GPT2Adapter, location: ALT, layer: int,
-                        index: tuple[int, ...]) -> None:
+def test_node_objective(
+    adapter: GPT2Adapter, location: ALT, layer: int, index: tuple[int, ...]
+) -> None:
     ids = PROMPTS[0]
     res = adapter.run([ids], _every_location(BWD), NodeObjective(location, layer, index))[0]
     t = len(ids)
@@ -313,9 +366,14 @@ def test_node_objective(adapter: GPT2Adapter, location: ALT, layer: int,
         torch.testing.assert_close(got, ref[key], rtol=1e-9, atol=1e-12, msg=str(key))
         alt, key_layer = key
         downstream = (key_layer is None and alt is not ALT.RESID_POST_EMBEDDING) or (
-            key_layer is not None and (key_layer > layer or (
-                key_layer == layer and alt.location_within_layer > location.location_within_layer
-            ))
+            key_layer is not None
+            and (
+                key_layer > layer
+                or (
+                    key_layer == layer
+                    and alt.location_within_layer > location.location_within_layer
+                )
+            )
         )
         if downstream:
             assert torch.count_nonzero(got) == 0, key
@@ -337,8 +395,9 @@ def test_direction_and_callable_objectives(adapter: GPT2Adapter) -> None:
     torch.testing.assert_close(res.captured[(ALT.RESID_POST_ATTN, BWD)][1], expected)
     assert torch.count_nonzero(res.captured[(ALT.RESID_POST_ATTN, BWD)][0]) > 0
     acts, _ = reference(adapter, ids)
-    assert res.objective_value == pytest.approx(float(acts[(ALT.RESID_POST_ATTN, 1)][-1]
-                                                      @ direction))
+    assert res.objective_value == pytest.approx(
+        float(acts[(ALT.RESID_POST_ATTN, 1)][-1] @ direction)
+    )
 
     c_obj = CallableObjective(lambda logits: logits[:, 3].sum(), name="sum3")
     res = adapter.run([ids], [CaptureRequest(ALT.LOGITS, BWD)], c_obj)[0]
@@ -356,8 +415,10 @@ def test_interventions_apply_before_capture(adapter: GPT2Adapter) -> None:
         return x
 
     iv = Intervention(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, zero_head0, layers={0}, name="ablate")
-    caps = [CaptureRequest(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, FWD),
-            CaptureRequest(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, BWD)]
+    caps = [
+        CaptureRequest(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, FWD),
+        CaptureRequest(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, BWD),
+    ]
     objective = LogitDiffObjective(2, 6)
     res = adapter.run([ids], caps, objective, interventions=[iv])[0]
     v_out = res.captured[(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, FWD)]
@@ -377,18 +438,21 @@ def test_interventions_apply_before_capture(adapter: GPT2Adapter) -> None:
         acts, leaf = reference(adapter, ids, cut=key, edit=edit)
         logits = acts[(ALT.LOGITS, None)]
         (g,) = torch.autograd.grad(logits[-1, 2] - logits[-1, 6], leaf)
-        torch.testing.assert_close(res.captured[(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, BWD)][key[1]],
-                                   g, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            res.captured[(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, BWD)][key[1]], g, rtol=1e-9, atol=1e-12
+        )
 
 
 def test_constant_intervention_still_reports_gradient(adapter: GPT2Adapter) -> None:
     """A value replaced by a constant has no upstream graph; its own gradient is still exact."""
     ids = PROMPTS[2]
-    iv = Intervention(ALT.RESID_POST_ATTN, lambda x, _l: torch.zeros_like(x).detach(),
-                      layers={1})
-    res = adapter.run([ids], [CaptureRequest(ALT.RESID_POST_ATTN, BWD),
-                              CaptureRequest(ALT.RESID_POST_EMBEDDING, BWD)],
-                      LogProbObjective(3), interventions=[iv])[0]
+    iv = Intervention(ALT.RESID_POST_ATTN, lambda x, _l: torch.zeros_like(x).detach(), layers={1})
+    res = adapter.run(
+        [ids],
+        [CaptureRequest(ALT.RESID_POST_ATTN, BWD), CaptureRequest(ALT.RESID_POST_EMBEDDING, BWD)],
+        LogProbObjective(3),
+        interventions=[iv],
+    )[0]
     assert torch.count_nonzero(res.captured[(ALT.RESID_POST_ATTN, BWD)][1]) > 0
     # Everything upstream of the constant is cut off from the objective.
     assert torch.count_nonzero(res.captured[(ALT.RESID_POST_ATTN, BWD)][0]) == 0
@@ -422,8 +486,9 @@ def test_plugin_location_emitted_by_intervention(adapter: GPT2Adapter) -> None:
     enc = torch.randn(32, 10, generator=gen, dtype=torch.float64)
     dec = torch.randn(10, 32, generator=gen, dtype=torch.float64)
 
-    def splice(x: torch.Tensor, layer: int | None, emit: Callable[..., torch.Tensor]
-               ) -> torch.Tensor:
+    def splice(
+        x: torch.Tensor, layer: int | None, emit: Callable[..., torch.Tensor]
+    ) -> torch.Tensor:
         latents = emit(loc, torch.relu(x @ enc))
         recon = latents @ dec
         return recon + (x - recon).detach()  # value unchanged, gradient through the latents
@@ -437,14 +502,16 @@ def test_plugin_location_emitted_by_intervention(adapter: GPT2Adapter) -> None:
         acts, _ = reference(adapter, ids)
         latents = torch.relu(acts[(ALT.MLP_POST_ACT, 1)] @ enc)
         torch.testing.assert_close(res.captured[(loc, FWD)][1], latents)
+
         # Gradient at the latents = (gradient at post_act, which the splice leaves unchanged
         # in value) pulled back through the decoder.
         def obj(a: dict[Key, torch.Tensor]) -> torch.Tensor:
             return torch.log_softmax(a[(ALT.LOGITS, None)][-1], -1)[2]
 
         g_post = reference_grads(adapter, ids, obj)[(ALT.MLP_POST_ACT, 1)]
-        torch.testing.assert_close(res.captured[(loc, BWD)][1], g_post @ dec.T, rtol=1e-9,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            res.captured[(loc, BWD)][1], g_post @ dec.T, rtol=1e-9, atol=1e-12
+        )
 
     with pytest.raises(ModelInputError, match="none of the given interventions"):
         adapter.run(PROMPTS, [CaptureRequest(loc, FWD)])

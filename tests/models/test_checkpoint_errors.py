@@ -48,8 +48,10 @@ def _rewrite(ckpt: Path, edit: dict[str, torch.Tensor | None]) -> None:
 def test_roundtrip_and_prefixless_names(ckpt: Path) -> None:
     tensors = load_file(str(ckpt / "model.safetensors"))
     assert all(k.startswith("transformer.") for k in tensors)
-    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
-              str(ckpt / "model.safetensors"))
+    save_file(
+        {k.removeprefix("transformer."): v for k, v in tensors.items()},
+        str(ckpt / "model.safetensors"),
+    )
     # Old HF checkpoints carry causal-mask buffers; they are ignored.
     _rewrite(ckpt, {"h.0.attn.bias": torch.ones(1, 1, 8, 8), "h.0.attn.masked_bias": torch.ones(1)})
     assert load_gpt2_checkpoint(ckpt).dims.n_layers == 2
@@ -63,8 +65,15 @@ def test_missing_tensor(ckpt: Path) -> None:
 
 
 def test_missing_lm_head_when_untied(tmp_path: Path) -> None:
-    untied = GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2, n_inner=16,
-                        tie_word_embeddings=False)
+    untied = GPT2Config(
+        vocab_size=20,
+        n_positions=8,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        n_inner=16,
+        tie_word_embeddings=False,
+    )
     ckpt = save_gpt2_checkpoint(GPT2Model(untied), tmp_path / "u")
     _rewrite(ckpt, {"lm_head.weight": None})
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\): lm_head\.weight"):
@@ -88,8 +97,14 @@ def test_misshaped_tensor(ckpt: Path) -> None:
 
 
 def test_all_problems_reported_at_once(ckpt: Path) -> None:
-    _rewrite(ckpt, {"transformer.wpe.weight": torch.zeros(9, 8),
-                    "transformer.ln_f.bias": None, "extra": torch.zeros(1)})
+    _rewrite(
+        ckpt,
+        {
+            "transformer.wpe.weight": torch.zeros(9, 8),
+            "transformer.ln_f.bias": None,
+            "extra": torch.zeros(1),
+        },
+    )
     with pytest.raises(CheckpointError) as err:
         load_gpt2_checkpoint(ckpt)
     msg = str(err.value)
@@ -99,8 +114,9 @@ def test_all_problems_reported_at_once(ckpt: Path) -> None:
 def test_pickle_only_directory_is_refused(tmp_path: Path) -> None:
     d = tmp_path / "legacy"
     d.mkdir()
-    (d / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 20, "n_embd": 8, '
-                                   '"n_layer": 1, "n_head": 2}')
+    (d / "config.json").write_text(
+        '{"model_type": "gpt2", "vocab_size": 20, "n_embd": 8, "n_layer": 1, "n_head": 2}'
+    )
     (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
     with pytest.raises(CheckpointError) as err:
         load_gpt2_checkpoint(d)

@@ -20,8 +20,13 @@ TOL = 1e-5
 def _hf_model(tied: bool, seed: int = 0) -> object:
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=32,
-        tie_word_embeddings=tied, attn_implementation="eager",
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=50,
+        n_positions=32,
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
     )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # HF initialises biases to 0 and LN to 1; make every term count
@@ -74,6 +79,7 @@ def test_our_checkpoint_loads_in_transformers(tmp_path: Path) -> None:
         diff = (reloaded(tokens).logits - hf(tokens).logits).abs().max().item()  # type: ignore[operator]
     assert diff <= TOL
     again = load_gpt2_checkpoint(tmp_path / "ours")
-    for a, b in zip(again.model.state_dict().values(), adapter.model.state_dict().values(),
-                    strict=True):
+    for a, b in zip(
+        again.model.state_dict().values(), adapter.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)

@@ -42,8 +42,9 @@ def test_repeated_copy_accuracy(model: GPT2Adapter) -> None:
     g = torch.Generator().manual_seed(20240601)  # not the training or training-eval seeds
     correct = total_predictions = 0
     for length in range(MIN_L, MAX_L + 1):
-        total = int(torch.randint(2 * length, min(N_CTX, 2 * length + MAX_FILLER) + 1, (1,),
-                                  generator=g))
+        total = int(
+            torch.randint(2 * length, min(N_CTX, 2 * length + MAX_FILLER) + 1, (1,), generator=g)
+        )
         seqs = _heldout(g, 16, length, total, model.dims.n_vocab)
         with torch.no_grad():
             logits = model.model(seqs)
@@ -79,7 +80,7 @@ def test_has_previous_token_and_induction_heads(model: GPT2Adapter) -> None:
     # Query t in the copy attends to the position right after t's first occurrence.
     starts = [int((seqs[b, : total - length] == seqs[b, -length]).nonzero()) for b in range(8)]
     q = torch.arange(total - length, total)
-    induction = torch.stack([
-        probs1[b, q, starts[b] + q - (total - length) + 1, :] for b in range(8)
-    ]).mean(dim=(0, 1))
+    induction = torch.stack(
+        [probs1[b, q, starts[b] + q - (total - length) + 1, :] for b in range(8)]
+    ).mean(dim=(0, 1))
     assert induction.max() > 0.8, induction

@@ -27,8 +27,9 @@ N_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, list[int]]:
-    directory = bench_peers.save_random_gpt2(tmp_path_factory.mktemp("gpt2-2l"),
-                                             bench_peers.SHAPES["2-layer"])
+    directory = bench_peers.save_random_gpt2(
+        tmp_path_factory.mktemp("gpt2-2l"), bench_peers.SHAPES["2-layer"]
+    )
     adapter = bench_peers.load_scalarlens(directory, torch.float64)
     tl = bench_peers.load_transformer_lens(directory, torch.float64)
     return adapter, tl, bench_peers.random_tokens(N_TOKENS)
@@ -54,8 +55,9 @@ def test_direct_logit_attribution_per_head_and_neuron(
     assert bench_peers.relative_difference(ours[0], theirs[0]) < TOL
     assert bench_peers.relative_difference(ours[1], theirs[1]) < TOL
     # The same from a cache filtered down to what neuron DLA reads.
-    frugal = bench_peers.transformer_lens_dla(tl, torch.tensor([ids]), heads=False,
-                                              names_filter=bench_peers.tl_neuron_filter)
+    frugal = bench_peers.transformer_lens_dla(
+        tl, torch.tensor([ids]), heads=False, names_filter=bench_peers.tl_neuron_filter
+    )
     assert bench_peers.relative_difference(ours[1], frugal[1]) < TOL
 
 
@@ -65,8 +67,11 @@ def test_direct_effect_is_zero_before_the_last_token(models: tuple[Any, Any, lis
 
     adapter, _, ids = models
     store = scalarlens.derive(
-        adapter, [ids], [bench_peers.HEAD_DE, bench_peers.NEURON_DE],
-        target=bench_peers.TARGET, distractor=bench_peers.DISTRACTOR,
+        adapter,
+        [ids],
+        [bench_peers.HEAD_DE, bench_peers.NEURON_DE],
+        target=bench_peers.TARGET,
+        distractor=bench_peers.DISTRACTOR,
         config=scalarlens.DstConfig(detach_final_ln_scale=True),
     )
     for layer in range(adapter.dims.n_layers):

@@ -19,12 +19,29 @@ def test_generated_plugin_installs_passes_its_tests_and_registers(tmp_path: Path
     assert main(["new-plugin", "probe_demo", "--dir", str(tmp_path)]) == 0
     root = tmp_path / "scalarlens-probe_demo"
     assert (root / "pyproject.toml").is_file()
-    install = _run(sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                   "--no-build-isolation", "-e", str(root))
+    install = _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-e",
+        str(root),
+    )
     assert install.returncode == 0, install.stderr
     try:
-        tests = _run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                     str(root / "tests"), cwd=root)
+        tests = _run(
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(root / "tests"),
+            cwd=root,
+        )
         assert tests.returncode == 0, tests.stdout + tests.stderr
         assert "passed" in tests.stdout
         listing = _run(sys.executable, "-m", "scalarlens.cli", "dsts")

@@ -108,8 +108,9 @@ class _RunState:
             tensor = tensor.detach()
         return self._observe(alt, layer, tensor)
 
-    def _emit(self, location: PluginLocation, tensor: torch.Tensor, *, layer: LayerIndex
-              ) -> torch.Tensor:
+    def _emit(
+        self, location: PluginLocation, tensor: torch.Tensor, *, layer: LayerIndex
+    ) -> torch.Tensor:
         """``emit`` handed to interventions that declare ``emits`` (e.g. SAE latents)."""
         return self._observe(location, None if location.has_no_layers else layer, tensor)
 
@@ -448,8 +449,9 @@ class GPT2Adapter:
                     )
             elif iv.layers is not None:
                 for layer in iv.layers:
-                    self._check_layer(f"intervention {iv.name!r} at {iv.location.value!r}",
-                                      False, layer)
+                    self._check_layer(
+                        f"intervention {iv.name!r} at {iv.location.value!r}", False, layer
+                    )
 
     def _check_vocab_id(self, tok: int, what: str) -> None:
         if not 0 <= tok < self._dims.n_vocab:
@@ -569,9 +571,9 @@ class GPT2Adapter:
         return [
             RunResult(
                 tokens=tuple(ids),
-                logits=None if logits is None or not return_logits else _prompt_logits(
-                    logits, b, len(ids), len(prompts)
-                ),
+                logits=None
+                if logits is None or not return_logits
+                else _prompt_logits(logits, b, len(ids), len(prompts)),
                 captured=state.captured(b, self.dtype, self.device),
                 objective_value=float(values[b].detach()) if values else None,
             )
@@ -620,9 +622,11 @@ class GPT2Adapter:
             if objective is not None:
                 assert logits is not None
                 for b, length in enumerate(state.lengths):
-                    values.append(self._prompt_objective(
-                        objective, b, length, logits[b, :length], state.objective_tensor
-                    ))
+                    values.append(
+                        self._prompt_objective(
+                            objective, b, length, logits[b, :length], state.objective_tensor
+                        )
+                    )
             state.objective_tensor = None
             if state.backward:
                 total = torch.stack(values).sum()
@@ -644,8 +648,8 @@ def _check_all_produced(state: _RunState) -> None:
         (key[0].value, layer)
         for key, layers in state.plan.items()
         for layer in layers
-        if layer not in (state.forward_values if key[1] is PassType.FORWARD
-                         else state.grads).get(key, {})
+        if layer
+        not in (state.forward_values if key[1] is PassType.FORWARD else state.grads).get(key, {})
         and (key[1] is PassType.FORWARD or (key[0], layer) not in state.seen_shapes)
     ]
     if missing:

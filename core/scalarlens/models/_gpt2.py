@@ -215,8 +215,10 @@ class GPT2Model(nn.Module):
         """GPT-2's initialisation (normal(0, 0.02), residual projections scaled by depth)."""
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == (
-                    "ln_f.weight"
+                if (
+                    name.endswith("ln_1.weight")
+                    or name.endswith("ln_2.weight")
+                    or name == ("ln_f.weight")
                 ):
                     p.fill_(1.0)
                 elif name.endswith(".bias"):
