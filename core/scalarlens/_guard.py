@@ -92,12 +92,22 @@ _MODE_CLASS: type | None = None
 class _KernelGuard:
     """Protected storages of one kernel call; ``private`` hands out copies instead."""
 
-    def __init__(self, inputs: tuple[torch.Tensor | None, ...], *, private: bool) -> None:
+    def __init__(
+        self,
+        inputs: tuple[torch.Tensor | None, ...],
+        *,
+        private: bool,
+        model_storages: frozenset[int] = frozenset(),
+    ) -> None:
         self.private = private
+        self.model_storages = model_storages
         # storage -> the input it belongs to (-1: a weight handed out by ctx.weight)
-        self.protected = {
-            _storage_id(t): i for i, t in reversed(list(enumerate(inputs))) if t is not None
-        }
+        # (a private re-run owns its copies: only the model stays protected)
+        self.protected = (
+            {}
+            if private
+            else {_storage_id(t): i for i, t in reversed(list(enumerate(inputs))) if t is not None}
+        )
         self.protected.pop(0, None)
         self.blocked: str | None = None
         self.blocked_input: int = -1
@@ -106,9 +116,12 @@ class _KernelGuard:
     def check_write(self, target: Any, op: str) -> None:
         tensors = target if isinstance(target, (list, tuple)) else (target,)
         for tensor in tensors:
-            if hasattr(tensor, "untyped_storage") and _storage_id(tensor) in self.protected:
+            if not hasattr(tensor, "untyped_storage"):
+                continue
+            storage = _storage_id(tensor)
+            if storage in self.protected or storage in self.model_storages:
                 self.blocked = op
-                self.blocked_input = self.protected[_storage_id(tensor)]
+                self.blocked_input = self.protected.get(storage, -1)
                 raise _BlockedWrite(op)
 
     def hand_out(self, weight: torch.Tensor) -> torch.Tensor:
@@ -135,7 +148,9 @@ def _unaliased(out: Any, guard: _KernelGuard, inputs: tuple[torch.Tensor | None,
     """
     if not hasattr(out, "untyped_storage"):
         return out
-    return out.clone() if guard.protected.get(_storage_id(out)) == -1 else out
+    storage = _storage_id(out)
+    is_weight = guard.protected.get(storage) == -1 or storage in guard.model_storages
+    return out.clone() if is_weight else out
 
 
 def guarded_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -178,16 +193,18 @@ def run_kernel(
     *,
     who: Callable[[], str],
     describe_input: Callable[[int], str],
+    model_storages: frozenset[int] = frozenset(),
 ) -> Any:
     """``kernel(inputs, layer, ctx)`` that cannot change ``inputs`` or the model's weights.
 
     ``who()`` names the DST, plugin and layer, ``describe_input(i)`` input ``i``, for the
-    warning a writing kernel earns.
+    warning a writing kernel earns.  ``model_storages`` are the model's parameter storages,
+    protected however the kernel reached them (``ctx.model`` included).
     """
     global _MODE_CLASS
     if _MODE_CLASS is None:
         _MODE_CLASS = _mode_class()
-    guard = _KernelGuard(inputs, private=False)
+    guard = _KernelGuard(inputs, private=False, model_storages=model_storages)
     try:
         with _active(guard), _MODE_CLASS(guard):
             out = kernel(inputs, layer, ctx)
@@ -210,5 +227,24 @@ def run_kernel(
     warning.target = target
     warnings.warn(warning, stacklevel=2)
     copies = tuple(None if t is None else t.clone() for t in inputs)
-    with _active(_KernelGuard(copies, private=True)):
-        return kernel(copies, layer, ctx)
+    private = _KernelGuard(copies, private=True, model_storages=model_storages)
+    try:
+        with _active(private), _MODE_CLASS(private):
+            return kernel(copies, layer, ctx)
+    except _BlockedWrite:
+        raise KernelError(
+            f"{who()} modifies the model's parameters in place ({private.blocked}) without "
+            "going through ctx.weight, so it cannot be given a private copy. Read weights with "
+            "ctx.weight(...) and use out-of-place operations"
+        ) from None
+
+
+def model_storages(model: object) -> frozenset[int]:
+    """Storages of the parameters and buffers of an adapter's ``model`` module, if it has one."""
+    import torch
+
+    module = getattr(model, "model", None)
+    if not isinstance(module, torch.nn.Module):
+        return frozenset()
+    tensors = [*module.parameters(), *module.buffers()]
+    return frozenset(_storage_id(t) for t in tensors) - {0}

@@ -59,47 +59,83 @@ class OutputChecker:
         return tuple(sizes)
 
     def check(
-        self, value: Any, deriver: ScalarDeriver, pass_type: PassType, layer: int | None
+        self,
+        value: Any,
+        deriver: ScalarDeriver,
+        pass_type: PassType,
+        layer: int | None,
+        expected: tuple[int | None, ...],
+        *,
+        finite: bool = True,
     ) -> None:
-        """Raise naming DST, pass, layer and plugin if ``value`` is not what was declared."""
+        """Raise naming DST, pass, layer and plugin if ``value`` is not what was declared.
+
+        ``expected`` is ``self.expected(deriver)``, computed once per node by the caller: this
+        runs once per kernel call, so its common path is a few attribute reads and one sum.
+        ``finite=False`` skips that sum, for an input passed through unchanged (a captured
+        activation or an output checked when it was made).
+        """
         import torch
 
-        dst = deriver.dst
-        at = "" if layer is None else f" at layer {layer}"
-        plugin = "not from a registry" if deriver.plugin is None else repr(deriver.plugin)
-        where = f"{dst.name} ({pass_type.value} pass{at}; plugin {plugin})"
-        if not isinstance(value, torch.Tensor):
-            raise KernelError(
-                f"{where}: the kernel returned {type(value).__name__}, expected a torch.Tensor; "
-                "return a tensor (convert numpy arrays with torch.as_tensor)"
-            )
-        if not value.is_floating_point():
-            raise KernelError(
-                f"{where}: the kernel returned a {value.dtype} tensor, expected a floating-point "
-                "one; cast it with .to(torch.float32) or compute in floating point"
-            )
-        expected = self.expected(deriver)
-        actual = tuple(value.shape)
-        if len(actual) != len(expected) or any(
-            e is not None and e != a for e, a in zip(expected, actual, strict=True)
-        ):
-            pairs = zip(dst.shape, expected, strict=True)
-            shown = ", ".join(f"{d.value}={'?' if e is None else e}" for d, e in pairs)
-            raise ShapeError(
-                f"{where}: the kernel returned shape {actual}, declared ({shown}). Fix "
-                "the kernel, or the DST's shape / the deriver's dimension_sizes"
-            )
-        # One reduction instead of an element-wise mask: a NaN or inf anywhere makes the sum
-        # non-finite (an overflowing sum of finite values is re-checked exactly).
         if (
-            not dst.allows_non_finite
-            and value.numel()
-            and not bool(torch.isfinite(value.sum()))
-            and not bool(torch.isfinite(value).all())
-        ):
-            bad = int((~torch.isfinite(value)).sum())
-            raise KernelError(
-                f"{where}: the kernel returned {bad} non-finite value(s) (NaN or inf) out of "
-                f"{value.numel()}. Fix the kernel (e.g. a division by zero or log of 0), or "
-                "declare DerivedScalarType(..., allows_non_finite=True) if they are meaningful"
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and _fits(tuple(value.shape), expected)
+            # One reduction instead of an element-wise mask: a NaN or inf anywhere makes the
+            # sum non-finite (an overflowing sum of finite values is re-checked exactly).
+            and (
+                not finite
+                or deriver.dst.allows_non_finite
+                or not value.numel()
+                or bool(torch.isfinite(value.sum()))
+                or bool(torch.isfinite(value).all())
             )
+        ):
+            return
+        _raise(value, deriver, pass_type, layer, expected)
+
+
+def _fits(actual: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(actual) == len(expected) and all(
+        e is None or e == a for e, a in zip(expected, actual, strict=True)
+    )
+
+
+def _raise(
+    value: Any,
+    deriver: ScalarDeriver,
+    pass_type: PassType,
+    layer: int | None,
+    expected: tuple[int | None, ...],
+) -> None:
+    """The error for an output ``OutputChecker.check`` refused, naming what is wrong."""
+    import torch
+
+    dst = deriver.dst
+    at = "" if layer is None else f" at layer {layer}"
+    plugin = "not from a registry" if deriver.plugin is None else repr(deriver.plugin)
+    where = f"{dst.name} ({pass_type.value} pass{at}; plugin {plugin})"
+    if not isinstance(value, torch.Tensor):
+        raise KernelError(
+            f"{where}: the kernel returned {type(value).__name__}, expected a torch.Tensor; "
+            "return a tensor (convert numpy arrays with torch.as_tensor)"
+        )
+    if not value.is_floating_point():
+        raise KernelError(
+            f"{where}: the kernel returned a {value.dtype} tensor, expected a floating-point "
+            "one; cast it with .to(torch.float32) or compute in floating point"
+        )
+    actual = tuple(value.shape)
+    if not _fits(actual, expected):
+        pairs = zip(dst.shape, expected, strict=True)
+        shown = ", ".join(f"{d.value}={'?' if e is None else e}" for d, e in pairs)
+        raise ShapeError(
+            f"{where}: the kernel returned shape {actual}, declared ({shown}). Fix "
+            "the kernel, or the DST's shape / the deriver's dimension_sizes"
+        )
+    bad = int((~torch.isfinite(value)).sum())
+    raise KernelError(
+        f"{where}: the kernel returned {bad} non-finite value(s) (NaN or inf) out of "
+        f"{value.numel()}. Fix the kernel (e.g. a division by zero or log of 0), or "
+        "declare DerivedScalarType(..., allows_non_finite=True) if they are meaningful"
+    )

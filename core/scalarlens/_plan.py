@@ -20,7 +20,7 @@ from ._activations import ActivationsAndMetadata, RawActivationStore
 from ._config import DstConfig
 from ._deriver import DeriveContext, DerivedScalarSource, ScalarDeriver
 from ._dst import DerivedScalarType, DstAndPass
-from ._guard import run_kernel
+from ._guard import model_storages, run_kernel
 from ._layers import NOT_NEEDED, LayerIndex
 from ._locations import PluginLocation
 from ._model import CaptureRequest, Objective, ObjectiveInfo
@@ -255,12 +255,15 @@ def execute_plan(
     requested = {key for key, _ in plan.requests}
     checker = OutputChecker.for_store(raw_store, model)
     info = _objective_info(plan, objective, checker.n_tokens)
+    storages = model_storages(model)
 
     results: dict[NodeKey, dict[LayerIndex, torch.Tensor]] = {}
     with torch.no_grad():
         for node in plan.nodes:
             ctx = DeriveContext(node.pass_type, node.deriver.config, node.dst, model, info)
-            results[node.key] = _evaluate(node, ctx, plan, raw_store, results, checker, counter)
+            results[node.key] = _evaluate(
+                node, ctx, plan, raw_store, results, checker, counter, storages
+            )
             for edge in node.edges:
                 if isinstance(edge, NodeEdge):
                     remaining_uses[edge.producer] -= 1
@@ -302,8 +305,10 @@ def _evaluate(
     results: Mapping[NodeKey, Mapping[LayerIndex, torch.Tensor]],
     checker: OutputChecker,
     counter: EvaluationCounter | None,
+    storages: frozenset[int] = frozenset(),
 ) -> dict[LayerIndex, torch.Tensor]:
     """One node's value on every layer it is needed at."""
+    expected = checker.expected(node.deriver)
     kernel = node.deriver.tensor_calculate_derived_scalar_fn
     out: dict[LayerIndex, torch.Tensor] = {}
     for layer in sorted(node.layers, key=lambda x: -1 if x is None else x):
@@ -317,10 +322,14 @@ def _evaluate(
             ctx,
             who=functools.partial(_who, node, layer),
             describe_input=lambda i: str(node.edges[i].source.describe()),
+            model_storages=storages,
         )
         if counter is not None:
             counter.by_dst[node.dst.name] += 1
-        checker.check(value, node.deriver, node.pass_type, layer)
+        passed_through = any(value is tensor for tensor in inputs)
+        checker.check(
+            value, node.deriver, node.pass_type, layer, expected, finite=not passed_through
+        )
         if node.deriver.config.device is not None:
             value = value.to(node.deriver.config.device)
         out[layer] = value.detach()

@@ -41,7 +41,18 @@ def zero_weight(inputs, layer, ctx):
     ctx.weight(WeightLocationType.UNEMBEDDING).zero_()
     return inputs[0] * 1
 
+def direct_param(inputs, layer, ctx):
+    ctx.model.model.ln_f.weight.mul_(0)  # around ctx.weight, straight into the module
+    return inputs[0] * 1
+
+
+def weight_view(inputs, layer, ctx):
+    return ctx.model.model.block(layer).mlp.c_fc.bias.expand(inputs[0].shape)
+
+
 KERNELS = {
+    "evil.direct_param": (direct_param, {}),
+    "evil.weight_view": (weight_view, {}),
     "evil.mutating": (mutate, {}),
     "evil.zero_weight": (zero_weight, {}),
     "evil.wrong_size": (lambda inputs, layer, ctx: inputs[0][:, :5], {}),
@@ -156,3 +167,21 @@ def test_declared_non_finite_values_pass(hostile: Registry) -> None:
     # masked attention logits are -inf by design and declared so by their raw twin
     logits = scalarlens.derive(model, PROMPT, "attn.qk_logits", registry=hostile)
     assert torch.isinf(logits.get("attn.qk_logits", 0)).any()
+
+
+def test_writes_into_the_model_module_are_refused_and_leave_it_intact(hostile: Registry) -> None:
+    model = scalarlens.load_model("tiny-induction")
+    weights = _weights(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KernelMutationWarning)
+        with pytest.raises(KernelError, match=r"evil.direct_param .*modifies the model's param"):
+            scalarlens.derive(model, PROMPT, "evil.direct_param", registry=hostile)
+    for name, value in _weights(model).items():
+        assert torch.equal(value, weights[name]), f"weight {name} changed"
+
+
+def test_an_output_that_views_a_weight_is_copied(hostile: Registry) -> None:
+    model = scalarlens.load_model("tiny-induction")
+    store = scalarlens.derive(model, PROMPT, "evil.weight_view", registry=hostile)
+    store.get("evil.weight_view", 0).zero_()  # the caller owns its results...
+    assert model.model.block(0).mlp.c_fc.bias.abs().sum() > 0  # ...but not the model
