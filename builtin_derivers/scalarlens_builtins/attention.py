@@ -9,10 +9,16 @@ write of one attended-to position), g the direction.  Nothing but ``attn.write``
 
 from __future__ import annotations
 
+from typing import Any
+
+import attrs
 import torch
 from scalarlens import (
+    NOT_NEEDED,
     DeriveContext,
     DerivedScalarType,
+    Direction,
+    DstConfig,
     DstReference,
     Inputs,
     LayerIndex,
@@ -21,6 +27,7 @@ from scalarlens import (
     WeightLocationType,
     act_times_grad,
     need,
+    precedes,
     raw_source,
     recipe_factories,
 )
@@ -70,19 +77,25 @@ def _sum_over_keys(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> tor
     return need(inputs[0]).sum(dim=1)
 
 
-def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    probs, values, g = need(inputs[0]), need(inputs[1]), inputs[2]
+def _v_out_direct_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    mixed, g = need(inputs[0]), inputs[1]
     if g is None:  # the head does not precede the direction
+        return torch.zeros_like(mixed)
+    return _projected_direction(g, layer, ctx)
+
+
+def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    probs, values, w = need(inputs[0]), need(inputs[1]), inputs[2]
+    if w is None:  # the head does not precede the direction
         return torch.zeros_like(probs)
-    w = _projected_direction(g, layer, ctx)  # T×H×dv
     return torch.einsum("shv,thv->tsh", values, w).mul_(probs)  # T×S×H only
 
 
 def _write_to_grad_per_token(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    mixed, g = need(inputs[0]), inputs[1]
-    if g is None:
+    mixed, w = need(inputs[0]), inputs[1]
+    if w is None:
         return mixed.new_zeros(mixed.shape[:2])
-    return torch.einsum("thv,thv->th", mixed, _projected_direction(g, layer, ctx))
+    return torch.einsum("thv,thv->th", mixed, w)
 
 
 WRITE_NORM = Recipe(
@@ -109,6 +122,45 @@ ACT_TIMES_GRAD = Recipe(
     act_times_grad,
     (PROBS, PROBS_GRAD),
 )
+V_OUT_DIRECT_GRAD = Recipe(
+    DerivedScalarType(
+        "attn.v_out_direct_grad",
+        (T, H, DV),
+        NodeType.V_CHANNEL,
+        "the direction g pulled back through W_O: the direct-path gradient at each head's v_out",
+        location=ATTN,
+    ),
+    "W_O[h]·g[t], 0 where the layer does not precede g",
+    _v_out_direct_grad,
+    (MIXED,),
+    direction=True,
+)
+
+
+@attrs.frozen
+class SameLayerIfPrecedes:
+    """Layer ``l`` reads layer ``l`` of its source where an attention component at ``l``
+    precedes the direction g, and nothing (``NOT_NEEDED``) where it cannot influence g."""
+
+    direction: Direction
+
+    def source_layer(self, target: LayerIndex, n_layers: int) -> Any:
+        g_layer = self.direction.resolved_layer(n_layers)
+        if precedes(target, ATTN, g_layer, self.direction.location_within_layer):
+            return target
+        return NOT_NEEDED
+
+    def describe(self) -> str:
+        return f"same layer where it precedes g at {self.direction.location.value}"
+
+
+def _through_w_o(config: DstConfig) -> DstReference:
+    """``attn.v_out_direct_grad`` at layers that precede g (``None`` elsewhere), shared by the
+    direct-effect DSTs so a plan asking for several computes ``W_O[h]·g[t]`` once."""
+    indexer = SameLayerIfPrecedes(config.direction)
+    return DstReference(V_OUT_DIRECT_GRAD.dst.name, FORWARD, indexer)
+
+
 WRITE_TO_GRAD = Recipe(
     DerivedScalarType(
         "attn.write_to_final_residual_grad",
@@ -119,8 +171,7 @@ WRITE_TO_GRAD = Recipe(
     ),
     "p[t,s,h]·((Vv[s,h] W_O[h])·g[t]), 0 where the layer does not precede g",
     _write_to_grad,
-    (PROBS, VALUES),
-    direction=True,
+    lambda config: (PROBS, VALUES, _through_w_o(config)),
 )
 
 RECIPES: tuple[Recipe, ...] = (
@@ -175,6 +226,7 @@ RECIPES: tuple[Recipe, ...] = (
         _sum_over_keys,
         (DstReference(ACT_TIMES_GRAD.dst.name, FORWARD),),
     ),
+    V_OUT_DIRECT_GRAD,
     WRITE_TO_GRAD,
     Recipe(
         DerivedScalarType(
@@ -186,8 +238,7 @@ RECIPES: tuple[Recipe, ...] = (
         ),
         "(o[t,h] W_O[h])·g[t] = Σ_s attn.write_to_final_residual_grad[t,s,h]",
         _write_to_grad_per_token,
-        (MIXED,),
-        direction=True,
+        lambda config: (MIXED, _through_w_o(config)),
     ),
     norm_recipe(
         "attn.layer_write_norm",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -239,12 +240,28 @@ def run_kernel(
         ) from None
 
 
+_MODEL_TENSORS: weakref.WeakKeyDictionary[Any, tuple[list[Any], frozenset[int]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def model_storages(model: object) -> frozenset[int]:
-    """Storages of the parameters and buffers of an adapter's ``model`` module, if it has one."""
+    """Storages of the parameters and buffers of an adapter's ``model`` module, if it has one.
+
+    Cached per module (walking the module tree costs about a millisecond, once per prompt
+    otherwise) and revalidated cheaply: ``model.to(...)`` swaps storages, which shows.
+    """
     import torch
 
     module = getattr(model, "model", None)
     if not isinstance(module, torch.nn.Module):
         return frozenset()
+    cached = _MODEL_TENSORS.get(module)
+    if cached is not None:
+        tensors, storages = cached
+        if all(_storage_id(t) in storages or not _storage_id(t) for t in tensors):
+            return storages
     tensors = [*module.parameters(), *module.buffers()]
-    return frozenset(_storage_id(t) for t in tensors) - {0}
+    storages = frozenset(_storage_id(t) for t in tensors) - {0}
+    _MODEL_TENSORS[module] = (tensors, storages)
+    return storages

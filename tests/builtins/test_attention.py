@@ -14,6 +14,7 @@ from ._tiny import BWD, N_LAYERS, TOL, T, derive, max_err, tiny_adapter
 
 W = WeightLocationType
 ATTN_DSTS = [
+    "attn.v_out_direct_grad",
     "attn.qk_probs",
     "attn.v",
     "attn.v_out",
@@ -92,6 +93,9 @@ def test_hand_formulas(adapter: Any, store: Any, layer: int) -> None:
     assert max_err(store.get("attn.act_times_grad_per_token", layer), (p * grad_p).sum(1)) <= TOL
     direct = torch.einsum("tshd,td->tsh", write, _g(store))
     assert max_err(store.get("attn.write_to_final_residual_grad", layer), direct) <= TOL
+    # the shared sub-DST: g pulled back through W_O, W_O[h] g[t]
+    pulled = torch.einsum("hvd,td->thv", adapter.weight(W.ATTN_TO_RESIDUAL, layer), _g(store))
+    assert max_err(store.get("attn.v_out_direct_grad", layer), pulled) <= TOL
 
 
 def test_logits_probs_and_queries(store: Any) -> None:
