@@ -10,9 +10,7 @@ that name is an error too, never silently ignored.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
-
-import attrs
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .exceptions import ConfigError, DstConflictError
 
@@ -22,12 +20,15 @@ if TYPE_CHECKING:
     from ._dst import DerivedScalarType
 
 
-@attrs.frozen
-class Offer:
-    """One plugin's offer of one named thing (a DST provision, a loader, a provider)."""
+class Offer(NamedTuple):
+    """One plugin's offer of one named thing (a DST provision, a loader, a provider).
+
+    A named tuple, not an attrs class: the registry is built at ``import scalarlens`` and every
+    class created then counts against the startup budget.
+    """
 
     name: str
-    value: Any = attrs.field(eq=False)
+    value: Any
     plugin: str
 
 
@@ -94,12 +95,11 @@ class OfferTable:
         )
 
 
-@attrs.frozen
-class Provision:
+class Provision(NamedTuple):
     """One plugin's offer of one DST: the DST and its factory."""
 
     dst: DerivedScalarType
-    factory: Callable[[DstConfig], ScalarDeriver] = attrs.field(eq=False)
+    factory: Callable[[DstConfig], ScalarDeriver]
     plugin: str
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
 
@@ -51,8 +51,7 @@ LOCAL_PLUGIN = "__local__"
 CORE = "scalarlens"  # the pseudo-plugin offering the bundled models
 
 
-@attrs.frozen
-class Problem:
+class Problem(NamedTuple):
     """One thing ``scalarlens plugins --check`` found wrong, and whose it is."""
 
     plugin: str
