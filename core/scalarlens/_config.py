@@ -131,7 +131,7 @@ def _check_bool(inst: object, attribute: attrs.Attribute[bool], value: bool) -> 
         raise ConfigError(f"DstConfig.{attribute.name} must be True or False, got {value!r}")
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # part of every plan node key
 class DstConfig:
     """Settings a deriver is built with.
 

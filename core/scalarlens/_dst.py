@@ -51,7 +51,7 @@ def _to_passes(value: Iterable[PassType]) -> frozenset[PassType]:
     return frozenset(value)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # hashed in every plan and store key
 class DerivedScalarType:
     """A named per-prompt quantity and everything a caller needs to know about its tensor.
 
@@ -105,7 +105,7 @@ def raw_dst(
     )
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class DstAndPass:
     """The key of a derived store entry: one DST in one pass."""
 
