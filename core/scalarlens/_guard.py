@@ -9,8 +9,10 @@ methods, ``x[i] = v``, ``+=``, ``out=``).  A kernel that tries is then re-run on
 of its inputs and weights (copy-on-write, paid only by kernels that write), with a
 ``KernelMutationWarning`` naming the DST and plugin.  A function mode costs one Python call per
 torch call (an ATen dispatch mode cost ~10× more here, because composite ops like ``einsum``
-expand into many ATen calls); writes that bypass it (``torch.ops.aten`` directly) are still
-caught afterwards by the tensors' version counters, as an error, since they cannot be undone.
+expand into many ATen calls); writes through ``torch.ops.aten`` directly are caught afterwards
+by the tensors' version counters, as an error, since they cannot be undone.  Writes that bypass
+torch altogether (through ``.numpy()``, ``untyped_storage()`` or ``.data =``) are not seen: the
+kernel contract forbids them, and the docs say so.
 """
 
 from __future__ import annotations
@@ -37,9 +39,33 @@ class _BlockedWrite(Exception):
     """Raised inside the dispatch mode when a kernel writes into a protected tensor."""
 
 
-def _storage_id(tensor: torch.Tensor) -> int:
-    """Identifies the memory a tensor views (0 for empty storage, which holds nothing)."""
-    return int(tensor.untyped_storage().data_ptr())
+def _storage_id(tensor: Any) -> int:
+    """Identifies the memory a tensor views; 0 for empty storage (it holds nothing) and for
+    tensors without one (functorch wrappers, sparse layouts: never a shared capture)."""
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (NotImplementedError, RuntimeError, TypeError):
+        return 0
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The version counter, ``None`` for inference tensors (they have none)."""
+    return None if tensor.is_inference() else int(tensor._version)
+
+
+# Names that end like in-place ops but change no data (autograd flags, conversions).
+_NOT_WRITES = frozenset(
+    {
+        "requires_grad_",
+        "detach_",
+        "share_memory_",
+        "retain_grad",
+        "__int__",
+        "__index__",
+        "__invert__",
+        "__init_subclass__",
+    }
+)
 
 
 _WRITES: dict[Any, bool] = {}
@@ -50,7 +76,7 @@ def _writes(func: Any) -> bool:
     known = _WRITES.get(func)
     if known is None:
         name = getattr(func, "__name__", "")
-        known = _WRITES[func] = (
+        known = _WRITES[func] = name not in _NOT_WRITES and (
             name in ("__setitem__", "set_", "copy_")
             or (
                 name.startswith("__i")
@@ -77,12 +103,16 @@ def _mode_class() -> type:
             self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
         ) -> Any:
             kwargs = kwargs or {}
-            if args and _writes(func):
-                self.guard.check_write(args[0], getattr(func, "__name__", str(func)))
+            empty = False
+            if args and (_writes(func) or kwargs.get("inplace") is True):
+                empty = self.guard.check_write(args[0], getattr(func, "__name__", str(func)))
             out = kwargs.get("out")
             if out is not None:
                 self.guard.check_write(out, f"{getattr(func, '__name__', func)}(out=...)")
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if empty:  # bumped a shared version counter without changing a value
+                self.guard.refresh_versions()
+            return result
 
     return _ReadOnlyMode
 
@@ -112,31 +142,40 @@ class _KernelGuard:
         self.protected.pop(0, None)
         self.blocked: str | None = None
         self.blocked_input: int = -1
-        self.versions = [(i, t, t._version) for i, t in enumerate(inputs) if t is not None]
+        self.versions = [(i, t, _version(t)) for i, t in enumerate(inputs) if t is not None]
 
-    def check_write(self, target: Any, op: str) -> None:
+    def check_write(self, target: Any, op: str) -> bool:
+        """Refuse a write into protected storage; ``True`` if the target is empty."""
         tensors = target if isinstance(target, (list, tuple)) else (target,)
+        empty = False
         for tensor in tensors:
             if not hasattr(tensor, "untyped_storage"):
                 continue
+            if not tensor.numel():
+                empty = True  # an empty write changes nothing
+                continue
             storage = _storage_id(tensor)
-            if storage in self.protected or storage in self.model_storages:
+            if storage and (storage in self.protected or storage in self.model_storages):
                 self.blocked = op
                 self.blocked_input = self.protected.get(storage, -1)
                 raise _BlockedWrite(op)
+        return empty
+
+    def refresh_versions(self) -> None:
+        self.versions = [(i, t, _version(t)) for i, t, _ in self.versions]
 
     def hand_out(self, weight: torch.Tensor) -> torch.Tensor:
         if self.private:
             return weight.clone()
         self.protected.setdefault(_storage_id(weight), -1)
         self.protected.pop(0, None)
-        self.versions.append((-1, weight, weight._version))
+        self.versions.append((-1, weight, _version(weight)))
         return weight
 
     def slipped_past(self) -> int | None:
         """The input (-1: a weight) whose version changed although no write was seen."""
         for i, tensor, version in self.versions:
-            if tensor._version != version:
+            if version is not None and tensor._version != version:
                 return i
         return None
 
@@ -150,7 +189,7 @@ def _unaliased(out: Any, guard: _KernelGuard, inputs: tuple[torch.Tensor | None,
     if not hasattr(out, "untyped_storage"):
         return out
     storage = _storage_id(out)
-    is_weight = guard.protected.get(storage) == -1 or storage in guard.model_storages
+    is_weight = storage and (guard.protected.get(storage) == -1 or storage in guard.model_storages)
     return out.clone() if is_weight else out
 
 
@@ -179,10 +218,10 @@ def _check_versions(
     index = guard.slipped_past()
     if index is not None:
         raise KernelError(
-            f"{who()} modified {_describe(index, describe_input)} in place through a path the "
-            "engine cannot intercept (e.g. torch.ops.aten directly); results of this call "
-            "and of later calls on the same model may be wrong. Use out-of-place operations "
-            "and reload the model"
+            f"{who()}: {_describe(index, describe_input)} was modified in place through a path "
+            "the engine cannot intercept (e.g. torch.ops.aten directly), or by another thread "
+            "while the kernel ran; results of this call (and, for a weight, of later calls) "
+            "may be wrong. Use out-of-place operations"
         )
 
 
@@ -231,7 +270,7 @@ def run_kernel(
     private = _KernelGuard(copies, private=True, model_storages=model_storages)
     try:
         with _active(private), _MODE_CLASS(private):
-            return kernel(copies, layer, ctx)
+            return _unaliased(kernel(copies, layer, ctx), private, copies)
     except _BlockedWrite:
         raise KernelError(
             f"{who()} modifies the model's parameters in place ({private.blocked}) without "
@@ -240,28 +279,53 @@ def run_kernel(
         ) from None
 
 
-_MODEL_TENSORS: weakref.WeakKeyDictionary[Any, tuple[list[Any], frozenset[int]]] = (
+# Per module: (registration generation, weak refs to its tensors, their storages).
+_MODEL_TENSORS: weakref.WeakKeyDictionary[Any, tuple[int, list[Any], frozenset[int]]] = (
     weakref.WeakKeyDictionary()
 )
+_GENERATION = [0]  # bumped whenever any module registers a parameter, buffer or submodule
+
+
+def _install_registration_hooks() -> None:
+    """Invalidate the cache when a module gains a parameter, buffer or submodule anywhere."""
+    from torch.nn.modules import module as nn_module
+
+    def bump(*_: Any) -> None:
+        _GENERATION[0] += 1
+
+    for name in (
+        "register_module_parameter_registration_hook",
+        "register_module_buffer_registration_hook",
+        "register_module_module_registration_hook",
+    ):
+        getattr(nn_module, name)(bump)
 
 
 def model_storages(model: object) -> frozenset[int]:
     """Storages of the parameters and buffers of an adapter's ``model`` module, if it has one.
 
     Cached per module (walking the module tree costs about a millisecond, once per prompt
-    otherwise) and revalidated cheaply: ``model.to(...)`` swaps storages, which shows.
+    otherwise) without keeping replaced weights alive (weak references), and revalidated:
+    registering a parameter, buffer or submodule anywhere invalidates it, and a swapped
+    storage (``model.to(...)``, ``param.data = ...``) shows in the cheap check below.
     """
     import torch
 
     module = getattr(model, "model", None)
     if not isinstance(module, torch.nn.Module):
         return frozenset()
+    if not _GENERATION[0]:
+        _install_registration_hooks()
+        _GENERATION[0] = 1
     cached = _MODEL_TENSORS.get(module)
     if cached is not None:
-        tensors, storages = cached
-        if all(_storage_id(t) in storages or not _storage_id(t) for t in tensors):
+        generation, refs, storages = cached
+        tensors = [ref() for ref in refs]
+        if generation == _GENERATION[0] and all(
+            t is not None and (_storage_id(t) in storages or not _storage_id(t)) for t in tensors
+        ):
             return storages
     tensors = [*module.parameters(), *module.buffers()]
     storages = frozenset(_storage_id(t) for t in tensors) - {0}
-    _MODEL_TENSORS[module] = (tensors, storages)
+    _MODEL_TENSORS[module] = (_GENERATION[0], [weakref.ref(t) for t in tensors], storages)
     return storages

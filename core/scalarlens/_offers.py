@@ -61,10 +61,11 @@ class OfferTable:
         return name in self._offers
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._offers)
+        # A snapshot: another thread may register while a caller iterates (check(), listings).
+        return iter(list(self._offers))
 
     def items(self) -> Iterator[tuple[str, list[Offer]]]:
-        return iter(self._offers.items())
+        return iter([(name, list(offers)) for name, offers in list(self._offers.items())])
 
     def resolve(
         self,

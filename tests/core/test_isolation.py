@@ -185,3 +185,104 @@ def test_an_output_that_views_a_weight_is_copied(hostile: Registry) -> None:
     store = scalarlens.derive(model, PROMPT, "evil.weight_view", registry=hostile)
     store.get("evil.weight_view", 0).zero_()  # the caller owns its results...
     assert model.model.block(0).mlp.c_fc.bias.abs().sum() > 0  # ...but not the model
+
+
+def _run_guarded(kernel, inputs):  # type: ignore[no-untyped-def]
+    from scalarlens._guard import run_kernel
+
+    return run_kernel(kernel, inputs, 0, None, who=lambda: "K", describe_input=str)
+
+
+def test_derive_under_inference_mode_still_works() -> None:
+    from scalarlens.testing import tiny_model
+
+    model = tiny_model()
+    with torch.inference_mode():
+        store = scalarlens.derive(model, [[3, 1, 4, 1, 5]], ["mlp.post_act", "mlp.write_norm"])
+    assert store.get("mlp.write_norm", 0).shape == (5, 32)
+
+
+def test_legitimate_kernels_are_not_flagged() -> None:
+    x = torch.randn(4, 3)
+
+    def autograd_inside(inputs, layer, ctx):  # type: ignore[no-untyped-def]
+        with torch.enable_grad():
+            leaf = inputs[0].detach().requires_grad_()
+            (grad,) = torch.autograd.grad(torch.tanh(leaf).sum(), leaf)
+        return grad
+
+    def functorch_inside(inputs, layer, ctx):  # type: ignore[no-untyped-def]
+        return torch.func.grad(lambda t: torch.tanh(t).sum())(inputs[0])
+
+    def int_of_an_entry(inputs, layer, ctx):  # type: ignore[no-untyped-def]
+        return inputs[0] * int(inputs[0][0, 0] > 100)
+
+    def empty_write(inputs, layer, ctx):  # type: ignore[no-untyped-def]
+        inputs[0][:0].fill_(1.0)  # an empty view: nothing is written
+        return inputs[0] * 1
+
+    def scratch(inputs, layer, ctx):  # type: ignore[no-untyped-def]
+        out = inputs[0] * 2
+        out.mul_(3)  # writing into its own fresh tensor is fine
+        torch.mul(out, 2, out=out)
+        return out
+
+    for kernel in (autograd_inside, functorch_inside, int_of_an_entry, empty_write, scratch):
+        before = x.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KernelMutationWarning)
+            _run_guarded(kernel, (x,))
+        assert torch.equal(x, before), kernel.__name__
+
+
+def test_inplace_keyword_functionals_are_blocked_and_rerun() -> None:
+    x = torch.randn(4, 3)
+    before = x.clone()
+    with pytest.warns(KernelMutationWarning, match=r"relu"):
+        out = _run_guarded(
+            lambda inputs, layer, ctx: torch.nn.functional.relu(inputs[0], inplace=True), (x,)
+        )
+    assert torch.equal(x, before)
+    assert torch.equal(out, before.relu())
+
+
+def test_model_storage_cache_follows_replaced_modules() -> None:
+    from scalarlens._guard import model_storages
+    from scalarlens.testing import tiny_model
+
+    adapter = tiny_model()
+    first = model_storages(adapter)
+    assert first == model_storages(adapter)  # cached
+    adapter.model.ln_f.weight = torch.nn.Parameter(torch.ones(16, dtype=torch.float64))
+    new_id = adapter.model.ln_f.weight.untyped_storage().data_ptr()
+    assert new_id in model_storages(adapter)
+
+
+def test_check_survives_concurrent_registration() -> None:
+    import threading
+
+    from scalarlens import DstConfig, ScalarDeriver
+
+    reg = Registry()
+    stop = threading.Event()
+
+    def register_many() -> None:
+        i = 0
+        while not stop.is_set() and i < 2000:
+            dst = scalarlens.DerivedScalarType(
+                f"conc.x{i}", (scalarlens.Dimension.TOKENS,), scalarlens.NodeType.LAYER, "x"
+            )
+            reg.register_factory(dst, lambda c, d=dst: ScalarDeriver(d, c, (), lambda *a: None))
+            i += 1
+
+    thread = threading.Thread(target=register_many)
+    thread.start()
+    try:
+        for _ in range(3):
+            reg.check()
+            reg.model_loaders()
+            reg.dst_examples()
+    finally:
+        stop.set()
+        thread.join()
+    assert reg.get("mlp.post_act", DstConfig()).dst.name == "mlp.post_act"
