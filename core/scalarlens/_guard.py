@@ -167,8 +167,9 @@ class _KernelGuard:
     def hand_out(self, weight: torch.Tensor) -> torch.Tensor:
         if self.private:
             return weight.clone()
-        self.protected.setdefault(_storage_id(weight), -1)
-        self.protected.pop(0, None)
+        storage = _storage_id(weight)
+        if storage:
+            self.protected.setdefault(storage, -1)
         self.versions.append((-1, weight, _version(weight)))
         return weight
 
@@ -301,6 +302,18 @@ def _install_registration_hooks() -> None:
         getattr(nn_module, name)(bump)
 
 
+def _still_stored(refs: list[Any], storages: frozenset[int]) -> bool:
+    """Every cached tensor is alive and still views a storage in ``storages``."""
+    for ref in refs:
+        tensor = ref()
+        if tensor is None:
+            return False
+        storage = _storage_id(tensor)
+        if storage and storage not in storages:
+            return False
+    return True
+
+
 def model_storages(model: object) -> frozenset[int]:
     """Storages of the parameters and buffers of an adapter's ``model`` module, if it has one.
 
@@ -320,10 +333,7 @@ def model_storages(model: object) -> frozenset[int]:
     cached = _MODEL_TENSORS.get(module)
     if cached is not None:
         generation, refs, storages = cached
-        tensors = [ref() for ref in refs]
-        if generation == _GENERATION[0] and all(
-            t is not None and (_storage_id(t) in storages or not _storage_id(t)) for t in tensors
-        ):
+        if generation == _GENERATION[0] and _still_stored(refs, storages):
             return storages
     tensors = [*module.parameters(), *module.buffers()]
     storages = frozenset(_storage_id(t) for t in tensors) - {0}

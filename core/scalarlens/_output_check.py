@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._vocab import Dimension, DimensionKind
+from ._vocab import Dimension, known_sizes
 from .exceptions import KernelError, ShapeError
 
 if TYPE_CHECKING:
@@ -43,21 +43,12 @@ class OutputChecker:
 
     def expected(self, deriver: ScalarDeriver) -> tuple[int | None, ...]:
         """Declared sizes, ``None`` where this run cannot know one (no model, no tokens)."""
-        params = deriver.parameter_sizes
-        t = self.n_tokens
-        sizes: list[int | None] = []
-        for dim in deriver.dst.shape:
-            if dim in (Dimension.TOKENS, Dimension.ATTENDED_TO_TOKENS):
-                sizes.append(t)
-            elif dim is Dimension.TOKEN_PAIRS:
-                sizes.append(None if t is None else t * (t + 1) // 2)
-            elif dim is Dimension.SINGLETON:
-                sizes.append(1)
-            elif dim.kind is DimensionKind.PARAMETERIZED:
-                sizes.append(params.get(dim))
-            else:
-                sizes.append(self.model_sizes.get(dim))
-        return tuple(sizes)
+        return known_sizes(
+            deriver.dst.shape,
+            n_tokens=self.n_tokens,
+            model_sizes=self.model_sizes,
+            parameter_sizes=deriver.parameter_sizes,
+        )
 
     def check(
         self,

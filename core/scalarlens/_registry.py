@@ -313,11 +313,7 @@ class Registry:
                 "`scalarlens plugins` to check.",
             )
         hint = f" It may also come from a plugin that failed to load — {detail}." if failed else ""
-        return UnknownDstError(
-            name,
-            suggestions,
-            hint + " Run `scalarlens dsts` to list every registered DST." if hint else "",
-        )
+        return UnknownDstError(name, suggestions, hint)
 
     # --- building -------------------------------------------------------------------------
 

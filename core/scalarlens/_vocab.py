@@ -208,6 +208,33 @@ class WeightLocationType(str, enum.Enum):
     MLP_BIAS_RESIDUAL = ("mlp.b_out", (_D,))
 
 
+def known_sizes(
+    spec: ShapeSpec,
+    *,
+    n_tokens: int | None,
+    model_sizes: Mapping[Dimension, int],
+    parameter_sizes: Mapping[Dimension, int] | None = None,
+) -> tuple[int | None, ...]:
+    """Each axis's size for one prompt, ``None`` where nothing given declares it.
+
+    The engine's output check uses this directly (it checks what it can know); callers that
+    need every size use :func:`resolve_shape`, which turns a ``None`` into an error.
+    """
+    sizes: list[int | None] = []
+    for dim in spec:
+        if dim in (Dimension.TOKENS, Dimension.ATTENDED_TO_TOKENS):
+            sizes.append(n_tokens)
+        elif dim is Dimension.TOKEN_PAIRS:
+            sizes.append(None if n_tokens is None else n_tokens * (n_tokens + 1) // 2)
+        elif dim is Dimension.SINGLETON:
+            sizes.append(1)
+        elif dim.kind is DimensionKind.PARAMETERIZED:
+            sizes.append((parameter_sizes or {}).get(dim))
+        else:
+            sizes.append(model_sizes.get(dim))
+    return tuple(sizes)
+
+
 def resolve_shape(
     spec: ShapeSpec,
     *,
@@ -222,23 +249,15 @@ def resolve_shape(
     """
     from .exceptions import ShapeError
 
-    sizes: list[int] = []
-    for dim in spec:
-        if dim in (Dimension.TOKENS, Dimension.ATTENDED_TO_TOKENS):
-            sizes.append(n_tokens)
-        elif dim is Dimension.TOKEN_PAIRS:
-            sizes.append(n_tokens * (n_tokens + 1) // 2)
-        elif dim is Dimension.SINGLETON:
-            sizes.append(1)
-        elif dim.kind is DimensionKind.PARAMETERIZED:
-            if not parameter_sizes or dim not in parameter_sizes:
-                raise ShapeError(
-                    f"dimension {dim.value!r} is parameterised but no size was declared for it; "
-                    "set `dimension_sizes` on the ScalarDeriver that produces it"
-                )
-            sizes.append(parameter_sizes[dim])
-        else:
-            if dim not in model_sizes:
-                raise ShapeError(f"the model does not declare a size for dimension {dim.value!r}")
-            sizes.append(model_sizes[dim])
-    return tuple(sizes)
+    sizes = known_sizes(
+        spec, n_tokens=n_tokens, model_sizes=model_sizes, parameter_sizes=parameter_sizes
+    )
+    for dim, size in zip(spec, sizes, strict=True):
+        if size is None and dim.kind is DimensionKind.PARAMETERIZED:
+            raise ShapeError(
+                f"dimension {dim.value!r} is parameterised but no size was declared for it; "
+                "set `dimension_sizes` on the ScalarDeriver that produces it"
+            )
+        if size is None:
+            raise ShapeError(f"the model does not declare a size for dimension {dim.value!r}")
+    return tuple(size for size in sizes if size is not None)

@@ -49,7 +49,8 @@ class UnknownDstError(ScalarLensError, KeyError):
     """A derived scalar type name that no loaded plugin provides.
 
     ``KeyError`` quotes its argument with ``repr``; we override ``__str__`` so the
-    suggestions print as prose, not as an escaped string.
+    suggestions print as prose, not as an escaped string.  ``hint`` (a sentence, with its
+    leading space) goes before the closing pointer to ``scalarlens dsts``.
     """
 
     def __init__(self, name: str, suggestions: Sequence[str] = (), hint: str = "") -> None:
@@ -60,7 +61,7 @@ class UnknownDstError(ScalarLensError, KeyError):
             msg += "; did you mean " + " or ".join(repr(s) for s in self.suggestions) + "?"
         else:
             msg += "."
-        msg += hint or " Run `scalarlens dsts` to list every registered DST."
+        msg += hint + " Run `scalarlens dsts` to list every registered DST."
         super().__init__(msg)
 
     def __str__(self) -> str:
