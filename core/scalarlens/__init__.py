@@ -78,6 +78,7 @@ from .exceptions import (
     TokenizerError,
     UnknownDstError,
     UnknownInterventionError,
+    UnsupportedModelError,
     UnsupportedPassError,
 )
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
@@ -102,7 +103,7 @@ if TYPE_CHECKING:
         RunResult,
     )
     from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
-    from ._prepare import Preparation, prepare
+    from ._prepare import Preparation, prepare, unsupported_reason
     from ._store import DerivedScalarStore, NodeRecord
     from .models._loading import load_model
 
@@ -128,7 +129,7 @@ _LAZY = {
     ),
     "._plan": ("EvaluationCounter", "Plan", "derive_from_raw", "execute_plan", "make_plan"),
     "._derive": ("derive",),
-    "._prepare": ("Preparation", "prepare"),
+    "._prepare": ("Preparation", "prepare", "unsupported_reason"),
     ".models._loading": ("load_model",),
     "._store": ("DerivedScalarStore", "NodeRecord"),
 }
@@ -229,6 +230,7 @@ __all__ = [
     "TokenizerError",
     "UnknownDstError",
     "UnknownInterventionError",
+    "UnsupportedModelError",
     "UnsupportedPassError",
     "WeightLocationType",
     "__version__",
@@ -252,4 +254,5 @@ __all__ = [
     "registry",
     "resolve_shape",
     "row_norm",
+    "unsupported_reason",
 ]

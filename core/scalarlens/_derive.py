@@ -32,7 +32,13 @@ from ._model import (
     resolve_position,
 )
 from ._plan import EvaluationCounter, Plan, execute_plan, make_plan
-from ._prepare import Preparation, prepare, prepare_objective, prepare_tokens
+from ._prepare import (
+    Preparation,
+    check_model_support,
+    prepare,
+    prepare_objective,
+    prepare_tokens,
+)
 from ._store import DerivedScalarStore
 from ._vocab import ActivationLocationType, PassType
 from .exceptions import ModelInputError
@@ -73,6 +79,7 @@ def derive(
         registry = default_registry
     prepared = prepare(dsts, config, registry, layers=layers)
     adapter = model if not isinstance(model, (str, Path)) else load_model(model, registry)
+    check_model_support(prepared.requests, adapter)
     plan = make_plan(prepared.requests, adapter.dims.n_layers)
     tokens = prepare_tokens(adapter, prompts_or_tokens)
     if objective is None:

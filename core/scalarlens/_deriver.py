@@ -90,15 +90,47 @@ class DeriveContext:
         model = self._model("applies the final norm")
         if isinstance(model, FinalResidualReadout):
             return model.final_norm(x, detach_scale=detach_scale)
-        dims = model.dims
+        return self._norm(
+            x, W.LAYER_NORM_GAIN_FINAL, W.LAYER_NORM_BIAS_FINAL, None, detach_scale=detach_scale
+        )
+
+    def layer_norm(self, which: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s input norm of the ``"attn"`` or ``"mlp"`` sublayer applied to ``x``.
+
+        Follows ``dims.norm_kind`` (LayerNorm centres and adds a bias, RMSNorm does neither)
+        with the model's effective gain, so a kernel that feeds vectors straight into a
+        sublayer (e.g. vocabulary rows into an MLP) is right on every architecture.
+        """
+        from ._vocab import WeightLocationType as W
+        from .exceptions import ConfigError
+
+        norms = {
+            "attn": (W.LAYER_NORM_GAIN_PRE_ATTN, W.LAYER_NORM_BIAS_PRE_ATTN),
+            "mlp": (W.LAYER_NORM_GAIN_PRE_MLP, W.LAYER_NORM_BIAS_PRE_MLP),
+        }
+        if which not in norms:
+            raise ConfigError(f"ctx.layer_norm: which must be 'attn' or 'mlp', got {which!r}")
+        gain, bias = norms[which]
+        return self._norm(x, gain, bias, layer)
+
+    def _norm(
+        self,
+        x: torch.Tensor,
+        gain: WeightLocationType,
+        bias: WeightLocationType,
+        layer: int | None,
+        *,
+        detach_scale: bool = False,
+    ) -> torch.Tensor:
+        dims = self._model("applies a norm").dims
         if dims.norm_kind == "layernorm":
             x = x - x.mean(dim=-1, keepdim=True)
         scale = (x.pow(2).mean(dim=-1, keepdim=True) + dims.norm_eps).sqrt()
         if detach_scale:
             scale = scale.detach()
-        out = x / scale * self.weight(W.LAYER_NORM_GAIN_FINAL)
+        out = x / scale * self.weight(gain, layer)
         if dims.norm_kind == "layernorm":
-            out = out + self.weight(W.LAYER_NORM_BIAS_FINAL)
+            out = out + self.weight(bias, layer)
         return out
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:

@@ -59,13 +59,29 @@ def _check_norm_kind(_: object, __: attrs.Attribute[str], value: str) -> None:
         raise ConfigError(f"ModelDims.norm_kind: expected one of {NORM_KINDS}, got {value!r}")
 
 
+def _positive_or_none(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not value > 0:
+        from .exceptions import ConfigError
+
+        raise ConfigError(f"ModelDims.{attribute.name}: expected a positive number, got {value!r}")
+
+
 @attrs.frozen
 class ModelDims:
-    """Sizes of a transformer's model-intrinsic axes, and how its norms normalise.
+    """Sizes of a transformer's model-intrinsic axes, and the architectural facts kernels need.
 
     ``norm_kind`` is ``"layernorm"`` (centre, divide by ``sqrt(var + eps)``, gain and bias) or
     ``"rmsnorm"`` (divide by ``sqrt(mean(x²) + eps)``, gain only); ``norm_eps`` is its epsilon.
-    Kernels read them (or call ``ctx.final_norm``) instead of digging in ``config_dict()``.
+    Kernels read them (or call ``ctx.final_norm`` / ``ctx.layer_norm``) instead of digging in
+    ``config_dict()``.
+
+    The flags describe the block's wiring, so a kernel can follow the model instead of
+    assuming GPT-2: ``n_kv_heads`` (grouped-query attention: query head ``h`` reads key/value
+    head ``h // (n_heads // n_kv_heads)``; defaults to ``n_heads``), ``gated_mlp``
+    (``act(gate)·up``), ``parallel_residual`` (the MLP reads the residual *before* attention,
+    so attention cannot influence the same layer's MLP), ``post_norms`` (each sublayer's output
+    passes through a norm before it is added to the residual stream), ``logit_softcap`` (final
+    logits are ``c·tanh(l/c)``; objectives read the capped logits).
     """
 
     n_layers: int
@@ -77,12 +93,32 @@ class ModelDims:
     n_ctx: int
     norm_eps: float = 1e-5
     norm_kind: str = attrs.field(default="layernorm", validator=_check_norm_kind)
+    n_kv_heads: int = attrs.field(default=attrs.Factory(lambda self: self.n_heads, takes_self=True))
+    gated_mlp: bool = False
+    parallel_residual: bool = False
+    post_norms: bool = False
+    logit_softcap: float | None = attrs.field(default=None, validator=_positive_or_none)
+
+    def __attrs_post_init__(self) -> None:
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            from .exceptions import ConfigError
+
+            raise ConfigError(
+                f"ModelDims: n_heads={self.n_heads} is not a multiple of "
+                f"n_kv_heads={self.n_kv_heads}"
+            )
+
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
 
     def sizes(self) -> dict[Dimension, int]:
         return {
             Dimension.LAYERS: self.n_layers,
             Dimension.RESIDUAL_STREAM_CHANNELS: self.d_model,
             Dimension.ATTN_HEADS: self.n_heads,
+            Dimension.KV_HEADS: self.n_kv_heads,
             Dimension.QUERY_AND_KEY_CHANNELS: self.d_head,
             Dimension.VALUE_CHANNELS: self.d_head,
             Dimension.MLP_ACTS: self.d_mlp,

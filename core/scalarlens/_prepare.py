@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ._config import DstConfig
-from ._deriver import ScalarDeriver
+from ._deriver import DerivedScalarSource, ScalarDeriver
 from ._dst import DerivedScalarType
+from ._locations import PluginLocation
 from ._model import LogitDiffObjective, ModelAdapter
+from ._sources import RawScalarSource
 from ._vocab import PassType
-from .exceptions import ModelInputError, TokenizerError
+from .exceptions import ModelInputError, TokenizerError, UnsupportedModelError
 
 if TYPE_CHECKING:
+    from ._locations import CaptureLocation
     from ._registry import Registry
 
 
@@ -39,9 +42,18 @@ def _encode(model: ModelAdapter, item: str | int, role: str) -> int:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise TokenizerError(f"model {model.name!r} has no tokenizer; pass token ids instead")
-    ids: list[int] = tokenizer.encode(item)
+    # A subword tokenizer encodes a prompt with its special tokens (BOS) but a word without.
+    encode = getattr(tokenizer, "encode_word", tokenizer.encode)
+    ids: list[int] = encode(item)
     if len(ids) != 1:
-        raise TokenizerError(f"{role}: {item!r} must be exactly one token, got {len(ids)}")
+        pieces = tokenizer.decode_tokens(ids) if ids else []
+        shown = " + ".join(f"{p!r} ({i})" for p, i in zip(pieces, ids, strict=True))
+        raise TokenizerError(
+            f"{role}: {item!r} must be exactly one token, but it tokenises as {len(ids)}"
+            + (f": {shown}" if shown else "")
+            + "; pick a word that is one token (often with a leading space, e.g. ' Paris') or "
+            "pass a token id"
+        )
     return ids[0]
 
 
@@ -158,3 +170,48 @@ def prepare(
         config = attrs.evolve(config, layer_indices=layers)
     requests = build_requests(dsts, config, registry)
     return Preparation(config, tuple(requests), tuple(needing_objective(requests)))
+
+
+def raw_locations(deriver: ScalarDeriver) -> set[CaptureLocation]:
+    """Every captured location in ``deriver``'s tree (model locations and plugin splices)."""
+    found: set[CaptureLocation] = set()
+    stack, seen = [deriver], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for source in current.sub_scalar_sources:
+            if isinstance(source, RawScalarSource):
+                found.add(source.location)
+            elif isinstance(source, DerivedScalarSource):
+                stack.append(source.scalar_deriver)
+    return found
+
+
+def unsupported_reason(deriver: ScalarDeriver, model: ModelAdapter) -> str | None:
+    """Why ``model`` cannot derive ``deriver`` (a location it cannot capture), else ``None``."""
+    missing = sorted(
+        loc.value
+        for loc in raw_locations(deriver)
+        if not isinstance(loc, PluginLocation) and loc not in model.capturable_locations
+    )
+    if not missing:
+        return None
+    hint = " (it exists only on gated MLPs)" if missing == ["mlp.up"] else ""
+    return f"model {model.name!r} cannot capture {', '.join(missing)}{hint}"
+
+
+def check_model_support(requests: Sequence[Request], model: ModelAdapter) -> None:
+    """Refuse, before the model runs, DSTs that read a location the model does not have."""
+    problems = {
+        d.dst.name: reason
+        for d, _ in requests
+        if (reason := unsupported_reason(d, model)) is not None
+    }
+    if problems:
+        lines = "; ".join(f"{name}: {reason}" for name, reason in problems.items())
+        raise UnsupportedModelError(
+            f"{lines}. Drop these DSTs or use a model that has these locations "
+            "(`scalarlens dsts` lists what each DST reads)"
+        )

@@ -49,6 +49,7 @@ class Dimension(str, enum.Enum):
     RESIDUAL_STREAM_CHANNELS = ("residual_stream_channels", DimensionKind.MODEL)
     VOCAB_SIZE = ("vocab_size", DimensionKind.MODEL)
     ATTN_HEADS = ("attn_heads", DimensionKind.MODEL)
+    KV_HEADS = ("kv_heads", DimensionKind.MODEL)
     QUERY_AND_KEY_CHANNELS = ("query_and_key_channels", DimensionKind.MODEL)
     VALUE_CHANNELS = ("value_channels", DimensionKind.MODEL)
     MLP_ACTS = ("mlp_acts", DimensionKind.MODEL)
@@ -92,6 +93,7 @@ class LocationWithinLayer(enum.IntEnum):
 
 _T, _S = Dimension.TOKENS, Dimension.ATTENDED_TO_TOKENS
 _D, _H = Dimension.RESIDUAL_STREAM_CHANNELS, Dimension.ATTN_HEADS
+_KVH = Dimension.KV_HEADS
 _DK, _DV = Dimension.QUERY_AND_KEY_CHANNELS, Dimension.VALUE_CHANNELS
 _F, _V, _ONE = Dimension.MLP_ACTS, Dimension.VOCAB_SIZE, Dimension.SINGLETON
 _CTX = Dimension.MAX_CONTEXT_LENGTH
@@ -102,7 +104,17 @@ class ActivationLocationType(str, enum.Enum):
     """A named point in the forward pass whose value (and gradient) a model adapter captures.
 
     The value is the hook name, which is also the name of the DST twin (``mlp.post_act``).
-    Q and K are *unscaled* (``u W_Q + b_Q``); the ``1/sqrt(dk)`` factor lives in the logits.
+    Q and K are *unscaled* (``u W_Q + b_Q``, after any rotary embedding or q/k norm); the
+    ``1/sqrt(dk)`` factor (or the model's own attention scale) lives in the logits.
+
+    ``attn.k`` and ``attn.v`` are per *query* head: with grouped-query attention each query
+    head reads its key/value group's vectors, repeated, so every attention DST indexes heads one
+    way.  The weights ``attn.w_k``/``attn.w_v`` keep the model's own key/value-head axis.
+
+    Gated MLPs (``act(gate)·up``): ``mlp.pre_act`` is the gate pre-activation, ``mlp.up`` the
+    up projection, and ``mlp.post_act`` — the neuron — is ``act(gate)·up``, the input of the
+    down projection.  Post-norm scales (Gemma's sandwich norms) are ones on models without them,
+    so a write through them is the same formula everywhere.
     """
 
     shape: ShapeSpec
@@ -140,6 +152,7 @@ class ActivationLocationType(str, enum.Enum):
     ATTN_QK_LOGITS = ("attn.qk_logits", (_T, _S, _H), NodeType.ATTENTION_HEAD, _LOC.ATTN)
     ATTN_QK_PROBS = ("attn.qk_probs", (_T, _S, _H), NodeType.ATTENTION_HEAD, _LOC.ATTN)
     ATTN_WEIGHTED_SUM_OF_VALUES = ("attn.v_out", (_T, _H, _DV), NodeType.V_CHANNEL, _LOC.ATTN)
+    ATTN_POST_NORM_SCALE = ("attn_post_ln.scale", (_T, _ONE), NodeType.LAYER, _LOC.ATTN)
     RESID_DELTA_ATTN = ("resid.delta_attn", (_T, _D), NodeType.RESIDUAL_STREAM_CHANNEL, _LOC.ATTN)
     RESID_POST_ATTN = (
         "resid.post_attn",
@@ -149,7 +162,9 @@ class ActivationLocationType(str, enum.Enum):
     )
     MLP_INPUT_LAYER_NORM_SCALE = ("mlp_ln.scale", (_T, _ONE), NodeType.LAYER, _LOC.MLP)
     MLP_PRE_ACT = ("mlp.pre_act", (_T, _F), NodeType.MLP_NEURON, _LOC.MLP)
+    MLP_UP = ("mlp.up", (_T, _F), NodeType.MLP_NEURON, _LOC.MLP)
     MLP_POST_ACT = ("mlp.post_act", (_T, _F), NodeType.MLP_NEURON, _LOC.MLP)
+    MLP_POST_NORM_SCALE = ("mlp_post_ln.scale", (_T, _ONE), NodeType.LAYER, _LOC.MLP)
     RESID_DELTA_MLP = ("resid.delta_mlp", (_T, _D), NodeType.RESIDUAL_STREAM_CHANNEL, _LOC.MLP)
     RESID_POST_MLP = (
         "resid.post_mlp",
@@ -170,7 +185,12 @@ class WeightLocationType(str, enum.Enum):
     """A weight or bias a model adapter must hand out, with its canonical (TDB) layout.
 
     Unlike the reference, every bias is reachable: write decompositions need ``b_out`` and
-    ``b_O`` to close exactly.
+    ``b_O`` to close exactly.  A model without some bias returns zeros for it.  Norm gains are
+    the *effective* multiplier (Gemma's ``1 + w``); ``embedding`` is the embedding as added to
+    the residual stream (Gemma's ``√d`` scaling included).  Key and value weights keep the
+    model's key/value-head axis (``KV_HEADS``; equal to ``ATTN_HEADS`` without grouped-query
+    attention).  ``mlp.w_up``/``mlp.b_up`` exist only on gated MLPs, the post-norm gains only
+    on models with post-norms.
     """
 
     shape: ShapeSpec
@@ -193,19 +213,23 @@ class WeightLocationType(str, enum.Enum):
     LAYER_NORM_GAIN_PRE_ATTN = ("attn_ln.gain", (_D,))
     LAYER_NORM_BIAS_PRE_ATTN = ("attn_ln.bias", (_D,))
     ATTN_TO_QUERY = ("attn.w_q", (_H, _D, _DK))
-    ATTN_TO_KEY = ("attn.w_k", (_H, _D, _DK))
-    ATTN_TO_VALUE = ("attn.w_v", (_H, _D, _DV))
+    ATTN_TO_KEY = ("attn.w_k", (_KVH, _D, _DK))
+    ATTN_TO_VALUE = ("attn.w_v", (_KVH, _D, _DV))
     ATTN_BIAS_QUERY = ("attn.b_q", (_H, _DK))
-    ATTN_BIAS_KEY = ("attn.b_k", (_H, _DK))
-    ATTN_BIAS_VALUE = ("attn.b_v", (_H, _DV))
+    ATTN_BIAS_KEY = ("attn.b_k", (_KVH, _DK))
+    ATTN_BIAS_VALUE = ("attn.b_v", (_KVH, _DV))
     ATTN_TO_RESIDUAL = ("attn.w_o", (_H, _DV, _D))
     ATTN_BIAS_RESIDUAL = ("attn.b_o", (_D,))
+    ATTN_POST_NORM_GAIN = ("attn_post_ln.gain", (_D,))
     LAYER_NORM_GAIN_PRE_MLP = ("mlp_ln.gain", (_D,))
     LAYER_NORM_BIAS_PRE_MLP = ("mlp_ln.bias", (_D,))
     MLP_TO_HIDDEN = ("mlp.w_in", (_D, _F))
     MLP_BIAS_HIDDEN = ("mlp.b_in", (_F,))
+    MLP_TO_UP = ("mlp.w_up", (_D, _F))
+    MLP_BIAS_UP = ("mlp.b_up", (_F,))
     MLP_TO_RESIDUAL = ("mlp.w_out", (_F, _D))
     MLP_BIAS_RESIDUAL = ("mlp.b_out", (_D,))
+    MLP_POST_NORM_GAIN = ("mlp_post_ln.gain", (_D,))
 
 
 def known_sizes(

@@ -29,6 +29,7 @@ __all__ = [
     "TokenizerError",
     "UnknownDstError",
     "UnknownInterventionError",
+    "UnsupportedModelError",
     "UnsupportedPassError",
 ]
 
@@ -114,6 +115,11 @@ class TokenizerError(ScalarLensError, ValueError):
 
 class ModelInputError(ScalarLensError, ValueError):
     """Token ids, prompt lengths, layers or objectives handed to a model run are invalid."""
+
+
+class UnsupportedModelError(ScalarLensError, ValueError):
+    """A DST needs something the model does not have (a location it cannot capture, a gated
+    MLP); raised before the model runs, naming the DST, the model and what would make it work."""
 
 
 class UnknownInterventionError(ScalarLensError, KeyError):

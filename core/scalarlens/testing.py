@@ -17,6 +17,7 @@ DSTs that need plugin options get them from the plugin's ``scalarlens_dst_exampl
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -26,14 +27,21 @@ import torch
 
 from ._activations import ActivationsAndMetadata, RawActivationStore
 from ._config import DstConfig
-from ._derive import plugin_interventions
+from ._derive import derive, plugin_interventions
 from ._deriver import ScalarDeriver
 from ._dst import DstAndPass
 from ._model import LogitDiffObjective, ModelAdapter, Objective, RunResult
 from ._plan import Plan, execute_plan, make_plan
+from ._prepare import unsupported_reason
 from ._registry import Registry
 from ._vocab import PassType, resolve_shape
-from .exceptions import ConfigError, KernelError, KernelMutationWarning, ShapeError
+from .exceptions import (
+    ConfigError,
+    KernelError,
+    KernelMutationWarning,
+    ShapeError,
+    UnsupportedModelError,
+)
 
 TINY_TOKENS = ((3, 1, 4, 1, 5, 9), (2, 6, 5))
 
@@ -82,6 +90,11 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
             "return an example config for it from the plugin's scalarlens_dst_examples hook "
             "(or pass configs={name: DstConfig(...)} to conformance_tests)"
         ) from None
+    reason = unsupported_reason(deriver, model)
+    if reason is not None:  # a capability the model lacks (e.g. mlp.up on a non-gated MLP)
+        with pytest.raises(UnsupportedModelError, match=re.escape(name)):
+            derive(model, [list(TINY_TOKENS[0])], name, config=config, registry=reg)
+        pytest.skip(f"{where}: {reason}")
     for pass_type in sorted(deriver.derivable_pass_types, key=lambda p: p.value):  # stable
         plan = make_plan([(deriver, pass_type)], model.dims.n_layers)
         objective = LogitDiffObjective(target=1, distractor=2) if plan.needs_objective else None

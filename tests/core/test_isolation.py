@@ -82,7 +82,10 @@ def hostile(make_plugin_dist: Callable[..., str]) -> Registry:
 
 
 def _builtin_names(reg: Registry) -> list[str]:
-    return sorted(name for name in reg.names() if reg.provider(name).name == "builtins")
+    # mlp.up exists only on gated MLPs; the tiny GPT-2 refuses it (tested in test_catalogue_meta).
+    return sorted(
+        name for name in reg.names() if reg.provider(name).name == "builtins" and name != "mlp.up"
+    )
 
 
 def _derive_all(reg: Registry, model: scalarlens.ModelAdapter, extra: list[str]) -> dict:  # type: ignore[type-arg]

@@ -15,6 +15,7 @@ from ..exceptions import CheckpointError
 from ._adapter import GPT2Adapter
 from ._checkpoint import load_gpt2_model, save_gpt2_checkpoint
 from ._gpt2 import GPT2Config, GPT2Model
+from ._hooked import HookedAdapter, HookFn
 from ._tokenizer import WordTokenizer
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "GPT2Adapter",
     "GPT2Config",
     "GPT2Model",
+    "HookFn",
+    "HookedAdapter",
     "WordTokenizer",
     "load_bundled_model",
     "load_gpt2_checkpoint",

@@ -1,167 +1,29 @@
-"""``GPT2Adapter``: the ``ModelAdapter`` implementation for GPT-2-architecture models.
+"""``GPT2Adapter``: the ``ModelAdapter`` for ScalarLens's own GPT-2 module.
 
-Batching: prompts of different lengths are **right-padded into one batch** with an attention
-mask over padded keys.  Real tokens keep positions ``0..len-1`` and never attend to padding, so
-each prompt's values and gradients equal those of running it alone (up to float rounding of
-differently-shaped matmuls); every returned tensor is truncated back to the prompt's length.
-
-Gradients: parameters are frozen, and during a backward run every hooked tensor that does not
-require grad (the embedding sum, a detached LayerNorm scale, a constant an intervention wrote) is
-turned into a grad-requiring leaf, so the objective's gradient *at that point* is still captured
-while nothing flows upstream of a detach.  Gradient hooks are registered on the tensor the hook
-*returns*, i.e. the value that flows downstream, after interventions.  A captured location the
-objective does not depend on (e.g. a layer after a ``NodeObjective``'s node) is never reached by
-the backward pass; its gradient is returned as exact zeros, which is the true gradient.
+Everything model-independent (validation, capture planning, interventions, objectives,
+batching, the backward pass) lives in :class:`HookedAdapter`; this module says where GPT-2's
+weights live and how to run it.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import attrs
 import torch
 
 from .._layers import LayerIndex
-from .._locations import CaptureLocation, PluginLocation
-from .._model import (
-    LOGIT_OBJECTIVES,
-    CallableObjective,
-    CaptureRequest,
-    DirectionObjective,
-    Intervention,
-    LogitDiffObjective,
-    LogProbObjective,
-    ModelDims,
-    NodeObjective,
-    Objective,
-    RunResult,
-    logits_objective,
-    resolve_position,
-)
+from .._model import ModelDims
 from .._vocab import ActivationLocationType as ALT
-from .._vocab import Dimension, PassType, WeightLocationType
+from .._vocab import WeightLocationType
 from ..exceptions import ModelInputError
 from ._gpt2 import GPT2Model
+from ._hooked import HookedAdapter, HookFn
 from ._tokenizer import WordTokenizer
 
 __all__ = ["GPT2Adapter"]
 
 W = WeightLocationType
-_Key = tuple[CaptureLocation, PassType]
-_ATTN_PAIR_LOCATIONS = (ALT.ATTN_QK_LOGITS, ALT.ATTN_QK_PROBS)
-_ALT_BY_HOOK_NAME: dict[str, ALT] = {alt.value: alt for alt in ALT}
-
-
-def _token_index(location: CaptureLocation, length: int) -> tuple[slice, ...]:
-    return tuple(slice(0, length) if d.is_token_axis else slice(None) for d in location.shape)
-
-
-def _split_prompts(
-    location: CaptureLocation, batch: torch.Tensor, lengths: Sequence[int]
-) -> list[torch.Tensor]:
-    """Per-prompt tensors of a batch-leading tensor, every token axis cut to the prompt's length.
-
-    Copies when the batch is padded or holds several prompts, so the padded batch tensor can
-    be freed as soon as the pass moves on; a single unpadded prompt keeps the tensor itself
-    (a copy would only double the peak memory of the capture).
-    """
-    if len(lengths) == 1 and lengths[0] == batch.shape[1]:
-        return [batch[0].detach()]
-    return [
-        batch[b][_token_index(location, length)].detach().clone()
-        for b, length in enumerate(lengths)
-    ]
-
-
-@attrs.define
-class _RunState:
-    """Everything one ``run`` call's hook needs; lives only for that call."""
-
-    plan: dict[_Key, frozenset[LayerIndex]]
-    interventions: Sequence[Intervention]
-    backward: bool
-    detach_final_ln_scale: bool
-    objective_site: tuple[ALT, LayerIndex] | None
-    lengths: Sequence[int]
-    # Per (location, pass) and layer: one unpadded tensor per prompt.
-    forward_values: dict[_Key, dict[LayerIndex, list[torch.Tensor]]] = attrs.field(factory=dict)
-    grads: dict[_Key, dict[LayerIndex, list[torch.Tensor]]] = attrs.field(factory=dict)
-    # Per-prompt shapes of every value seen at a requested backward location, so a gradient
-    # the backward pass never reaches can be returned as zeros of the right shape.
-    seen_shapes: dict[tuple[CaptureLocation, LayerIndex], list[tuple[int, ...]]] = attrs.field(
-        factory=dict
-    )
-    objective_tensor: torch.Tensor | None = None
-
-    def hook(self, name: str, layer: int | None, tensor: torch.Tensor) -> torch.Tensor:
-        """The model's hook: interventions first, then observation of what flows on."""
-        alt = _ALT_BY_HOOK_NAME[name]
-        for iv in self.interventions:
-            if iv.location is alt and (iv.layers is None or layer in iv.layers):
-                if iv.emits:
-                    tensor = iv.fn(tensor, layer, functools.partial(self._emit, layer=layer))
-                else:
-                    tensor = iv.fn(tensor, layer)
-        if self.detach_final_ln_scale and alt is ALT.RESID_FINAL_LAYER_NORM_SCALE:
-            tensor = tensor.detach()
-        return self._observe(alt, layer, tensor)
-
-    def _emit(
-        self, location: PluginLocation, tensor: torch.Tensor, *, layer: LayerIndex
-    ) -> torch.Tensor:
-        """``emit`` handed to interventions that declare ``emits`` (e.g. SAE latents)."""
-        return self._observe(location, None if location.has_no_layers else layer, tensor)
-
-    def _observe(
-        self, location: CaptureLocation, layer: LayerIndex, tensor: torch.Tensor
-    ) -> torch.Tensor:
-        """Capture ``tensor`` as requested and return the tensor that must flow downstream."""
-        if self.backward and not tensor.requires_grad:
-            # A constant (embedding sum, detached scale, value an intervention wrote): make it
-            # a leaf so its own gradient is still observed, while nothing flows upstream.
-            tensor = tensor.detach().requires_grad_(True)
-        if self.objective_site == (location, layer):
-            self.objective_tensor = tensor
-        fwd_key = (location, PassType.FORWARD)
-        if layer in self.plan.get(fwd_key, ()):
-            self.forward_values.setdefault(fwd_key, {})[layer] = _split_prompts(
-                location, tensor, self.lengths
-            )
-        bwd_key = (location, PassType.BACKWARD)
-        if layer in self.plan.get(bwd_key, ()):
-            self.seen_shapes[(location, layer)] = [
-                tuple(tensor[b][_token_index(location, n)].shape)
-                for b, n in enumerate(self.lengths)
-            ]
-            store = self.grads.setdefault(bwd_key, {})
-
-            def save_grad(grad: torch.Tensor, _layer: LayerIndex = layer) -> None:
-                store[_layer] = _split_prompts(location, grad, self.lengths)
-
-            tensor.register_hook(save_grad)  # type: ignore[no-untyped-call]
-        return tensor
-
-    def captured(
-        self, b: int, dtype: torch.dtype, device: torch.device
-    ) -> dict[_Key, dict[LayerIndex, torch.Tensor]]:
-        """Prompt ``b``'s captures; a gradient the backward never reached is exact zeros."""
-        out: dict[_Key, dict[LayerIndex, torch.Tensor]] = {}
-        for key, layers in self.plan.items():
-            location, pass_type = key
-            source = (self.forward_values if pass_type is PassType.FORWARD else self.grads).get(
-                key, {}
-            )
-            per_layer: dict[LayerIndex, torch.Tensor] = {}
-            for layer in sorted(layers, key=lambda x: -1 if x is None else x):
-                if layer in source:
-                    per_layer[layer] = source[layer][b]
-                else:  # the objective does not depend on this value: its gradient is zero
-                    shape = self.seen_shapes[(location, layer)][b]
-                    per_layer[layer] = torch.zeros(shape, dtype=dtype, device=device)
-            out[key] = per_layer
-        return out
 
 
 def _qkv(which: int) -> Callable[[Any, ModelDims], torch.Tensor]:
@@ -213,7 +75,7 @@ _BLOCK_WEIGHTS: dict[WeightLocationType, Callable[[Any, ModelDims], torch.Tensor
 }
 
 
-class GPT2Adapter:
+class GPT2Adapter(HookedAdapter):
     """Exposes a ``GPT2Model`` through the ``ModelAdapter`` protocol.
 
     ``dtype`` (default: the model's) is applied to the model; use ``adapter.to(torch.float64)``
@@ -231,9 +93,6 @@ class GPT2Adapter:
         source: str | None = None,
     ) -> None:
         self._model = model
-        self._name = name
-        self._source = source
-        self.tokenizer = tokenizer
         model.eval()
         model.requires_grad_(False)
         if dtype is not None:
@@ -244,7 +103,7 @@ class GPT2Adapter:
                 f"tokenizer has {len(tokenizer)} words but the model's vocabulary has only "
                 f"{cfg.vocab_size} entries"
             )
-        self._dims = ModelDims(
+        dims = ModelDims(
             n_layers=cfg.n_layer,
             d_model=cfg.n_embd,
             n_heads=cfg.n_head,
@@ -255,20 +114,7 @@ class GPT2Adapter:
             norm_eps=cfg.layer_norm_epsilon,
             norm_kind="layernorm",
         )
-
-    # --- protocol properties ------------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def dims(self) -> ModelDims:
-        return self._dims
-
-    @property
-    def capturable_locations(self) -> frozenset[ALT]:
-        return frozenset(ALT)
+        super().__init__(name=name, dims=dims, tokenizer=tokenizer, source=source)
 
     @property
     def model(self) -> GPT2Model:
@@ -320,340 +166,28 @@ class GPT2Adapter:
         """
         return self.final_norm(resid, detach_scale=detach_ln_scale) @ self._model.unembedding().T
 
-    def _check_layer(self, what: str, has_no_layers: bool, layer: LayerIndex) -> None:
-        n = self._dims.n_layers
-        if has_no_layers:
-            if layer is not None:
-                raise ModelInputError(f"{what} has no layer index; pass layer=None (got {layer})")
-            return
-        if layer is None or not isinstance(layer, int) or not 0 <= layer < n:
-            raise ModelInputError(
-                f"{what}: layer {layer!r} is out of range; this model has {n} layers "
-                f"(valid layers: 0..{n - 1})"
-            )
-
-    def weight(self, location: WeightLocationType, layer: LayerIndex = None) -> torch.Tensor:
-        """The weight in its canonical layout (``WeightLocationType.shape``), detached.
-
-        Not cloned: callers must not modify it in place (kernels get it through ``ctx.weight``,
-        which refuses in-place writes).
-        """
-        self._check_layer(f"weight {location.value!r}", location.has_no_layers, layer)
-        if location.has_no_layers:
-            return _MODEL_WEIGHTS[location](self._model).detach()
-        assert layer is not None
-        return _BLOCK_WEIGHTS[location](self._model.block(layer), self._dims).detach()
-
-    # --- validation -------------------------------------------------------------------------
-
-    def _validate_tokens(self, tokens: Sequence[Sequence[int]]) -> list[list[int]]:
-        if isinstance(tokens, torch.Tensor):
-            if tokens.dim() != 2:
-                shape = tuple(tokens.shape)
-                raise ModelInputError(
-                    f"a token tensor must be 2-D (prompts × tokens), got shape {shape}"
-                )
-            tokens = tokens.tolist()
-        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
-            raise ModelInputError(
-                "tokens must be a sequence of prompts, each a sequence of token ids; tokenize "
-                "text first (e.g. adapter.tokenizer.encode(text))"
-            )
-        if len(tokens) == 0:
-            raise ModelInputError("no prompts given; pass at least one prompt of token ids")
-        if any(isinstance(p, int) for p in tokens):
-            raise ModelInputError(
-                "tokens must be a list of prompts (a list of lists of ids); wrap a single "
-                "prompt as [ids]"
-            )
-        n_vocab, n_ctx = self._dims.n_vocab, self._dims.n_ctx
-        prompts: list[list[int]] = []
-        for i, prompt in enumerate(tokens):
-            ids = [int(t) for t in prompt]
-            if not ids:
-                raise ModelInputError(f"prompt {i} is empty; every prompt needs at least one token")
-            if len(ids) > n_ctx:
-                raise ModelInputError(
-                    f"prompt {i} has {len(ids)} tokens but the model's context length (n_ctx) is "
-                    f"{n_ctx}; shorten it or split it into prompts of at most {n_ctx} tokens"
-                )
-            bad = [(pos, t) for pos, t in enumerate(ids) if not 0 <= t < n_vocab]
-            if bad:
-                shown = ", ".join(f"id {t} at position {pos}" for pos, t in bad[:10])
-                more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
-                raise ModelInputError(
-                    f"prompt {i} has token id(s) outside the vocabulary: {shown}{more}; valid ids "
-                    f"are 0..{n_vocab - 1} (vocab size {n_vocab}). Was it tokenized for a "
-                    "different model?"
-                )
-            prompts.append(ids)
-        return prompts
-
-    def _plan(
-        self, captures: Sequence[CaptureRequest], interventions: Sequence[Intervention]
-    ) -> dict[_Key, frozenset[LayerIndex]]:
-        """Merge requests into ``{(location, pass): layers}``, validating every layer.
-
-        A ``PluginLocation`` is capturable only where an intervention emits it; ``layers=None``
-        then means every layer that intervention runs at.
-        """
-        all_layers: frozenset[LayerIndex] = frozenset(range(self._dims.n_layers))
-        plan: dict[_Key, frozenset[LayerIndex]] = {}
-        for req in captures:
-            loc = req.location
-            available = all_layers
-            if isinstance(loc, PluginLocation):
-                emitters = [iv for iv in interventions if loc in iv.emits]
-                if not emitters:
-                    raise ModelInputError(
-                        f"plugin location {loc.name!r} (from {loc.provider!r}) is captured only "
-                        "while an intervention that emits it is spliced in; none of the given "
-                        "interventions declares it in `emits`"
-                    )
-                available = frozenset().union(
-                    *(all_layers if iv.layers is None else iv.layers for iv in emitters)
-                )
-            elif loc not in self.capturable_locations:
-                raise ModelInputError(f"location {loc!r} cannot be captured by {self._name}")
-            layers: frozenset[LayerIndex]
-            if loc.has_no_layers:
-                if req.layers is not None:
-                    raise ModelInputError(
-                        f"capture of {loc.value!r} has no layers; use layers=None "
-                        f"(got {sorted(req.layers)})"
-                    )
-                layers = frozenset({None})
-            elif req.layers is None:
-                layers = available
-            else:
-                for layer in req.layers:
-                    self._check_layer(f"capture of {loc.value!r}", False, layer)
-                    if layer not in available:
-                        emitted = sorted(x for x in available if x is not None)
-                        raise ModelInputError(
-                            f"capture of {loc.value!r} at layer {layer}: no intervention emits "
-                            f"it there (emitted at layers {emitted})"
-                        )
-                layers = frozenset(req.layers)
-            key = (loc, req.pass_type)
-            plan[key] = plan.get(key, frozenset()) | layers
-        return plan
-
-    def _check_interventions(self, interventions: Sequence[Intervention]) -> None:
-        for iv in interventions:
-            if iv.location.has_no_layers:
-                if iv.layers is not None:
-                    raise ModelInputError(
-                        f"intervention {iv.name!r} at {iv.location.value!r}: that location has no "
-                        "layers; use layers=None"
-                    )
-            elif iv.layers is not None:
-                for layer in iv.layers:
-                    self._check_layer(
-                        f"intervention {iv.name!r} at {iv.location.value!r}", False, layer
-                    )
-
-    def _check_vocab_id(self, tok: int, what: str) -> None:
-        if not 0 <= tok < self._dims.n_vocab:
-            raise ModelInputError(
-                f"{what} {tok} is outside the vocabulary (valid ids 0..{self._dims.n_vocab - 1})"
-            )
-
-    def _objective_site(self, objective: Objective | None) -> tuple[ALT, LayerIndex] | None:
-        """Validate the prompt-independent parts of an objective; return the hook it reads."""
-        if isinstance(objective, LogitDiffObjective):
-            self._check_vocab_id(objective.target, "LogitDiffObjective target")
-            self._check_vocab_id(objective.distractor, "LogitDiffObjective distractor")
-        elif isinstance(objective, LogProbObjective):
-            self._check_vocab_id(objective.target, "LogProbObjective target")
-        elif isinstance(objective, (NodeObjective, DirectionObjective)):
-            alt, layer = objective.location, objective.layer
-            kind = type(objective).__name__
-            self._check_layer(f"{kind} at {alt.value!r}", alt.has_no_layers, layer)
-            if isinstance(objective, NodeObjective):
-                if len(objective.index) != len(alt.shape):
-                    raise ModelInputError(
-                        f"NodeObjective index {objective.index} has {len(objective.index)} "
-                        f"entries but {alt.value!r} is per-prompt "
-                        f"({', '.join(d.value for d in alt.shape)})"
-                    )
-            else:
-                if alt.shape != (Dimension.TOKENS, Dimension.RESIDUAL_STREAM_CHANNELS):
-                    raise ModelInputError(
-                        f"DirectionObjective needs a residual-stream location (tokens × "
-                        f"residual channels); {alt.value!r} is not one"
-                    )
-                if tuple(objective.direction.shape) != (self._dims.d_model,):
-                    raise ModelInputError(
-                        f"DirectionObjective direction has shape {tuple(objective.direction.shape)}"
-                        f", expected ({self._dims.d_model},)"
-                    )
-            return (alt, layer)
-        elif objective is not None and not isinstance(objective, CallableObjective):
-            raise ModelInputError(f"unsupported objective type {type(objective).__name__}")
-        return None
-
-    def _node_index(self, objective: NodeObjective, length: int) -> tuple[int, ...]:
-        alt, sizes = objective.location, self._dims.sizes()
-        index: list[int] = []
-        for dim, i in zip(alt.shape, objective.index, strict=True):
-            if dim.is_token_axis:
-                index.append(resolve_position(i, length, f"NodeObjective {dim.value} index"))
-            else:
-                n = sizes[dim]
-                if not -n <= i < n:
-                    raise ModelInputError(
-                        f"NodeObjective {dim.value} index {i} is out of range (size {n})"
-                    )
-                index.append(i % n)
-        if alt in _ATTN_PAIR_LOCATIONS and index[1] > index[0]:
-            raise ModelInputError(
-                f"NodeObjective at {alt.value!r}: attended-to token {index[1]} is after query "
-                f"token {index[0]}; causal attention only has entries with s <= t"
-            )
-        return tuple(index)
-
-    def _prompt_objective(
+    def _forward_model(
         self,
-        objective: Objective,
-        b: int,
-        length: int,
-        logits: torch.Tensor,
-        site: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The scalar objective of prompt ``b`` (``logits`` is its unpadded ``T×V``)."""
-        if isinstance(objective, LOGIT_OBJECTIVES):
-            return logits_objective(objective, logits)
-        assert site is not None, "objective site was not reached in the forward pass"
-        if isinstance(objective, NodeObjective):
-            return site[b][self._node_index(objective, length)]
-        assert isinstance(objective, DirectionObjective)
-        t = resolve_position(objective.position, length, "DirectionObjective position")
-        direction = objective.direction.to(device=site.device, dtype=site.dtype)
-        return site[b, t] @ direction
-
-    # --- running ------------------------------------------------------------------------------
-
-    def run(
-        self,
-        tokens: Sequence[Sequence[int]],
-        captures: Sequence[CaptureRequest],
-        objective: Objective | None = None,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hook: HookFn,
         *,
-        interventions: Sequence[Intervention] = (),
-        detach_final_ln_scale: bool = False,
-        return_logits: bool = True,
-    ) -> list[RunResult]:
-        """One padded forward pass (and one backward when a BACKWARD capture is requested).
-
-        The backward runs only when some capture asks for ``PassType.BACKWARD``; an objective
-        without backward captures is just evaluated (``RunResult.objective_value``).  Per-prompt
-        objectives are summed before the single backward, which is exact because prompts never
-        interact.
-        """
-        prompts = self._validate_tokens(tokens)
-        self._check_interventions(interventions)
-        plan = self._plan(captures, interventions)
-        backward = any(p is PassType.BACKWARD for _, p in plan)
-        lengths = [len(p) for p in prompts]
-        site_key = self._check_objective(objective, plan, lengths, backward)
-        state = _RunState(
-            plan=plan,
-            interventions=interventions,
-            backward=backward,
-            detach_final_ln_scale=detach_final_ln_scale,
-            objective_site=site_key,
-            lengths=lengths,
-        )
-        unembed = return_logits or objective is not None or any(k[0] is ALT.LOGITS for k in plan)
-        logits, values = self._forward_backward(prompts, state, objective, unembed)
-        _check_all_produced(state)
-        return [
-            RunResult(
-                tokens=tuple(ids),
-                logits=None
-                if logits is None or not return_logits
-                else _prompt_logits(logits, b, len(ids), len(prompts)),
-                captured=state.captured(b, self.dtype, self.device),
-                objective_value=float(values[b].detach()) if values else None,
-            )
-            for b, ids in enumerate(prompts)
-        ]
-
-    def _check_objective(
-        self,
-        objective: Objective | None,
-        plan: dict[_Key, frozenset[LayerIndex]],
-        lengths: Sequence[int],
-        backward: bool,
-    ) -> tuple[ALT, LayerIndex] | None:
-        """Validate the objective against every prompt before spending a forward pass."""
-        if backward and objective is None:
-            wanted = sorted(a.value for a, p in plan if p is PassType.BACKWARD)
-            raise ModelInputError(
-                f"backward captures {wanted} need an objective to differentiate; pass e.g. "
-                "LogitDiffObjective(target, distractor) or NodeObjective(...)"
-            )
-        site_key = self._objective_site(objective)
-        for length in lengths:
-            if isinstance(objective, LogitDiffObjective | LogProbObjective | DirectionObjective):
-                resolve_position(objective.position, length, "objective position")
-            elif isinstance(objective, NodeObjective):
-                self._node_index(objective, length)
-        return site_key
-
-    def _forward_backward(
-        self,
-        prompts: list[list[int]],
-        state: _RunState,
-        objective: Objective | None,
         unembed: bool,
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """Right-padded forward (hooks capture), per-prompt objectives, one summed backward."""
-        t_max = max(state.lengths)
-        batch = torch.zeros(len(prompts), t_max, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(prompts), t_max, dtype=torch.bool, device=self.device)
-        for b, ids in enumerate(prompts):
-            batch[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[b, : len(ids)] = True
-        values: list[torch.Tensor] = []
-        with torch.set_grad_enabled(state.backward):
-            logits = self._model(batch, mask, hook=state.hook, unembed=unembed)
-            if objective is not None:
-                assert logits is not None
-                for b, length in enumerate(state.lengths):
-                    values.append(
-                        self._prompt_objective(
-                            objective, b, length, logits[b, :length], state.objective_tensor
-                        )
-                    )
-            state.objective_tensor = None
-            if state.backward:
-                total = torch.stack(values).sum()
-                if total.requires_grad:
-                    torch.autograd.backward(total)
-        return (None if logits is None else logits.detach()), values
-
-
-def _prompt_logits(logits: torch.Tensor, b: int, length: int, n_prompts: int) -> torch.Tensor:
-    """Prompt ``b``'s unpadded ``T×V`` logits (not copied for a single unpadded prompt)."""
-    if n_prompts == 1:
-        return _split_prompts(ALT.LOGITS, logits[b : b + 1], [length])[0]
-    return logits[b, :length].clone()
-
-
-def _check_all_produced(state: _RunState) -> None:
-    """Every requested forward capture was produced (a plugin location needs its ``emit``)."""
-    missing = [
-        (key[0].value, layer)
-        for key, layers in state.plan.items()
-        for layer in layers
-        if layer
-        not in (state.forward_values if key[1] is PassType.FORWARD else state.grads).get(key, {})
-        and (key[1] is PassType.FORWARD or (key[0], layer) not in state.seen_shapes)
-    ]
-    if missing:
-        raise ModelInputError(
-            f"requested capture(s) {missing} were never produced by the forward pass; a "
-            "plugin location exists only where its intervention calls `emit` for it"
+        wanted: Callable[[ALT, LayerIndex], bool],
+    ) -> torch.Tensor | None:
+        logits: torch.Tensor | None = self._model(
+            tokens, attention_mask, hook=hook, unembed=unembed
         )
+        return logits
+
+    def _read_weight(self, location: WeightLocationType, layer: LayerIndex) -> torch.Tensor:
+        if location.has_no_layers:
+            return _MODEL_WEIGHTS[location](self._model)
+        reader = _BLOCK_WEIGHTS.get(location)
+        if reader is None:
+            raise ModelInputError(
+                f"weight {location.value!r}: {self._name} (GPT-2) has no such weight; it exists "
+                "only on models with a gated MLP or post-norms"
+            )
+        assert layer is not None
+        return reader(self._model.block(layer), self._dims)

@@ -18,7 +18,9 @@ def load_model(spec: str | Path = DEFAULT_MODEL, registry: Registry | None = Non
     """Resolve a model spec: a bundled name, a checkpoint directory, or a plugin loader.
 
     Plugin loaders (hook ``scalarlens_model_loaders``) match a plain name exactly or a
-    ``scheme:`` prefix; they are consulted before the builtin GPT-2 loader.
+    ``scheme:`` prefix; they are consulted before the builtin GPT-2 loader.  A directory whose
+    ``config.json`` has a ``model_type`` goes to the loader registered as
+    ``model_type:<that type>`` (e.g. ``scalarlens-transformers`` claims ``llama``).
     """
     from .. import models
 
@@ -28,6 +30,11 @@ def load_model(spec: str | Path = DEFAULT_MODEL, registry: Registry | None = Non
 
         registry = default_registry
     loader = registry.model_loader(text)  # a conflict with a bundled name raises here
+    if loader is None and Path(text).is_dir():
+        # A directory whose config.json names a model_type a plugin claims ("model_type:llama").
+        model_type = _model_type(Path(text))
+        if model_type is not None:
+            loader = registry.model_loader(f"model_type:{model_type}")
     if loader is not None:
         return loader(text)
     loaders = registry.model_loaders()
@@ -40,3 +47,15 @@ def load_model(spec: str | Path = DEFAULT_MODEL, registry: Registry | None = Non
         f"cannot resolve model {text!r}: not a bundled model ({', '.join(known)}), not an "
         "existing checkpoint directory, and no plugin loader claims it"
     )
+
+
+def _model_type(directory: Path) -> str | None:
+    """``config.json``'s ``model_type``, or ``None`` (no file, not JSON, no such key)."""
+    import json
+
+    try:
+        value = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model_type = value.get("model_type") if isinstance(value, dict) else None
+    return model_type if isinstance(model_type, str) else None
