@@ -31,6 +31,7 @@ from scalarlens import (
     LocationWithinLayer,
     PassType,
     Recipe,
+    WeightLocationType,
     need,
 )
 
@@ -43,6 +44,23 @@ NAMESPACE = "builtins"
 T, S, P = Dimension.TOKENS, Dimension.ATTENDED_TO_TOKENS, Dimension.TOKEN_PAIRS
 D, H, F = Dimension.RESIDUAL_STREAM_CHANNELS, Dimension.ATTN_HEADS, Dimension.MLP_ACTS
 DV, V, ONE = Dimension.VALUE_CHANNELS, Dimension.VOCAB_SIZE, Dimension.SINGLETON
+
+
+# --- post-norms ----------------------------------------------------------------------------
+
+
+def post_norm(
+    scale: torch.Tensor | None, gain: WeightLocationType, layer: LayerIndex, ctx: DeriveContext
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(γ, σ)`` of a sublayer's post-norm (Gemma's sandwich norms), or ``None`` without one.
+
+    With the scale ``σ`` (``T×1``) frozen, as for the final norm, the post-norm is linear, so a
+    component's write to the residual stream is its write into the norm times ``γ/σ[t]`` and
+    the write decompositions still close exactly.  Models without post-norms skip the work.
+    """
+    if not ctx.dims.post_norms:
+        return None
+    return ctx.weight(gain, layer), need(scale)
 
 
 # --- plugin options ------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Notation: ``p`` = ``attn.qk_probs`` (``T×S×H``), ``Vv`` = ``attn.v`` (``S×H×
 ``o`` = ``attn.v_out`` (``T×H×dv``), ``W_O`` (``H×dv×D``), ``c[s,h] = Vv[s,h] W_O[h]`` (the
 write of one attended-to position), g the direction.  Nothing but ``attn.write`` builds the
 ``T×S×H×D`` tensor: norms use ``‖c‖`` (``S×H``) and direct effects contract ``Vv`` with
-``W_O[h] g[t]`` (``T×H×dv``).
+``W_O[h] g[t]`` (``T×H×dv``).  On models with an attention post-norm (``γ``, scale ``σ``
+frozen) every write is multiplied by ``γ/σ[t]`` at its query token ``t`` (``_shared.post_norm``).
+With grouped-query attention ``Vv`` is already per query head (its key/value group's values).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from scalarlens import (
     recipe_factories,
 )
 
-from ._shared import ALT, BACKWARD, DV, FORWARD, D, H, Loc, S, T, pairs_view
+from ._shared import ALT, BACKWARD, DV, FORWARD, D, H, Loc, S, T, pairs_view, post_norm
 from .raw import RAW_DSTS
 from .residual import norm_recipe, proj_recipe
 
@@ -42,11 +44,21 @@ W_O = WeightLocationType.ATTN_TO_RESIDUAL
 HEAD, ATTN = NodeType.ATTENTION_HEAD, Loc.ATTN
 PROBS, PROBS_GRAD = raw_source(ALT.ATTN_QK_PROBS), raw_source(ALT.ATTN_QK_PROBS, BACKWARD)
 VALUES, MIXED = raw_source(ALT.ATTN_VALUE), raw_source(ALT.ATTN_WEIGHTED_SUM_OF_VALUES)
+POST_SCALE = raw_source(ALT.ATTN_POST_NORM_SCALE)
+GAIN = WeightLocationType.ATTN_POST_NORM_GAIN
 
 
-def _head_writes(values: torch.Tensor, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+def _w_o(layer: LayerIndex, ctx: DeriveContext, gain: torch.Tensor | None) -> torch.Tensor:
+    """``W_O`` (``H×dv×D``), times the post-norm gain ``γ`` where the model has one."""
+    w_o = ctx.weight(W_O, layer)
+    return w_o if gain is None else w_o * gain
+
+
+def _head_writes(
+    values: torch.Tensor, layer: LayerIndex, ctx: DeriveContext, gain: torch.Tensor | None = None
+) -> torch.Tensor:
     """``c[s,h,:] = Vv[s,h] W_O[h]`` (also ``o[t,h] W_O[h]`` when given ``o``)."""
-    return torch.einsum("shv,hvd->shd", values, ctx.weight(W_O, layer))
+    return torch.einsum("shv,hvd->shd", values, _w_o(layer, ctx, gain))
 
 
 def _projected_direction(g: torch.Tensor, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
@@ -59,18 +71,27 @@ def _weighted_value(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> to
 
 
 def _write(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    c = _head_writes(need(inputs[1]), layer, ctx)
-    return need(inputs[0]).unsqueeze(-1) * c
+    probs, post = need(inputs[0]), post_norm(inputs[2], GAIN, layer, ctx)
+    if post is None:
+        return probs.unsqueeze(-1) * _head_writes(need(inputs[1]), layer, ctx)
+    c = _head_writes(need(inputs[1]), layer, ctx, post[0])
+    return (probs / post[1].unsqueeze(-1)).unsqueeze(-1) * c
 
 
 def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    c_norm: torch.Tensor = _head_writes(need(inputs[1]), layer, ctx).norm(dim=-1)
-    return need(inputs[0]) * c_norm
+    probs, post = need(inputs[0]), post_norm(inputs[2], GAIN, layer, ctx)
+    if post is None:
+        return probs * _head_writes(need(inputs[1]), layer, ctx).norm(dim=-1)
+    c_norm = _head_writes(need(inputs[1]), layer, ctx, post[0]).norm(dim=-1)
+    return probs / post[1].unsqueeze(-1) * c_norm
 
 
 def _write_norm_per_token(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    norm: torch.Tensor = _head_writes(need(inputs[0]), layer, ctx).norm(dim=-1)
-    return norm
+    post = post_norm(inputs[1], GAIN, layer, ctx)
+    if post is None:
+        norm: torch.Tensor = _head_writes(need(inputs[0]), layer, ctx).norm(dim=-1)
+        return norm
+    return _head_writes(need(inputs[0]), layer, ctx, post[0]).norm(dim=-1) / post[1]
 
 
 def _sum_over_keys(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
@@ -78,9 +99,12 @@ def _sum_over_keys(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> tor
 
 
 def _v_out_direct_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    mixed, g = need(inputs[0]), inputs[1]
+    mixed, g = need(inputs[0]), inputs[2]
     if g is None:  # the head does not precede the direction
         return torch.zeros_like(mixed)
+    post = post_norm(inputs[1], GAIN, layer, ctx)
+    if post is not None:  # pull g back through the post-norm, its scale frozen
+        g = g * post[0] / post[1]
     return _projected_direction(g, layer, ctx)
 
 
@@ -106,9 +130,9 @@ WRITE_NORM = Recipe(
         "norm of each head's write from one attended-to token",
         location=ATTN,
     ),
-    "p[t,s,h]·‖Vv[s,h] W_O[h]‖₂",
+    "p[t,s,h]·‖Vv[s,h] W_O[h]‖₂ (‖Vv W_O·γ‖₂/σ[t] through a post-norm)",
     _write_norm,
-    (PROBS, VALUES),
+    (PROBS, VALUES, POST_SCALE),
 )
 ACT_TIMES_GRAD = Recipe(
     DerivedScalarType(
@@ -130,9 +154,9 @@ V_OUT_DIRECT_GRAD = Recipe(
         "the direction g pulled back through W_O: the direct-path gradient at each head's v_out",
         location=ATTN,
     ),
-    "W_O[h]·g[t], 0 where the layer does not precede g",
+    "W_O[h]·g[t], 0 where the layer does not precede g (g·γ/σ[t] through a post-norm)",
     _v_out_direct_grad,
-    (MIXED,),
+    (MIXED, POST_SCALE),
     direction=True,
 )
 
@@ -195,9 +219,9 @@ RECIPES: tuple[Recipe, ...] = (
             "each head's write vector from one attended-to token",
             location=ATTN,
         ),
-        "p[t,s,h]·(Vv[s,h] W_O[h])",
+        "p[t,s,h]·(Vv[s,h] W_O[h]) (·γ/σ[t] through a post-norm)",
         _write,
-        (PROBS, VALUES),
+        (PROBS, VALUES, POST_SCALE),
     ),
     WRITE_NORM,
     Recipe(
@@ -208,9 +232,9 @@ RECIPES: tuple[Recipe, ...] = (
             "norm of each head's total write at a query token",
             location=ATTN,
         ),
-        "‖o[t,h] W_O[h]‖₂",
+        "‖o[t,h] W_O[h]‖₂ (‖o W_O·γ‖₂/σ[t] through a post-norm)",
         _write_norm_per_token,
-        (MIXED,),
+        (MIXED, POST_SCALE),
     ),
     ACT_TIMES_GRAD,
     Recipe(

@@ -1,7 +1,9 @@
 """MLP family (reference §2.3): per-neuron writes, their norms, act×grad and direct effects.
 
 Notation: ``a`` = ``mlp.post_act`` (``T×F``), ``W_out`` (``F×D``), ``b_out`` (``D``), g the
-direction.  Projections and norms are taken *before* expanding to ``T×F×D``: the write norm is
+direction.  On models with an MLP post-norm (``γ``, scale ``σ`` frozen) each write is further
+multiplied by ``γ/σ[t]`` (see ``_shared.post_norm``); elsewhere that factor is 1 and skipped.
+Projections and norms are taken *before* expanding to ``T×F×D``: the write norm is
 ``a·‖W_out[n]‖`` and the direct effect ``a·(g W_outᵀ)``, so only ``mlp.write`` itself ever
 materialises the per-neuron write vectors.
 """
@@ -23,7 +25,7 @@ from scalarlens import (
     recipe_factories,
 )
 
-from ._shared import ALT, BACKWARD, D, F, Loc, T
+from ._shared import ALT, BACKWARD, D, F, Loc, T, post_norm
 from .residual import norm_recipe, proj_recipe
 
 __all__ = ["FACTORIES", "RECIPES"]
@@ -32,25 +34,37 @@ W_OUT = WeightLocationType.MLP_TO_RESIDUAL
 NEURON, MLP = NodeType.MLP_NEURON, Loc.MLP
 ACT = raw_source(ALT.MLP_POST_ACT)
 ACT_GRAD = raw_source(ALT.MLP_POST_ACT, BACKWARD)
+POST_SCALE = raw_source(ALT.MLP_POST_NORM_SCALE)
+GAIN = WeightLocationType.MLP_POST_NORM_GAIN
 
 
 def _delta_from_act(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    return need(inputs[0]) @ ctx.weight(W_OUT, layer)
+    delta = need(inputs[0]) @ ctx.weight(W_OUT, layer)
+    post = post_norm(inputs[1], GAIN, layer, ctx)
+    return delta if post is None else delta * post[0] / post[1]
 
 
 def _write(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    return need(inputs[0]).unsqueeze(-1) * ctx.weight(W_OUT, layer)
+    w_out, post = ctx.weight(W_OUT, layer), post_norm(inputs[1], GAIN, layer, ctx)
+    if post is None:
+        return need(inputs[0]).unsqueeze(-1) * w_out
+    return (need(inputs[0]) / post[1]).unsqueeze(-1) * (w_out * post[0])
 
 
 def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    row_norms: torch.Tensor = ctx.weight(W_OUT, layer).norm(dim=-1)
-    return need(inputs[0]) * row_norms
+    w_out, post = ctx.weight(W_OUT, layer), post_norm(inputs[1], GAIN, layer, ctx)
+    if post is None:
+        return need(inputs[0]) * w_out.norm(dim=-1)
+    return need(inputs[0]) / post[1] * (w_out * post[0]).norm(dim=-1)
 
 
 def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    act, g = need(inputs[0]), inputs[1]
+    act, g = need(inputs[0]), inputs[2]
     if g is None:  # the neuron does not precede the direction
         return torch.zeros_like(act)
+    post = post_norm(inputs[1], GAIN, layer, ctx)
+    if post is not None:  # pull g back through the post-norm, its scale frozen
+        g = g * post[0] / post[1]
     # Project g first (T×D · D×F), then scale in place: one T×F allocation, never T×F×D.
     return (g @ ctx.weight(W_OUT, layer).T).mul_(act)
 
@@ -64,9 +78,9 @@ RECIPES: tuple[Recipe, ...] = (
             "MLP write to the residual stream without b_out",
             location=MLP,
         ),
-        "a[t,:] W_out (= resid.delta_mlp − b_out)",
+        "a[t,:] W_out (= resid.delta_mlp − b_out; through the post-norm where there is one)",
         _delta_from_act,
-        (ACT,),
+        (ACT, POST_SCALE),
     ),
     Recipe(
         DerivedScalarType(
@@ -76,9 +90,9 @@ RECIPES: tuple[Recipe, ...] = (
             "each neuron's write vector to the residual stream",
             location=MLP,
         ),
-        "a[t,n]·W_out[n,:]",
+        "a[t,n]·W_out[n,:] (·γ/σ[t] through a post-norm)",
         _write,
-        (ACT,),
+        (ACT, POST_SCALE),
     ),
     Recipe(
         DerivedScalarType(
@@ -88,9 +102,9 @@ RECIPES: tuple[Recipe, ...] = (
             "signed norm of each neuron's write (negative when a < 0)",
             location=MLP,
         ),
-        "a[t,n]·‖W_out[n,:]‖₂",
+        "a[t,n]·‖W_out[n,:]‖₂ (‖W_out[n,:]·γ‖₂/σ[t] through a post-norm)",
         _write_norm,
-        (ACT,),
+        (ACT, POST_SCALE),
     ),
     Recipe(
         DerivedScalarType(
@@ -112,9 +126,10 @@ RECIPES: tuple[Recipe, ...] = (
             "direct effect of each neuron's write on the direction g",
             location=MLP,
         ),
-        "a[t,n]·(W_out[n,:]·g[t]), 0 where the layer does not precede g",
+        "a[t,n]·(W_out[n,:]·g[t]), 0 where the layer does not precede g (g·γ/σ[t] through a "
+        "post-norm)",
         _write_to_grad,
-        (ACT,),
+        (ACT, POST_SCALE),
         direction=True,
     ),
     norm_recipe(

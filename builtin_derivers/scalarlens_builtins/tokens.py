@@ -3,7 +3,8 @@
 ``token.attribution`` is act×grad of the embedding.  ``vocab.write_to_input_direction`` asks,
 for one MLP neuron (``options["builtins"]["neuron"] = {"layer": λ, "index": n}``), what
 pre-activation every vocabulary row would produce if fed straight into layer λ's MLP input
-LayerNorm — a token-level "what excites this neuron" readout independent of the prompt.
+norm (LayerNorm or RMSNorm, as the model has) — a token-level "what excites this neuron"
+readout independent of the prompt.
 """
 
 from __future__ import annotations
@@ -41,13 +42,8 @@ def _vocab_write(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch
     neuron = builtin_options(ctx.config).neuron
     assert neuron is not None  # checked when the deriver was built
     lam, n = neuron.layer, neuron.index
-    embedding = ctx.weight(W.EMBEDDING)  # V×D
-    centred = embedding - embedding.mean(dim=-1, keepdim=True)
-    sigma = torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + ctx.dims.norm_eps)
-    ln = centred / sigma * ctx.weight(W.LAYER_NORM_GAIN_PRE_MLP, lam) + ctx.weight(
-        W.LAYER_NORM_BIAS_PRE_MLP, lam
-    )
-    pre = ln @ ctx.weight(W.MLP_TO_HIDDEN, lam)[:, n] + ctx.weight(W.MLP_BIAS_HIDDEN, lam)[n]
+    normed = ctx.layer_norm("mlp", lam, ctx.weight(W.EMBEDDING))  # V×D, the model's own norm kind
+    pre = normed @ ctx.weight(W.MLP_TO_HIDDEN, lam)[:, n] + ctx.weight(W.MLP_BIAS_HIDDEN, lam)[n]
     n_tokens = need(inputs[0]).shape[0]
     return pre.unsqueeze(0).expand(n_tokens, -1).contiguous()
 
@@ -83,7 +79,7 @@ RECIPES: tuple[Recipe, ...] = (
             location=Loc.MLP,
             has_no_layers=True,
         ),
-        "[LN2_λ(E) W_in + b_in][:, n], broadcast over tokens (neuron from options)",
+        "[norm2_λ(E) W_in + b_in][:, n], broadcast over tokens (neuron from options)",
         _vocab_write,
         _vocab_sources,
     ),
