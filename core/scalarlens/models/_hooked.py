@@ -280,7 +280,15 @@ class HookedAdapter:
         which refuses in-place writes).
         """
         self._check_layer(f"weight {location.value!r}", location.has_no_layers, layer)
-        return self._read_weight(location, layer).detach()
+        weight = self._read_weight(location, layer).detach()
+        acc = self.accumulation_dtype
+        return weight if weight.dtype == acc else weight.to(acc)
+
+    @property
+    def accumulation_dtype(self) -> torch.dtype:
+        """The dtype derived scalars are computed in: float32 for a bfloat16/float16 model
+        (captures and weights are upcast, so sums over thousands of terms keep their bits)."""
+        return torch.float32 if self.dtype in (torch.bfloat16, torch.float16) else self.dtype
 
     # --- validation -------------------------------------------------------------------------
 
@@ -511,8 +519,10 @@ class HookedAdapter:
                 tokens=tuple(ids),
                 logits=None
                 if logits is None or not return_logits
-                else _prompt_logits(logits, b, len(ids), len(prompts)),
-                captured=state.captured(b, self.dtype, self.device),
+                else _prompt_logits(logits, b, len(ids), len(prompts)).to(self.accumulation_dtype),
+                captured=_upcast(
+                    state.captured(b, self.dtype, self.device), self.accumulation_dtype
+                ),
                 objective_value=float(values[b].detach()) if values else None,
             )
             for b, ids in enumerate(prompts)
@@ -564,7 +574,11 @@ class HookedAdapter:
                 for b, length in enumerate(state.lengths):
                     values.append(
                         self._prompt_objective(
-                            objective, b, length, logits[b, :length], state.objective_tensor
+                            objective,
+                            b,
+                            length,
+                            logits[b, :length].to(self.accumulation_dtype),
+                            state.objective_tensor,
                         )
                     )
             state.objective_tensor = None
@@ -580,6 +594,16 @@ def _prompt_logits(logits: torch.Tensor, b: int, length: int, n_prompts: int) ->
     if n_prompts == 1:
         return _split_prompts(ALT.LOGITS, logits[b : b + 1], [length])[0]
     return logits[b, :length].clone()
+
+
+def _upcast(
+    captured: dict[_Key, dict[LayerIndex, torch.Tensor]], dtype: torch.dtype
+) -> dict[_Key, dict[LayerIndex, torch.Tensor]]:
+    """Captures in the accumulation dtype (a no-op for float32/float64 models)."""
+    return {
+        key: {layer: t if t.dtype == dtype else t.to(dtype) for layer, t in per_layer.items()}
+        for key, per_layer in captured.items()
+    }
 
 
 def _check_all_produced(state: _RunState) -> None:

@@ -155,7 +155,9 @@ class HFAdapter(HookedAdapter):
     ) -> torch.Tensor:
         """Logits (soft-capped where the model caps) from the residual entering the final norm."""
         normed = self.final_norm(resid, detach_scale=detach_ln_scale)
-        return self._cap(self._lm_head(normed))
+        # Residuals arrive in the accumulation dtype (float32 for a bf16 model).
+        logits = self._lm_head(normed.to(self.dtype)).to(resid.dtype)
+        return self._cap(logits)
 
     # --- weights --------------------------------------------------------------------------
 

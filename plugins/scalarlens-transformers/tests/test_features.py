@@ -149,3 +149,22 @@ def test_parallel_residual_mlp_reads_the_residual_before_attention(tmp_path: Pat
             store.get("resid.post_attn", layer, BWD), store.get("resid.post_mlp", layer, BWD)
         )
         assert float(store.get("resid.post_mlp", layer, BWD).abs().max()) > 1e-4
+
+
+def test_bfloat16_model_derives_in_float32_close_to_the_float32_model(tmp_path: Path) -> None:
+    from scalarlens_transformers import load_hf_model
+
+    directory = tm.save("llama", tmp_path / "llama")
+    full, half = load_hf_model(directory), load_hf_model(directory, dtype="bfloat16")
+    assert half.dtype is torch.bfloat16 and half.accumulation_dtype is torch.float32
+    dsts = ["attn.act_times_grad_per_token", "mlp.write_to_final_residual_grad"]
+    stores = [
+        scalarlens.derive(a, [PROMPT], dsts, target=TARGET, distractor=DISTRACTOR)
+        for a in (full, half)
+    ]
+    for name in dsts:
+        for layer in range(full.dims.n_layers):
+            exact, approx = (s.get(name, layer) for s in stores)
+            assert approx.dtype is torch.float32
+            # bf16 keeps 8 bits of mantissa through 2 layers and a backward: a few % of the scale.
+            assert close(approx, exact, 1e-1), (name, layer)
