@@ -63,6 +63,15 @@ def post_norm(
     return ctx.weight(gain, layer), need(scale)
 
 
+def nonzero_rows(g: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the token rows where ``g`` (``T×…``) is not all zero, or ``None`` when that
+    is most of them.  A logit objective's direction is non-zero only at the positions it reads,
+    so a direct-effect kernel that projects those rows alone does ``1/T`` of the work."""
+    nonzero = g.reshape(g.shape[0], -1).ne(0).any(dim=1)
+    count = int(nonzero.sum())
+    return None if count * 2 > g.shape[0] else nonzero.nonzero().squeeze(1)
+
+
 # --- plugin options ------------------------------------------------------------------------
 
 

@@ -34,7 +34,20 @@ from scalarlens import (
     recipe_factories,
 )
 
-from ._shared import ALT, BACKWARD, DV, FORWARD, D, H, Loc, S, T, pairs_view, post_norm
+from ._shared import (
+    ALT,
+    BACKWARD,
+    DV,
+    FORWARD,
+    D,
+    H,
+    Loc,
+    S,
+    T,
+    nonzero_rows,
+    pairs_view,
+    post_norm,
+)
 from .raw import RAW_DSTS
 from .residual import norm_recipe, proj_recipe
 
@@ -62,8 +75,15 @@ def _head_writes(
 
 
 def _projected_direction(g: torch.Tensor, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
-    """``W_O[h] g[t]`` (``T×H×dv``): g pulled back to each head's value space."""
-    return torch.einsum("hvd,td->thv", ctx.weight(W_O, layer), g)
+    """``W_O[h] g[t]`` (``T×H×dv``): g pulled back to each head's value space (only the rows
+    where g is non-zero are projected; the others are exact zeros)."""
+    w_o = ctx.weight(W_O, layer)
+    rows = nonzero_rows(g)
+    if rows is None:
+        return torch.einsum("hvd,td->thv", w_o, g)
+    out = g.new_zeros((g.shape[0], *w_o.shape[:2]))
+    out[rows] = torch.einsum("hvd,td->thv", w_o, g[rows])
+    return out
 
 
 def _weighted_value(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:

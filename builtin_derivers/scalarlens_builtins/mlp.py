@@ -25,7 +25,7 @@ from scalarlens import (
     recipe_factories,
 )
 
-from ._shared import ALT, BACKWARD, D, F, Loc, T, post_norm
+from ._shared import ALT, BACKWARD, D, F, Loc, T, nonzero_rows, post_norm
 from .residual import norm_recipe, proj_recipe
 
 __all__ = ["FACTORIES", "RECIPES"]
@@ -66,7 +66,13 @@ def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> tor
     if post is not None:  # pull g back through the post-norm, its scale frozen
         g = g * post[0] / post[1]
     # Project g first (T×D · D×F), then scale in place: one T×F allocation, never T×F×D.
-    return (g @ ctx.weight(W_OUT, layer).T).mul_(act)
+    # A logit objective's g is zero but at the positions it reads: project those rows only.
+    rows = nonzero_rows(g)
+    if rows is None:
+        return (g @ ctx.weight(W_OUT, layer).T).mul_(act)
+    out = torch.zeros_like(act)
+    out[rows] = (g[rows] @ ctx.weight(W_OUT, layer).T).mul_(act[rows])
+    return out
 
 
 RECIPES: tuple[Recipe, ...] = (

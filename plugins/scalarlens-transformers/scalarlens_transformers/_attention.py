@@ -8,9 +8,10 @@ softmax in float32 — but in ScalarLens's layouts and with a hook at each of ``
 ``attn.k``, ``attn.v`` (per query head: each reads its key/value group's vectors),
 ``attn.qk_logits`` (``−inf`` where masked), ``attn.qk_probs`` and ``attn.v_out``.
 
-Outside a ScalarLens run (or at a layer where nothing reads attention internals) it defers to
-PyTorch's fused scaled-dot-product attention, which is what makes a plain forward or a DLA run
-as fast as Hugging Face's default.
+Outside a ScalarLens run, or at a layer where nothing reads q, k, v, the logits or the
+probabilities, it defers to PyTorch's fused scaled-dot-product attention (still hooking
+``attn.v_out``, its output), which is what makes a plain forward or a DLA run as fast as
+Hugging Face's default.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from scalarlens import ActivationLocationType as ALT
 __all__ = ["IMPLEMENTATION", "ATTENTION_INTERNALS", "LayerHooks", "active", "register"]
 
 IMPLEMENTATION = "scalarlens"
+# What only the eager path exposes; attn.v_out (the mixed values) is the fused kernel's output.
 ATTENTION_INTERNALS = (
     ALT.ATTN_QUERY,
     ALT.ATTN_KEY,
     ALT.ATTN_VALUE,
     ALT.ATTN_QK_LOGITS,
     ALT.ATTN_QK_PROBS,
-    ALT.ATTN_WEIGHTED_SUM_OF_VALUES,
 )
 
 Hook = Callable[[str, "int | None", torch.Tensor], torch.Tensor]
@@ -91,21 +92,39 @@ def scalarlens_attention(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     t, s = query.shape[2], key.shape[2]
     allowed = _allowed(attention_mask, t, s, query.device)
-    if hooks is None or layer not in hooks.eager_layers:
+    if hooks is None:
         return _fused(query, key, value, allowed, scale, softcap, groups), None
-    hook = hooks.hook
-    q = hook(ALT.ATTN_QUERY.value, layer, query.transpose(1, 2))
+    if layer not in hooks.eager_layers:  # nobody reads q, k, v, logits or probs here
+        mixed = _fused(query, key, value, allowed, scale, softcap, groups)
+        return hooks.hook(ALT.ATTN_WEIGHTED_SUM_OF_VALUES.value, layer, mixed), None
+    return _eager(hooks.hook, layer, query, key, value, allowed, scale, softcap, groups), None
+
+
+def _eager(
+    hook: Hook,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+    groups: int,
+) -> torch.Tensor:
+    """HF's eager maths in its own ``B×H×T×S`` layout (matmuls, softmax over the last axis);
+    each hook sees a permuted *view* in ScalarLens's layout, and what it returns flows on."""
+    q = hook(ALT.ATTN_QUERY.value, layer, query.transpose(1, 2)).transpose(1, 2)
     k = hook(ALT.ATTN_KEY.value, layer, _repeat_heads(key, groups).transpose(1, 2))
     v = hook(ALT.ATTN_VALUE.value, layer, _repeat_heads(value, groups).transpose(1, 2))
-    logits = torch.einsum("bthd,bshd->btsh", q, k) * scale
+    logits = (q @ k.permute(0, 2, 3, 1)) * scale  # B×H×T×S
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    logits = logits.masked_fill(~allowed.unsqueeze(-1), float("-inf"))
-    logits = hook(ALT.ATTN_QK_LOGITS.value, layer, logits)
-    probs = torch.softmax(logits, dim=2, dtype=torch.float32).to(q.dtype)
-    probs = hook(ALT.ATTN_QK_PROBS.value, layer, probs)
-    mixed = torch.einsum("btsh,bshd->bthd", probs, v)
-    return hook(ALT.ATTN_WEIGHTED_SUM_OF_VALUES.value, layer, mixed), None
+    logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    logits = hook(ALT.ATTN_QK_LOGITS.value, layer, logits.permute(0, 2, 3, 1))
+    probs = torch.softmax(logits.permute(0, 3, 1, 2), dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = hook(ALT.ATTN_QK_PROBS.value, layer, probs.permute(0, 2, 3, 1))
+    mixed = probs.permute(0, 3, 1, 2) @ v.transpose(1, 2)  # B×H×T×dv
+    return hook(ALT.ATTN_WEIGHTED_SUM_OF_VALUES.value, layer, mixed.transpose(1, 2))
 
 
 def _fused(
