@@ -174,9 +174,10 @@ class GPT2Adapter(HookedAdapter):
         *,
         unembed: bool,
         wanted: Callable[[ALT, LayerIndex], bool],
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         logits: torch.Tensor | None = self._model(
-            tokens, attention_mask, hook=hook, unembed=unembed
+            tokens, attention_mask, hook=hook, unembed=unembed, rows=rows
         )
         return logits
 

@@ -245,12 +245,14 @@ class GPT2Model(nn.Module):
         hook: HookFn | None = None,
         *,
         unembed: bool = True,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Logits ``B×T×V`` for token ids ``B×T``.
 
         ``attention_mask`` (``B×T``, true/1 for real tokens) masks padded *keys*; prompts must
-        be right-padded so real tokens keep positions ``0..len-1``.  Padded query rows still
-        see at least key 0, so no softmax row is all ``-inf``.
+        be right-padded so real tokens keep positions ``0..len-1``.  ``rows`` (``B``) unembeds
+        only position ``rows[b]`` of each prompt (``B×1×V``, the ``logits`` hook not called).
+        Padded query rows still see at least key 0, so no softmax row is all ``-inf``.
         """
         hook = hook or _identity_hook
         b, t = tokens.shape
@@ -266,5 +268,9 @@ class GPT2Model(nn.Module):
         x = self.ln_f(resid, hook, ALT.RESID_FINAL_LAYER_NORM_SCALE.value, None)
         if not unembed:  # nothing downstream needs the logits: skip the largest tensor
             return None
+        if rows is not None:  # only position rows[b] of each prompt: B×1×V, not hooked
+            picked = x[torch.arange(b, device=device), rows].unsqueeze(1)
+            out: torch.Tensor = picked @ self.unembedding().T
+            return out
         logits = x @ self.unembedding().T
         return hook(ALT.LOGITS.value, None, logits)

@@ -234,10 +234,14 @@ class HookedAdapter:
         *,
         unembed: bool,
         wanted: Callable[[ALT, LayerIndex], bool],
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """``B×T×V`` logits (``None`` when ``unembed`` is false), calling ``hook`` at each
         location; ``attention_mask`` is ``B×T``, true for real (right-padded) tokens.
-        ``wanted(location, layer)`` says whether anything reads a location at that layer."""
+        ``wanted(location, layer)`` says whether anything reads a location at that layer.
+        ``rows`` (``B``): unembed only position ``rows[b]`` of prompt ``b`` and return
+        ``B×1×V`` — all a logit-difference or log-prob objective reads (the ``logits`` hook is
+        then not called: nothing captures it)."""
         raise NotImplementedError
 
     def _read_weight(self, location: WeightLocationType, layer: LayerIndex) -> torch.Tensor:
@@ -511,8 +515,14 @@ class HookedAdapter:
             objective_site=site_key,
             lengths=lengths,
         )
-        unembed = return_logits or objective is not None or any(k[0] is ALT.LOGITS for k in plan)
-        logits, values = self._forward_backward(prompts, state, objective, unembed)
+        wants_logits = return_logits or any(k[0] is ALT.LOGITS for k in plan)
+        unembed = wants_logits or objective is not None
+        rows = None
+        if not wants_logits and isinstance(objective, (LogitDiffObjective, LogProbObjective)):
+            # The objective reads one position per prompt: unembed that row only (T×V → 1×V).
+            positions = [resolve_position(objective.position, n) for n in lengths]
+            rows = torch.tensor(positions, dtype=torch.long, device=self.device)
+        logits, values = self._forward_backward(prompts, state, objective, unembed, rows)
         _check_all_produced(state)
         return [
             RunResult(
@@ -556,6 +566,7 @@ class HookedAdapter:
         state: _RunState,
         objective: Objective | None,
         unembed: bool,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Right-padded forward (hooks capture), per-prompt objectives, one summed backward."""
         t_max = max(state.lengths)
@@ -567,17 +578,22 @@ class HookedAdapter:
         values: list[torch.Tensor] = []
         with torch.set_grad_enabled(state.backward):
             logits = self._forward_model(
-                batch, mask, state.hook, unembed=unembed, wanted=state.touches
+                batch, mask, state.hook, unembed=unembed, wanted=state.touches, rows=rows
             )
             if objective is not None:
                 assert logits is not None
+                read = objective
+                if rows is not None:  # one unembedded row per prompt, now at position 0
+                    assert isinstance(objective, (LogitDiffObjective, LogProbObjective))
+                    read = attrs.evolve(objective, position=0)
                 for b, length in enumerate(state.lengths):
+                    n = length if rows is None else 1
                     values.append(
                         self._prompt_objective(
-                            objective,
+                            read,
                             b,
-                            length,
-                            logits[b, :length].to(self.accumulation_dtype),
+                            n,
+                            logits[b, :n].to(self.accumulation_dtype),
                             state.objective_tensor,
                         )
                     )

@@ -123,6 +123,7 @@ class HFAdapter(HookedAdapter):
         *,
         unembed: bool,
         wanted: Callable[[ALT, int | None], bool],
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         run = HookedRun(
             self._model,
@@ -137,7 +138,11 @@ class HFAdapter(HookedAdapter):
             out = base(input_ids=tokens, attention_mask=attention_mask.long(), use_cache=False)
         if not unembed:
             return None
-        logits = self._cap(self._lm_head(out.last_hidden_state))
+        hidden = out.last_hidden_state
+        if rows is not None:  # the objective reads one position per prompt: unembed that row
+            picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), rows]
+            return self._cap(self._lm_head(picked.unsqueeze(1)))
+        logits = self._cap(self._lm_head(hidden))
         return hook(ALT.LOGITS.value, None, logits)
 
     # --- FinalResidualReadout -----------------------------------------------------------------
