@@ -66,10 +66,11 @@ def _directory(spec: str) -> Path:
     if path.is_dir():
         return path
     if not path.exists() and _HUB_ID.fullmatch(text):
+        local = f"models/{text.split('/')[-1]}"
         raise CheckpointError(
-            f"{text!r} is not a local directory; ScalarLens never downloads models. Download it "
-            f"first, e.g. `hf download {text} --local-dir models/{text.split('/')[-1]}`, then "
-            f"pass that directory (hf:models/{text.split('/')[-1]})"
+            f"{text!r} is not a local directory. If it is a Hugging Face Hub id: ScalarLens never "
+            f"downloads models; download it first (`hf download {text} --local-dir {local}`), "
+            f"then pass that directory (hf:{local})"
         )
     raise CheckpointError(f"model directory {str(path)!r} does not exist (from spec {spec!r})")
 
@@ -90,28 +91,55 @@ def _check_weights(directory: Path) -> None:
     if (directory / "model.safetensors").is_file():
         return
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = set(weight_map.values())
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index}: not a valid shard index ({exc})") from None
-        root = directory.resolve()
-        for shard in sorted(shards):
-            path = (directory / str(shard)).resolve()
-            if not path.is_relative_to(root):
-                raise CheckpointError(f"{index}: shard {shard!r} is outside {directory}")
-            if not path.is_file():
-                raise CheckpointError(f"{index}: shard {shard!r} is missing")
+        for shard in _shards(index):
+            _check_shard(directory, shard, index)
         return
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        # In place, so config.json and the tokenizer files stay next to the new weights.
+        where = repr(str(directory))
         raise CheckpointError(
             f"{directory} has only pickled PyTorch weights (.bin/.pt), which ScalarLens never "
-            "loads (unpickling runs arbitrary code). Convert once in a trusted environment: "
+            "loads (unpickling runs arbitrary code). Convert it once, in an environment where you "
+            "trust the file, to model.safetensors next to it: "
             '`python -c "from transformers import AutoModelForCausalLM as M; '
-            f"M.from_pretrained('{directory}').save_pretrained('{directory}-st')\"` and load "
-            f"{directory}-st"
+            f'M.from_pretrained({where}).save_pretrained({where})"`'
         )
     raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json")
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard file names of a ``model.safetensors.index.json``, checked field by field."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index ({exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{index}: expected a 'weight_map' of tensor names to shard file names"
+        )
+    return sorted(set(weight_map.values()))
+
+
+def _check_shard(directory: Path, shard: str, index: Path) -> None:
+    """A shard must be a file inside ``directory``.
+
+    The index is downloaded data: ``../`` or an absolute name would read any file on disk.
+    Symlinked *directories* are resolved and must stay inside; a symlinked shard *file* is
+    allowed, because the Hugging Face cache stores each file of a snapshot as a link to a blob.
+    """
+    relative = Path(shard)
+    parent = (directory / relative).parent.resolve()
+    if (
+        relative.is_absolute()
+        or ".." in relative.parts
+        or not parent.is_relative_to(directory.resolve())
+    ):
+        raise CheckpointError(
+            f"{index}: shard {shard!r} lies outside the checkpoint directory {directory}; "
+            "refusing to load. Shard names must be file names inside it"
+        )
+    if not (directory / relative).is_file():
+        raise CheckpointError(f"{index}: shard {shard!r} is missing from {directory}")
 
 
 def _family(directory: Path) -> Any:
@@ -198,9 +226,10 @@ def load_hf_model(
         kwargs["device_map"] = "auto"
     try:
         with _quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
                 directory, use_safetensors=True, output_loading_info=True, **kwargs
             )
+        model, info = loaded
     except Exception as exc:  # corrupt safetensors, shape mismatches…
         raise CheckpointError(f"{directory}: cannot load the checkpoint: {exc}") from None
     # transformers only warns about a missing tensor and initialises it at random.
