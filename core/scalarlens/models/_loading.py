@@ -30,22 +30,41 @@ def load_model(spec: str | Path = DEFAULT_MODEL, registry: Registry | None = Non
 
         registry = default_registry
     loader = registry.model_loader(text)  # a conflict with a bundled name raises here
-    if loader is None and Path(text).is_dir():
+    model_type = _model_type(Path(text)) if loader is None and Path(text).is_dir() else None
+    if model_type is not None:
         # A directory whose config.json names a model_type a plugin claims ("model_type:llama").
-        model_type = _model_type(Path(text))
-        if model_type is not None:
-            loader = registry.model_loader(f"model_type:{model_type}")
+        loader = registry.model_loader(f"model_type:{model_type}")
     if loader is not None:
         return loader(text)
-    loaders = registry.model_loaders()
     if text in models.BUNDLED_MODELS:
         return models.load_bundled_model(text)
+    claimed = sorted(
+        k.removeprefix("model_type:")
+        for k in registry.model_loaders()
+        if k.startswith("model_type:")
+    )
+    if model_type is not None and model_type != "gpt2":
+        supported = ", ".join(["gpt2", *claimed])
+        raise CheckpointError(
+            f"{text}: config.json has model_type {model_type!r}, which neither the core (gpt2) "
+            f"nor an installed plugin supports (supported here: {supported}); for Llama, "
+            "Mistral, Qwen, Gemma and Pythia models install scalarlens-transformers, and see "
+            "`scalarlens plugins` for what is installed"
+        )
     if Path(text).exists():
         return models.load_gpt2_checkpoint(text)
-    known = [*models.BUNDLED_MODELS, *loaders]
+    names = [*models.BUNDLED_MODELS, *(k for k in registry.model_loaders() if ":" not in k)]
+    schemes = [k for k in registry.model_loaders() if k.endswith(":")]
+    hub = (
+        " If it is a Hugging Face Hub id, download it first (`hf download ID --local-dir DIR`)"
+        " and pass DIR: ScalarLens never downloads models."
+        if "/" in text
+        else ""
+    )
     raise CheckpointError(
-        f"cannot resolve model {text!r}: not a bundled model ({', '.join(known)}), not an "
-        "existing checkpoint directory, and no plugin loader claims it"
+        f"cannot resolve model {text!r}: not a bundled or plugin model name "
+        f"({', '.join(names)}), not an existing checkpoint directory, and no loader scheme "
+        f"({', '.join(schemes) or 'none installed'}) matches it.{hub}"
     )
 
 

@@ -20,7 +20,7 @@ import torch
 from scalarlens import CheckpointError, TokenizerError
 
 from ._adapter import HFAdapter
-from ._families import FAMILIES, family_for, supported_model_types
+from ._families import FAMILIES, family_for
 
 __all__ = ["HFTokenizer", "load_hf_model"]
 
@@ -252,7 +252,17 @@ def load_hf_model(
     )
 
 
-def claims(directory: str | Path) -> bool:
-    """Whether a plain directory spec belongs to this plugin (a supported ``model_type``)."""
-    model_type = read_model_type(Path(directory))
-    return model_type is not None and model_type != "gpt2" and model_type in supported_model_types()
+def load_spec(spec: str) -> HFAdapter:
+    """``hf:DIR`` or ``DIR``, optionally with ``?dtype=bfloat16&device=cuda`` (what the CLI's
+    ``--model`` passes through, since a loader receives only the spec string)."""
+    path, _, query = spec.partition("?")
+    options: dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("dtype", "device"):
+            raise CheckpointError(
+                f"model spec {spec!r}: unknown option {item!r}; use ?dtype=float32|bfloat16|"
+                "float16 and/or &device=cpu|cuda|mps|auto"
+            )
+        options[key] = value
+    return load_hf_model(path, dtype=options.get("dtype", "float32"), device=options.get("device"))

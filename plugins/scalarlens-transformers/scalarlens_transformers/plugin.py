@@ -3,7 +3,7 @@
 Loaders: ``hf:DIR`` for any supported family (GPT-2 included), and ``model_type:<type>`` keys,
 through which ``scalarlens.load_model(DIR)`` routes a plain directory whose ``config.json``
 names that ``model_type``.  GPT-2 directories keep going to the core's own GPT-2 adapter unless
-asked for with ``hf:``.
+asked for with ``hf:``.  A spec may end in ``?dtype=bfloat16&device=cuda``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ SCALARLENS_PLUGIN_API = 1
 
 
 def _load(spec: str) -> ModelAdapter:
-    from ._loading import load_hf_model  # transformers is imported only when a model loads
+    from ._loading import load_spec  # transformers is imported only when a model loads
 
-    return load_hf_model(spec)
+    return load_spec(spec)
 
 
 @hookimpl

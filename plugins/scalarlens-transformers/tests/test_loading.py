@@ -152,9 +152,9 @@ CASES = [
     Case("unsupported_model_type", _model_type("mamba"), CheckpointError,
          ("model_type 'mamba' is not supported", "Llama (llama)", "Gemma 3 (gemma3_text)",
           "GPT-NeoX / Pythia (gpt_neox)", "GPT-2 (gpt2)", ADAPTER_GUIDE)),
-    # A plain directory of an unclaimed type falls through to the core's GPT-2 loader.
+    # A plain directory of an unclaimed type: the core names what is supported here.
     Case("unsupported_model_type_plain_dir", _model_type("mamba", prefix=""), CheckpointError,
-         ("model_type is 'mamba'",)),
+         ("model_type 'mamba'", "gpt2, gemma2", "llama", "scalarlens plugins")),
     Case("config_without_model_type", _no_model_type, CheckpointError, ("no model_type",)),
     Case("pickle_only", _pickle_only, CheckpointError,
          ("pickled PyTorch weights", "never loads", "save_pretrained", "AutoModelForCausalLM")),
@@ -424,3 +424,11 @@ def test_the_models_page_has_a_row_per_family() -> None:
     for family in FAMILIES:
         types = " / ".join(f"`{t}`" for t in family.model_types)
         assert any(line.startswith(f"| {family.name} | {types} |") for line in rows), family.name
+
+
+def test_spec_options_set_dtype_and_refuse_unknown_keys(saved_models: Any) -> None:
+    directory = saved_models("llama")
+    adapter = scalarlens.load_model(f"hf:{directory}?dtype=bfloat16&device=cpu")
+    assert adapter.dtype is torch.bfloat16 and adapter.accumulation_dtype is torch.float32
+    with pytest.raises(CheckpointError, match="unknown option 'precision=half'"):
+        scalarlens.load_model(f"hf:{directory}?precision=half")
