@@ -62,6 +62,25 @@ def peers() -> str:
         return out.read_text()
 
 
+def families() -> str:
+    """bench_families.py in the main venv; it makes and runs the peers' venvs itself."""
+    title = (
+        "### Hugging Face families: Llama against TransformerLens, nnsight and hand-written "
+        "torch (bench_families.py)\n\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "families.md"
+        run = subprocess.run(
+            [sys.executable, str(HERE / "bench_families.py"), "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode or not out.is_file():
+            reason = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            return title + f"**Failed**: `{reason}`\n"
+        return out.read_text()
+
+
 def main() -> None:
     import bench_capture
     import bench_catalogue
@@ -75,6 +94,7 @@ def main() -> None:
         bench_catalogue.main(),
         bench_dedup.main(),
         peers(),
+        families(),
     ]
     text = "\n".join(sections)
     (HERE / "RESULTS.md").write_text(text)
