@@ -126,6 +126,14 @@ def _check_device(_: object, __: attrs.Attribute[str | None], value: str | None)
         )
 
 
+MEMORY_MODES = ("default", "low")
+
+
+def _check_memory(_: object, __: attrs.Attribute[str], value: str) -> None:
+    if value not in MEMORY_MODES:
+        raise ConfigError(f"DstConfig.memory must be one of {MEMORY_MODES}, got {value!r}")
+
+
 def _check_bool(inst: object, attribute: attrs.Attribute[bool], value: bool) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"DstConfig.{attribute.name} must be True or False, got {value!r}")
@@ -146,6 +154,10 @@ class DstConfig:
       for a node). Shared by every plugin's direct-effect DSTs.
     * ``options`` — per-plugin option namespaces: ``{"sae": {"path": ...}}``; each plugin
       validates its own namespace through ``plugin_options``.
+    * ``memory`` — ``"default"``, or ``"low"``: the backward pass recomputes each layer's
+      forward instead of keeping every layer's intermediate tensors, so peak memory is the
+      residual stream at layer boundaries, the planned captures and one layer's activations
+      (identical results; roughly one more forward pass of time).
     """
 
     layer_indices: tuple[int, ...] | None = attrs.field(default=None, converter=_to_layers)
@@ -154,6 +166,7 @@ class DstConfig:
     detach_final_ln_scale: bool = attrs.field(default=False, validator=_check_bool)
     direction: Direction = attrs.field(factory=Direction, converter=to_direction)
     options: FrozenOptions = attrs.field(factory=FrozenOptions, converter=FrozenOptions)
+    memory: str = attrs.field(default="default", validator=_check_memory)
 
     def plugin_options(self, namespace: str, schema: type[T]) -> T:
         """Validate and return the options a plugin keeps under ``namespace``.
@@ -193,6 +206,7 @@ class DstConfig:
             "detach_final_ln_scale": self.detach_final_ln_scale,
             "direction": self.direction.to_dict(),
             "options": self.options.to_dict(),
+            "memory": self.memory,
         }
 
     @classmethod

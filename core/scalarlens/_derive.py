@@ -133,6 +133,8 @@ def _run(
         captures = _with_final_residual(captures, adapter.dims.n_layers)
         runs = adapter.run(tokens, captures, None, interventions=interventions, return_logits=False)
         return [_add_final_gradient(run, objective, adapter, config) for run in runs]
+    # Only passed when asked for, so adapters written before memory modes keep working.
+    low = {"memory": config.memory} if config.memory != "default" else {}
     return adapter.run(
         tokens,
         plan.captures,
@@ -140,6 +142,7 @@ def _run(
         interventions=interventions,
         detach_final_ln_scale=config.detach_final_ln_scale,
         return_logits=False,
+        **low,
     )
 
 

@@ -288,12 +288,15 @@ class ModelAdapter(Protocol):
         interventions: Sequence[Intervention] = (),
         detach_final_ln_scale: bool = False,
         return_logits: bool = True,
+        memory: str = "default",
     ) -> list[RunResult]:
         """Run the batch once forward, and once backward if a gradient capture is requested.
 
         ``return_logits=False`` lets the adapter skip the unembedding when nothing else needs
         the logits (``RunResult.logits`` is then ``None``): they are often the largest tensor.
-        Interventions receive the padded, batch-leading tensor.
+        Interventions receive the padded, batch-leading tensor.  ``memory="low"`` asks for
+        per-layer recomputation in the backward pass (same results, less memory); an adapter
+        that cannot recompute layer by layer raises ``ModelInputError`` saying so.
         """
         ...
 

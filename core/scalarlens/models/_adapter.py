@@ -78,6 +78,8 @@ _BLOCK_WEIGHTS: dict[WeightLocationType, Callable[[Any, ModelDims], torch.Tensor
 class GPT2Adapter(HookedAdapter):
     """Exposes a ``GPT2Model`` through the ``ModelAdapter`` protocol.
 
+    Supports ``memory="low"`` (each block is checkpointed and recomputed in the backward pass).
+
     ``dtype`` (default: the model's) is applied to the model; use ``adapter.to(torch.float64)``
     for exactness tests.  The model is put in eval mode with parameters frozen, because the
     adapter only ever needs gradients with respect to activations.
@@ -115,6 +117,8 @@ class GPT2Adapter(HookedAdapter):
             norm_kind="layernorm",
         )
         super().__init__(name=name, dims=dims, tokenizer=tokenizer, source=source)
+
+    recomputes_layers = True
 
     @property
     def model(self) -> GPT2Model:
@@ -175,9 +179,10 @@ class GPT2Adapter(HookedAdapter):
         unembed: bool,
         wanted: Callable[[ALT, LayerIndex], bool],
         rows: torch.Tensor | None = None,
+        checkpoint: Callable[..., Any] | None = None,
     ) -> torch.Tensor | None:
         logits: torch.Tensor | None = self._model(
-            tokens, attention_mask, hook=hook, unembed=unembed, rows=rows
+            tokens, attention_mask, hook=hook, unembed=unembed, rows=rows, checkpoint=checkpoint
         )
         return logits
 

@@ -246,12 +246,14 @@ class GPT2Model(nn.Module):
         *,
         unembed: bool = True,
         rows: torch.Tensor | None = None,
+        checkpoint: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Logits ``B×T×V`` for token ids ``B×T``.
 
         ``attention_mask`` (``B×T``, true/1 for real tokens) masks padded *keys*; prompts must
         be right-padded so real tokens keep positions ``0..len-1``.  ``rows`` (``B``) unembeds
-        only position ``rows[b]`` of each prompt (``B×1×V``, the ``logits`` hook not called).
+        only position ``rows[b]`` of each prompt (``B×1×V``, the ``logits`` hook not called);
+        ``checkpoint(block, *args)`` wraps each block call (per-layer recomputation).
         Padded query rows still see at least key 0, so no softmax row is all ``-inf``.
         """
         hook = hook or _identity_hook
@@ -264,7 +266,10 @@ class GPT2Model(nn.Module):
         resid = self.wte(tokens) + self.wpe(positions)[None]
         resid = hook(ALT.RESID_POST_EMBEDDING.value, None, resid)
         for i in range(self.config.n_layer):
-            resid = self.block(i)(resid, allowed, hook, i)
+            if checkpoint is None:
+                resid = self.block(i)(resid, allowed, hook, i)
+            else:  # low memory: the backward pass recomputes this block
+                resid = checkpoint(self.block(i), resid, allowed, hook, i)
         x = self.ln_f(resid, hook, ALT.RESID_FINAL_LAYER_NORM_SCALE.value, None)
         if not unembed:  # nothing downstream needs the logits: skip the largest tensor
             return None

@@ -26,6 +26,7 @@ identity norm, so a kernel's "write through the post-norm" is one formula for ev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -108,6 +109,32 @@ class _RunState:
         factory=dict
     )
     objective_tensor: torch.Tensor | None = None
+    # True while a checkpointed layer is being recomputed for the backward pass (low memory):
+    # hooks then apply interventions exactly as before but capture nothing a second time.
+    recomputing: bool = False
+
+    def checkpoint(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one layer ``fn(*args, **kwargs)`` without keeping its intermediate tensors for
+        the backward pass, which recomputes them (``memory="low"``).
+
+        Non-reentrant checkpointing keeps the autograd graph of the first run (so gradient
+        hooks registered there fire) and only recomputes the tensors it saved; the second call
+        of ``fn`` is that recomputation, during which hooks must not capture again.
+        """
+        from torch.utils.checkpoint import checkpoint
+
+        calls = 0
+
+        def run(*a: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            self.recomputing = calls > 1
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.recomputing = False
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     def touches(self, location: ALT, layer: LayerIndex) -> bool:
         """Whether this run captures or intervenes at ``location`` and ``layer`` (an adapter may
@@ -146,6 +173,8 @@ class _RunState:
             # A constant (embedding sum, detached scale, value an intervention wrote): make it
             # a leaf so its own gradient is still observed, while nothing flows upstream.
             tensor = tensor.detach().requires_grad_(True)
+        if self.recomputing:  # captured (and hooked for gradients) on the first run
+            return tensor
         if self.objective_site == (location, layer):
             self.objective_tensor = tensor
         fwd_key = (location, PassType.FORWARD)
@@ -235,18 +264,38 @@ class HookedAdapter:
         unembed: bool,
         wanted: Callable[[ALT, LayerIndex], bool],
         rows: torch.Tensor | None = None,
+        checkpoint: Callable[..., Any] | None = None,
     ) -> torch.Tensor | None:
         """``B×T×V`` logits (``None`` when ``unembed`` is false), calling ``hook`` at each
         location; ``attention_mask`` is ``B×T``, true for real (right-padded) tokens.
         ``wanted(location, layer)`` says whether anything reads a location at that layer.
         ``rows`` (``B``): unembed only position ``rows[b]`` of prompt ``b`` and return
         ``B×1×V`` — all a logit-difference or log-prob objective reads (the ``logits`` hook is
-        then not called: nothing captures it)."""
+        then not called: nothing captures it).  ``checkpoint`` (low memory; only passed when
+        ``recomputes_layers`` is true): call each layer as ``checkpoint(layer_fn, *args,
+        **kwargs)``; hooks inside the layer then run twice, the second time capturing nothing."""
         raise NotImplementedError
 
     def _read_weight(self, location: WeightLocationType, layer: LayerIndex) -> torch.Tensor:
         """The weight in its canonical layout; ``ModelInputError`` if the model has none."""
         raise NotImplementedError
+
+    def _session(
+        self,
+        hook: HookFn,
+        wanted: Callable[[ALT, LayerIndex], bool],
+        checkpoint: Callable[..., Any] | None,
+    ) -> contextlib.AbstractContextManager[None]:
+        """A context held around the forward pass *and* the backward pass of one run.
+
+        Adapters that hook a model by installing module hooks (rather than passing ``hook``
+        down the call) install them here: with ``memory="low"`` the backward pass recomputes
+        layers, and the hooks must still be there when it does.
+        """
+        return contextlib.nullcontext()
+
+    recomputes_layers = False
+    """Whether ``_forward_model`` honours ``checkpoint`` (``memory="low"``)."""
 
     # --- protocol properties ------------------------------------------------------------
 
@@ -389,6 +438,15 @@ class HookedAdapter:
             plan[key] = plan.get(key, frozenset()) | layers
         return plan
 
+    def _check_memory(self, memory: str) -> None:
+        if memory not in ("default", "low"):
+            raise ModelInputError(f"memory must be 'default' or 'low', got {memory!r}")
+        if memory == "low" and not self.recomputes_layers:
+            raise ModelInputError(
+                f"{self._name} ({type(self).__name__}) cannot recompute layer by layer, so "
+                "memory='low' is not available for it; use memory='default'"
+            )
+
     def _check_interventions(self, interventions: Sequence[Intervention]) -> None:
         for iv in interventions:
             if iv.location.has_no_layers:
@@ -493,6 +551,7 @@ class HookedAdapter:
         interventions: Sequence[Intervention] = (),
         detach_final_ln_scale: bool = False,
         return_logits: bool = True,
+        memory: str = "default",
     ) -> list[RunResult]:
         """One padded forward pass (and one backward when a BACKWARD capture is requested).
 
@@ -502,6 +561,7 @@ class HookedAdapter:
         interact.
         """
         prompts = self._validate_tokens(tokens)
+        self._check_memory(memory)
         self._check_interventions(interventions)
         plan = self._plan(captures, interventions)
         backward = any(p is PassType.BACKWARD for _, p in plan)
@@ -522,7 +582,8 @@ class HookedAdapter:
             # The objective reads one position per prompt: unembed that row only (T×V → 1×V).
             positions = [resolve_position(objective.position, n) for n in lengths]
             rows = torch.tensor(positions, dtype=torch.long, device=self.device)
-        logits, values = self._forward_backward(prompts, state, objective, unembed, rows)
+        low = memory == "low" and backward
+        logits, values = self._forward_backward(prompts, state, objective, unembed, rows, low)
         _check_all_produced(state)
         return [
             RunResult(
@@ -567,6 +628,7 @@ class HookedAdapter:
         objective: Objective | None,
         unembed: bool,
         rows: torch.Tensor | None = None,
+        low_memory: bool = False,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Right-padded forward (hooks capture), per-prompt objectives, one summed backward."""
         t_max = max(state.lengths)
@@ -576,9 +638,12 @@ class HookedAdapter:
             batch[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[b, : len(ids)] = True
         values: list[torch.Tensor] = []
-        with torch.set_grad_enabled(state.backward):
+        checkpoint = state.checkpoint if low_memory else None
+        session = self._session(state.hook, state.touches, checkpoint)
+        with torch.set_grad_enabled(state.backward), session:
+            extra = {"checkpoint": checkpoint} if low_memory else {}
             logits = self._forward_model(
-                batch, mask, state.hook, unembed=unembed, wanted=state.touches, rows=rows
+                batch, mask, state.hook, unembed=unembed, wanted=state.touches, rows=rows, **extra
             )
             if objective is not None:
                 assert logits is not None

@@ -8,6 +8,7 @@ dimensions, the hooked forward pass (:mod:`._hooks`, :mod:`._attention`) and the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -61,8 +62,11 @@ class HFAdapter(HookedAdapter):
     """A Hugging Face ``*ForCausalLM`` of a supported family, seen through ScalarLens.
 
     The model is put in eval mode with frozen parameters and switched to the ``"scalarlens"``
-    attention implementation (fused SDPA unless a run reads attention internals).
+    attention implementation (fused SDPA unless a run reads attention internals).  Supports
+    ``memory="low"``: each decoder layer is checkpointed and recomputed in the backward pass.
     """
+
+    recomputes_layers = True
 
     def __init__(
         self,
@@ -115,6 +119,24 @@ class HFAdapter(HookedAdapter):
         cap = self.dims.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def _session(
+        self,
+        hook: HookFn,
+        wanted: Callable[[ALT, int | None], bool],
+        checkpoint: Callable[..., Any] | None,
+    ) -> contextlib.AbstractContextManager[None]:
+        """Module hooks, norm and attention patches for one run, held through its backward."""
+        run = HookedRun(
+            self._model,
+            self.family,
+            hook,
+            wanted,
+            eps=self.dims.norm_eps,
+            parallel=self.dims.parallel_residual,
+            checkpoint=checkpoint,
+        )
+        return run.installed()
+
     def _forward_model(
         self,
         tokens: torch.Tensor,
@@ -124,18 +146,11 @@ class HFAdapter(HookedAdapter):
         unembed: bool,
         wanted: Callable[[ALT, int | None], bool],
         rows: torch.Tensor | None = None,
+        checkpoint: Callable[..., Any] | None = None,
     ) -> torch.Tensor | None:
-        run = HookedRun(
-            self._model,
-            self.family,
-            hook,
-            wanted,
-            eps=self.dims.norm_eps,
-            parallel=self.dims.parallel_residual,
-        )
+        """The base model's forward (hooks installed by ``_session``), then the head."""
         base = resolve(self._model, self.family.base)
-        with run.installed():
-            out = base(input_ids=tokens, attention_mask=attention_mask.long(), use_cache=False)
+        out = base(input_ids=tokens, attention_mask=attention_mask.long(), use_cache=False)
         if not unembed:
             return None
         hidden = out.last_hidden_state

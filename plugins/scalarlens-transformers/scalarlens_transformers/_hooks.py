@@ -92,9 +92,11 @@ class HookedRun:
         *,
         eps: float,
         parallel: bool,
+        checkpoint: Callable[..., Any] | None = None,
     ) -> None:
         self.model, self.family, self.hook, self.eps = model, family, hook, eps
         self.parallel = parallel
+        self.checkpoint = checkpoint
         self.wanted = wanted
         self.base = resolve(model, family.base)
         self.layers = list(resolve(self.base, family.layers))
@@ -119,6 +121,8 @@ class HookedRun:
             self._install_model(handles, patched)
             for i, layer in enumerate(self.layers):
                 self._install_layer(i, layer, handles, patched)
+                if self.checkpoint is not None:
+                    self._recompute_in_backward(layer, patched)
             yield
         finally:
             active.reset(token)
@@ -132,6 +136,15 @@ class HookedRun:
             self._delta_mlp.clear()
 
     # --- installation ---------------------------------------------------------------------
+
+    def _recompute_in_backward(self, layer: Any, patched: list[Any]) -> None:
+        """Low memory: the layer's forward runs through the engine's checkpoint, so the
+        backward pass recomputes it instead of keeping its intermediates (its own forward hooks
+        — layer input and output — stay outside and run once)."""
+        checkpoint, forward = self.checkpoint, layer.forward
+        assert checkpoint is not None
+        layer.forward = lambda *args, **kwargs: checkpoint(forward, *args, **kwargs)
+        patched.append(layer)
 
     def _patch_norm(self, module: Any, patched: list[Any], scale_hook: Callable[..., Any]) -> None:
         eps = norm_eps(module, self.eps)

@@ -249,3 +249,27 @@ def test_gated_mlp_neuron_is_act_of_gate_times_up(root: str) -> None:
         expected = torch.nn.functional.silu(gate) * up
         assert close(store.get("mlp.post_act", layer), expected)
         assert not close(store.get("mlp.post_act", layer), torch.nn.functional.silu(gate))
+
+
+@FAMILIES
+def test_low_memory_mode_is_bit_identical(model_type: str, root: str) -> None:
+    """``memory="low"`` checkpoints each decoder layer; the backward recomputes it exactly."""
+    adapter = adapter_for(model_type, root)
+    dsts = ["attn.act_times_grad_per_token", "mlp.act_times_grad", "resid.post_attn"]
+    stores = [
+        scalarlens.derive(
+            adapter,
+            [PROMPT, PROMPT[:5]],
+            dsts,
+            target=TARGET,
+            distractor=DISTRACTOR,
+            config=DstConfig(derive_gradients=True, memory=memory),
+        )
+        for memory in ("default", "low")
+    ]
+    for key in stores[0].keys():
+        for layer in range(adapter.dims.n_layers):
+            for p in range(2):
+                a = stores[0].get(key.dst, layer, key.pass_type, prompt=p)
+                b = stores[1].get(key.dst, layer, key.pass_type, prompt=p)
+                assert torch.equal(a, b), (key, layer, p)
