@@ -194,6 +194,7 @@ def _derive_config(args: argparse.Namespace) -> DstConfig:
             layer_indices=args.layers,
             derive_gradients=args.derive_gradients,
             detach_final_ln_scale=args.detach_ln_f,
+            memory=args.memory,
             direction=_json_arg(args.direction, "--direction"),
             options=_json_arg(args.options, "--options"),
         )
@@ -453,6 +454,13 @@ def _add_derive(sub: Any) -> None:
         "--detach-ln-f",
         action="store_true",
         help="treat the final LayerNorm scale as a constant in the backward pass",
+    )
+    p.add_argument(
+        "--memory",
+        choices=("default", "low"),
+        default="default",
+        help="low: recompute each layer in the backward pass instead of keeping its "
+        "intermediates (same results, less memory, about one more forward of time)",
     )
     p.add_argument(
         "--options",
