@@ -42,8 +42,9 @@ Each peer runs in its own venv and process; each venv also has ScalarLens (and t
 it installs) so that ScalarLens is timed alternated with the peer in the same process.  Before
 timing, every side is checked against the hand-written reference computed in the main venv
 (max |difference| / max |value| ≤ 1e-4, float32).  Times: median of ``RUNS`` alternated runs
-after a warm-up (min–max).  Memory: peak RSS above the loaded model, fresh process per figure,
-after a short warm-up (``bench_capture.PeakSampler``).
+after a warm-up (min–max).  Memory: peak RSS above the loaded model (every weight read once
+first: HF keeps safetensors memory-mapped), fresh process per figure, after a short warm-up
+(``bench_capture.PeakSampler``).
 
     .venv/bin/python benchmarks/bench_families.py               # the section (Markdown)
     .venv/bin/python benchmarks/bench_families.py --quick       # tiny shape, 16 tokens, 1 run
@@ -481,8 +482,9 @@ def _tl_dla_from_last(model: Any, z: list[Any], a: list[Any], scale: Any) -> Res
     import torch
 
     direction = _tl_direction(model, scale)
-    heads = [(zl * (model.W_O[i] @ direction)).sum(-1) for i, zl in enumerate(z)]
-    neurons = [al * (model.W_out[i] @ direction) for i, al in enumerate(a)]
+    blocks = model.blocks  # per block: model.W_O / model.W_out would stack every layer's
+    heads = [(zl * (blocks[i].attn.W_O @ direction)).sum(-1) for i, zl in enumerate(z)]
+    neurons = [al * (blocks[i].mlp.W_out @ direction) for i, al in enumerate(a)]
     return {"heads": torch.stack(heads), "neurons": torch.stack(neurons)}
 
 
@@ -842,8 +844,32 @@ def worker_time(
     return out
 
 
+def _make_resident(model: Any) -> None:
+    """Read every weight once, so that the baseline RSS includes the whole model.
+
+    ``from_pretrained`` keeps safetensors weights memory-mapped: without this, the embedding
+    rows a prompt touches page in during the measured run (with the kernel's readahead, ≈ 50 MiB
+    for 128 random tokens of this model) and count as the workload's memory on HF-based sides.
+    """
+    import torch
+
+    seen: set[int] = set()
+    for name in ("", "model", "_module", "original_model"):
+        try:
+            module = getattr(model, name) if name else model
+        except AttributeError:
+            continue
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for tensor in (*module.parameters(), *module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                float(tensor.detach().float().sum())
+
+
 def worker_memory(directory: str, n_tokens: int, side: str, workload: str) -> dict[str, float]:
     model = SIDES[side][0](directory)
+    _make_resident(model)
     vocab = _config(directory)["vocab_size"]
     run_side(side, model, workload, random_tokens(8, vocab, seed=2))  # warm-up
     ids = random_tokens(n_tokens, vocab)
