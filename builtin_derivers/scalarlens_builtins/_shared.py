@@ -14,10 +14,9 @@ is specific to this catalogue:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
 from scalarlens import (
     NOT_NEEDED,
     ActivationLocationType,
@@ -34,6 +33,9 @@ from scalarlens import (
     WeightLocationType,
     need,
 )
+
+if TYPE_CHECKING:  # kernels import torch when they run: declarations load without it
+    import torch
 
 ALT = ActivationLocationType
 Loc = LocationWithinLayer
@@ -136,6 +138,8 @@ FIRST_LAYER_ONLY = FirstLayerOnly()
 
 def token_pair_index(n_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, s) of every pair with ``s ≤ t``, row-major: flat index ``t(t+1)/2 + s``."""
+    import torch
+
     t, s = torch.tril_indices(n_tokens, n_tokens, device=device)
     return t, s
 

@@ -11,10 +11,9 @@ With grouped-query attention ``Vv`` is already per query head (its key/value gro
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
 from scalarlens import (
     NOT_NEEDED,
     DeriveContext,
@@ -51,6 +50,9 @@ from ._shared import (
 from .raw import RAW_DSTS
 from .residual import norm_recipe, proj_recipe
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["FACTORIES", "RECIPES"]
 
 W_O = WeightLocationType.ATTN_TO_RESIDUAL
@@ -71,12 +73,16 @@ def _head_writes(
     values: torch.Tensor, layer: LayerIndex, ctx: DeriveContext, gain: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``c[s,h,:] = Vv[s,h] W_O[h]`` (also ``o[t,h] W_O[h]`` when given ``o``)."""
+    import torch
+
     return torch.einsum("shv,hvd->shd", values, _w_o(layer, ctx, gain))
 
 
 def _projected_direction(g: torch.Tensor, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     """``W_O[h] g[t]`` (``T×H×dv``): g pulled back to each head's value space (only the rows
     where g is non-zero are projected; the others are exact zeros)."""
+    import torch
+
     w_o = ctx.weight(W_O, layer)
     rows = nonzero_rows(g)
     if rows is None:
@@ -87,6 +93,8 @@ def _projected_direction(g: torch.Tensor, layer: LayerIndex, ctx: DeriveContext)
 
 
 def _weighted_value(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    import torch
+
     return torch.einsum("tsh,shv->tshv", need(inputs[0]), need(inputs[1]))
 
 
@@ -119,6 +127,8 @@ def _sum_over_keys(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> tor
 
 
 def _v_out_direct_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    import torch
+
     mixed, g = need(inputs[0]), inputs[2]
     if g is None:  # the head does not precede the direction
         return torch.zeros_like(mixed)
@@ -129,6 +139,8 @@ def _v_out_direct_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) ->
 
 
 def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    import torch
+
     probs, values, w = need(inputs[0]), need(inputs[1]), inputs[2]
     if w is None:  # the head does not precede the direction
         return torch.zeros_like(probs)
@@ -136,6 +148,8 @@ def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> tor
 
 
 def _write_to_grad_per_token(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    import torch
+
     mixed, w = need(inputs[0]), inputs[1]
     if w is None:
         return mixed.new_zeros(mixed.shape[:2])

@@ -10,7 +10,8 @@ materialises the per-neuron write vectors.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from scalarlens import (
     DeriveContext,
     DerivedScalarType,
@@ -27,6 +28,9 @@ from scalarlens import (
 
 from ._shared import ALT, BACKWARD, D, F, Loc, T, nonzero_rows, post_norm
 from .residual import norm_recipe, proj_recipe
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FACTORIES", "RECIPES"]
 
@@ -59,6 +63,8 @@ def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.
 
 
 def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    import torch
+
     act, g = need(inputs[0]), inputs[2]
     if g is None:  # the neuron does not precede the direction
         return torch.zeros_like(act)

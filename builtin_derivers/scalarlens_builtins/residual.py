@@ -6,7 +6,8 @@ Norms and projections onto g are one recipe each, applied to a location; the MLP
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from scalarlens import (
     PREVIOUS_LAYER,
     DeriveContext,
@@ -25,6 +26,9 @@ from scalarlens import (
 )
 
 from ._shared import ALT, FIRST_LAYER_ONLY, ONE, D, Loc, T
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FACTORIES", "RECIPES", "norm_recipe", "proj_recipe"]
 

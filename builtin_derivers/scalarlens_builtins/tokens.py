@@ -9,7 +9,8 @@ readout independent of the prompt.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from scalarlens import (
     ConfigError,
     DeriveContext,
@@ -28,6 +29,9 @@ from scalarlens import (
 from scalarlens import WeightLocationType as W
 
 from ._shared import ALT, BACKWARD, ONE, Loc, T, V, builtin_options
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FACTORIES", "RECIPES"]
 

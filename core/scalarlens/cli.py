@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from ._bundled import BUNDLED_MODELS, bundled_vocab
 from ._inputs import (
     Job,
     check_top_k,
@@ -88,10 +89,6 @@ def _load_ms(seconds: float | None) -> str:
 
 
 def cmd_plugins(args: argparse.Namespace, reg: Registry) -> int:
-    # Plugins import torch (through scalarlens); imported here first, it is not charged to
-    # whichever plugin happens to load first (that one would look ~2 s slow).
-    import torch  # noqa: F401
-
     if args.check:
         return _check_plugins(args, reg)
     infos = reg.plugins()
@@ -374,15 +371,23 @@ def cmd_demo(args: argparse.Namespace, reg: Registry) -> int:
     return 0
 
 
-def cmd_vocab(args: argparse.Namespace, reg: Registry) -> int:
-    from ._report import format_columns
+def _vocab_words(spec: str, reg: Registry) -> Sequence[str]:
+    """A bundled model's words come from its vocab.json alone: no model, no torch."""
+    if spec in BUNDLED_MODELS and reg.model_loader(spec) is None:
+        return bundled_vocab(spec)
     from .models._loading import load_model
 
-    model = load_model(args.model, reg)
-    tokenizer = getattr(model, "tokenizer", None)
+    tokenizer = getattr(load_model(spec, reg), "tokenizer", None)
     if tokenizer is None:
-        raise ModelInputError(f"model {args.model!r} has no word tokenizer; pass token ids")
+        raise ModelInputError(f"model {spec!r} has no word tokenizer; pass token ids")
     words: Sequence[str] = tokenizer.vocab
+    return words
+
+
+def cmd_vocab(args: argparse.Namespace, reg: Registry) -> int:
+    from ._report import format_columns
+
+    words = _vocab_words(args.model, reg)
     if args.json:
         records = (json.dumps({"id": i, "word": w}) for i, w in enumerate(words))
         print("[\n  " + ",\n  ".join(records) + "\n]")  # one record a line: greppable

@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
 from scalarlens import (
     NOT_NEEDED,
     CausalDirectionIndexer,
@@ -55,7 +54,8 @@ from ._errors import SaeConfigError, SaeLoadError
 from ._options import SaeOptions, options_from_params, sae_options
 from ._sae import SparseAutoencoder, load_sae, random_sae, read_sae_config
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # kernels import torch when they run: the catalogue loads without it
+    import torch
     from scalarlens import ModelAdapter
 
 __all__ = [
@@ -271,6 +271,8 @@ def _latents(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Ten
 
 def _error(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     """Offline error: ``x − dec(enc(x))`` (FORWARD), ``∇x`` (BACKWARD; ``∂x̂'/∂e = I``)."""
+    import torch
+
     opts = sae_options(ctx.config)
     x = need(inputs[0])
     if layer != opts.layer:
@@ -292,6 +294,8 @@ def _online_latents_capture(inputs: Inputs, layer: LayerIndex, ctx: DeriveContex
 
 def _online_error_capture(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
     """The spliced error's capture (value or gradient) at L; zeros elsewhere."""
+    import torch
+
     x = need(inputs[0])
     if layer != sae_options(ctx.config).layer:
         return torch.zeros_like(x)
@@ -307,6 +311,8 @@ def _write(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tenso
 
 
 def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    import torch
+
     opts = sae_options(ctx.config)
     z = need(inputs[0])
     if layer != opts.layer:
@@ -316,6 +322,8 @@ def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.
 
 
 def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
+    import torch
+
     z, g = need(inputs[0]), inputs[1]
     if g is None:  # other layer, or the SAE does not precede g
         return torch.zeros_like(z)

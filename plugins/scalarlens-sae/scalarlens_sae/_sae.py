@@ -24,12 +24,14 @@ import json
 import math
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import torch
 
 from ._errors import SaeLoadError
+
+if TYPE_CHECKING:  # imported where tensors are made: the plugin's metadata loads without it
+    import torch
 
 __all__ = [
     "CFG_FILE",
@@ -79,7 +81,7 @@ class SparseAutoencoder:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``relu((x − b_dec) W_enc + b_enc)`` over the last axis (``…×d_in → …×A``)."""
         centred = x - self.b_dec if self.apply_b_dec_to_input else x
-        return torch.relu(centred @ self.W_enc + self.b_enc)
+        return (centred @ self.W_enc + self.b_enc).relu()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``latents W_dec + b_dec`` (``…×A → …×d_in``)."""
@@ -256,6 +258,8 @@ def random_sae(n_latents: int, d_in: int, seed: int = 0) -> SparseAutoencoder:
     with _LOCK:
         if key in _SAES:
             return _SAES[key]
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
