@@ -141,6 +141,8 @@ class _RunState:
         skip the work of exposing a location nobody reads, e.g. materialising attention)."""
         if any(layer in self.plan.get((location, p), ()) for p in PassType):
             return True
+        if location is ALT.RESID_FINAL_LAYER_NORM_SCALE and self.detach_final_ln_scale:
+            return True
         return any(
             iv.location is location and (iv.layers is None or layer in iv.layers)
             for iv in self.interventions

@@ -155,8 +155,9 @@ class HookedRun:
         return lambda scale: self.hook(alt.value, layer, scale)
 
     def _install_model(self, handles: list[Any], patched: list[Any]) -> None:
-        final = resolve(self.base, self.family.final_norm)
-        self._patch_norm(final, patched, self._scale(ALT.RESID_FINAL_LAYER_NORM_SCALE, None))
+        if self.wanted(ALT.RESID_FINAL_LAYER_NORM_SCALE, None):  # captured, detached or edited
+            final = resolve(self.base, self.family.final_norm)
+            self._patch_norm(final, patched, self._scale(ALT.RESID_FINAL_LAYER_NORM_SCALE, None))
 
         def embedding_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if args:
@@ -167,43 +168,62 @@ class HookedRun:
         handles.append(self.layers[0].register_forward_pre_hook(embedding_hook, with_kwargs=True))
 
     def _install_layer(self, i: int, layer: Any, handles: list[Any], patched: list[Any]) -> None:
-        fam = self.family
-        self._patch_norm(
-            resolve(layer, fam.input_norm), patched, self._scale(ALT.ATTN_INPUT_LAYER_NORM_SCALE, i)
-        )
-        self._install_writes(i, layer, handles, patched)
-        self._install_pre_mlp_norm(i, layer, patched)
+        """Hooks for what this run reads or edits at layer ``i`` only: a location nobody wants
+        keeps Hugging Face's own code path (and its speed)."""
+        fam, wanted = self.family, self.wanted
+        if wanted(ALT.ATTN_INPUT_LAYER_NORM_SCALE, i):
+            scale = self._scale(ALT.ATTN_INPUT_LAYER_NORM_SCALE, i)
+            self._patch_norm(resolve(layer, fam.input_norm), patched, scale)
+        post_attn = wanted(ALT.RESID_POST_ATTN, i)
+        self._install_writes(i, layer, handles, patched, post_attn)
+        if wanted(ALT.MLP_INPUT_LAYER_NORM_SCALE, i) or (post_attn and not self.parallel):
+            self._install_pre_mlp_norm(i, layer, patched)
         mlp = resolve(layer, fam.mlp)
-        handles.append(
-            resolve(mlp, fam.mlp_in).register_forward_hook(self._output(ALT.MLP_PRE_ACT, i))
-        )
-        if fam.mlp_up is not None:
-            handles.append(
-                resolve(mlp, fam.mlp_up).register_forward_hook(self._output(ALT.MLP_UP, i))
-            )
-        handles.append(resolve(mlp, fam.mlp_out).register_forward_pre_hook(self._post_act(i)))
-        if self.parallel:
+        if wanted(ALT.MLP_PRE_ACT, i):
+            hook = self._output(ALT.MLP_PRE_ACT, i)
+            handles.append(resolve(mlp, fam.mlp_in).register_forward_hook(hook))
+        if fam.mlp_up is not None and wanted(ALT.MLP_UP, i):
+            hook = self._output(ALT.MLP_UP, i)
+            handles.append(resolve(mlp, fam.mlp_up).register_forward_hook(hook))
+        if wanted(ALT.MLP_POST_ACT, i):
+            handles.append(resolve(mlp, fam.mlp_out).register_forward_pre_hook(self._post_act(i)))
+        if self.parallel and post_attn:
             handles.append(
                 layer.register_forward_pre_hook(self._remember_input(i), with_kwargs=True)
             )
-        handles.append(layer.register_forward_hook(self._layer_output(i)))
+        if wanted(ALT.RESID_POST_MLP, i) or (self.parallel and post_attn):
+            handles.append(layer.register_forward_hook(self._layer_output(i)))
 
-    def _install_writes(self, i: int, layer: Any, handles: list[Any], patched: list[Any]) -> None:
-        """``resid.delta_attn``/``resid.delta_mlp``: sublayer outputs, through post-norms."""
-        fam = self.family
-        attn, mlp = resolve(layer, fam.attn), resolve(layer, fam.mlp)
-        if fam.attn_post_norm is None:
-            handles.append(attn.register_forward_hook(self._attn_write(i)))
-        else:
-            post = resolve(layer, fam.attn_post_norm)
-            self._patch_norm(post, patched, self._scale(ALT.ATTN_POST_NORM_SCALE, i))
-            handles.append(post.register_forward_hook(self._attn_write(i)))
-        if fam.mlp_post_norm is None:
-            handles.append(mlp.register_forward_hook(self._mlp_write(i)))
-        else:
-            post = resolve(layer, fam.mlp_post_norm)
-            self._patch_norm(post, patched, self._scale(ALT.MLP_POST_NORM_SCALE, i))
-            handles.append(post.register_forward_hook(self._mlp_write(i)))
+    def _install_writes(
+        self, i: int, layer: Any, handles: list[Any], patched: list[Any], post_attn: bool
+    ) -> None:
+        """``resid.delta_attn``/``resid.delta_mlp``: sublayer outputs, through post-norms.
+
+        Also where ``resid.post_attn`` needs them: an edit there is carried into the MLP's
+        write, and a parallel block's output is rebuilt from both writes.
+        """
+        fam, wanted = self.family, self.wanted
+        for post_path, module_path, scale_alt, delta_alt, write in (
+            (
+                fam.attn_post_norm,
+                fam.attn,
+                ALT.ATTN_POST_NORM_SCALE,
+                ALT.RESID_DELTA_ATTN,
+                self._attn_write(i),
+            ),
+            (
+                fam.mlp_post_norm,
+                fam.mlp,
+                ALT.MLP_POST_NORM_SCALE,
+                ALT.RESID_DELTA_MLP,
+                self._mlp_write(i),
+            ),
+        ):
+            if post_path is not None and wanted(scale_alt, i):
+                self._patch_norm(resolve(layer, post_path), patched, self._scale(scale_alt, i))
+            if wanted(delta_alt, i) or post_attn:
+                target = resolve(layer, module_path if post_path is None else post_path)
+                handles.append(target.register_forward_hook(write))
 
     def _install_pre_mlp_norm(self, i: int, layer: Any, patched: list[Any]) -> None:
         module = resolve(layer, self.family.pre_mlp_norm)
@@ -261,7 +281,7 @@ class HookedRun:
     def _layer_output(self, i: int) -> Callable[..., torch.Tensor]:
         def hook(module: Any, args: Any, output: Any) -> Any:
             tensor = output[0] if isinstance(output, tuple) else output
-            if self.parallel:  # rebuild (x + δa) + δm around the hooked post-attention residual
+            if i in self._layer_input:  # parallel: rebuild (x + δa) + δm around resid.post_attn
                 x, delta_attn = self._layer_input.pop(i), self._delta_attn.pop(i)
                 post_attn = self.hook(ALT.RESID_POST_ATTN.value, i, x + delta_attn)
                 tensor = post_attn + self._delta_mlp.pop(i)

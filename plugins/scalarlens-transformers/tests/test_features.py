@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import scalarlens
 import tiny_models as tm
 import torch
@@ -168,3 +169,24 @@ def test_bfloat16_model_derives_in_float32_close_to_the_float32_model(tmp_path: 
             assert approx.dtype is torch.float32
             # bf16 keeps 8 bits of mantissa through 2 layers and a backward: a few % of the scale.
             assert close(approx, exact, 1e-1), (name, layer)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox"])
+def test_an_edit_of_resid_post_attn_reaches_the_residual_stream(
+    tmp_path: Path, model_type: str
+) -> None:
+    """HF computes ``x + δa`` inline; an intervention there must change what the MLP reads
+    *and* what the residual stream carries on (sequential), or the rebuilt output (parallel)."""
+    adapter = _load(tmp_path, model_type)
+    names = ["resid.post_attn", "resid.delta_mlp", "resid.post_mlp", "logits"]
+    plain = scalarlens.derive(adapter, [PROMPT], names)
+    halve = scalarlens.Intervention(
+        scalarlens.ActivationLocationType.RESID_POST_ATTN, lambda x, layer: x * 0.5, layers={0}
+    )
+    edited = scalarlens.derive(adapter, [PROMPT], names, interventions=[halve])
+    assert close(edited.get("resid.post_attn", 0), plain.get("resid.post_attn", 0) * 0.5)
+    assert close(
+        edited.get("resid.post_mlp", 0),
+        edited.get("resid.post_attn", 0) + edited.get("resid.delta_mlp", 0),
+    )
+    assert not close(edited.get("logits"), plain.get("logits"), 1e-3)
