@@ -14,9 +14,9 @@ that libraries which insist on loading one can.  Every side loads that directory
   written by hand from the HF config and the weights converted with its own
   ``convert_llama_weights`` (no folding or centring, so the weights are the checkpoint's);
 * **tlbridge**: TransformerLens 4.x ``TransformerBridge.boot_transformers(DIR)``
-  (``benchmarks/setup_tlbridge_venv.sh``), no compatibility mode (raw HF weights);
+  (``benchmarks/setup_hf_peer_venv.sh tlbridge``), no compatibility mode (raw HF weights);
 * **nnsight**: ``nnsight.TransformersModel(DIR, task="text-generation")``
-  (``benchmarks/setup_nnsight_venv.sh``).
+  (``benchmarks/setup_hf_peer_venv.sh nnsight``).
 
 Workloads, on one prompt of N random token ids, objective ``logit[11] − logit[12]`` at the last
 token:
@@ -70,6 +70,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from bench_capture import PeakSampler  # noqa: E402
+from bench_peers import _fmt_s, _mib, _ratio  # noqa: E402
 
 SHAPES: dict[str, dict[str, int]] = {
     "llama-8l": {
@@ -101,11 +102,11 @@ RTOL = 1e-4  # float32, max |difference| / max |value|
 
 Result = dict[str, Any]  # {"heads": Tensor, "neurons": Tensor}
 
-# Peer venvs: (setup script, environment variable naming an existing python instead).
-PEERS: dict[str, tuple[str, str]] = {
-    "tl2": ("setup_tl_venv.sh", "SCALARLENS_TL_PYTHON"),
-    "tlbridge": ("setup_tlbridge_venv.sh", "SCALARLENS_TLBRIDGE_PYTHON"),
-    "nnsight": ("setup_nnsight_venv.sh", "SCALARLENS_NNSIGHT_PYTHON"),
+# Peer venvs: (setup command, environment variable naming an existing python instead).
+PEERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "tl2": (("setup_tl_venv.sh",), "SCALARLENS_TL_PYTHON"),
+    "tlbridge": (("setup_hf_peer_venv.sh", "tlbridge"), "SCALARLENS_TLBRIDGE_PYTHON"),
+    "nnsight": (("setup_hf_peer_venv.sh", "nnsight"), "SCALARLENS_NNSIGHT_PYTHON"),
 }
 LABELS = {
     "hand": "hand-written torch (HF modules)",
@@ -897,32 +898,16 @@ def _spawn(python: str, *args: str) -> dict[str, Any]:
 
 def peer_python(peer: str) -> tuple[str | None, str]:
     """The peer venv's python (made by its setup script if absent), or None and why not."""
-    script, variable = PEERS[peer]
+    (script, *args), variable = PEERS[peer]
     if os.environ.get(variable):
         return os.environ[variable], ""
     setup = subprocess.run(
-        ["bash", str(HERE / script)], capture_output=True, text=True, check=False
+        ["bash", str(HERE / script), *args], capture_output=True, text=True, check=False
     )
     if setup.returncode:
         reason = (setup.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"`benchmarks/{script}` failed: `{reason}`"
+        return None, f"`benchmarks/{' '.join((script, *args))}` failed: `{reason}`"
     return setup.stdout.strip().splitlines()[-1], ""
-
-
-def _fmt_s(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} s ({min(values):.3f}–{max(values):.3f})"
-
-
-def _ratio(ours: list[float], base: list[float]) -> str:
-    per_run = [o / b for o, b in zip(ours, base, strict=True)]
-    return (
-        f"{statistics.median(ours) / statistics.median(base):.2f}× "
-        f"({min(per_run):.2f}–{max(per_run):.2f})"
-    )
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 WORKLOAD_LABELS = {
