@@ -16,6 +16,7 @@ from ._adapter import GPT2Adapter
 from ._checkpoint import load_gpt2_model, save_gpt2_checkpoint
 from ._gpt2 import GPT2Config, GPT2Model
 from ._hooked import HookedAdapter, HookFn
+from ._loading import read_model_type
 from ._tokenizer import WordTokenizer
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "WordTokenizer",
     "load_bundled_model",
     "load_gpt2_checkpoint",
+    "read_model_type",
     "save_gpt2_checkpoint",
 ]
 

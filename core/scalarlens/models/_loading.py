@@ -30,7 +30,7 @@ def load_model(spec: str | Path = DEFAULT_MODEL, registry: Registry | None = Non
 
         registry = default_registry
     loader = registry.model_loader(text)  # a conflict with a bundled name raises here
-    model_type = _model_type(Path(text)) if loader is None and Path(text).is_dir() else None
+    model_type = read_model_type(Path(text)) if loader is None and Path(text).is_dir() else None
     if model_type is not None:
         # A directory whose config.json names a model_type a plugin claims ("model_type:llama").
         loader = registry.model_loader(f"model_type:{model_type}")
@@ -68,7 +68,7 @@ def load_model(spec: str | Path = DEFAULT_MODEL, registry: Registry | None = Non
     )
 
 
-def _model_type(directory: Path) -> str | None:
+def read_model_type(directory: Path) -> str | None:
     """``config.json``'s ``model_type``, or ``None`` (no file, not JSON, no such key)."""
     import json
 

@@ -184,7 +184,3 @@ _BY_MODEL_TYPE: Mapping[str, Family] = {t: f for f in FAMILIES for t in f.model_
 def family_for(model_type: str) -> Family | None:
     """The family of a ``config.json`` ``model_type``, or ``None`` if unsupported."""
     return _BY_MODEL_TYPE.get(model_type)
-
-
-def supported_model_types() -> list[str]:
-    return sorted(_BY_MODEL_TYPE)

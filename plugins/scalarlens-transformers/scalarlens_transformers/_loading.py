@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from scalarlens import CheckpointError, TokenizerError
+from scalarlens.models import read_model_type
 
 from ._adapter import HFAdapter
 from ._families import FAMILIES, family_for
@@ -73,16 +74,6 @@ def _directory(spec: str) -> Path:
             f"then pass that directory (hf:{local})"
         )
     raise CheckpointError(f"model directory {str(path)!r} does not exist (from spec {spec!r})")
-
-
-def read_model_type(directory: Path) -> str | None:
-    """``config.json``'s ``model_type`` (``None`` when there is no readable config)."""
-    config = directory / "config.json"
-    try:
-        value = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
 
 
 def _check_weights(directory: Path) -> None:
