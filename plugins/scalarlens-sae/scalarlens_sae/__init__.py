@@ -17,9 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ._arch import ARCHITECTURES, NORMALIZATIONS
 from ._derivers import DSTS, example_configs, make_interventions, online_locations
 from ._errors import SaeConfigError, SaeError, SaeLoadError
 from ._options import RandomInit, SaeOptions, sae_options
+from ._release import RELEASES_ENV, list_releases, resolve_release
 from ._sae import (
     SparseAutoencoder,
     clear_cache,
@@ -41,7 +43,10 @@ def tiny_induction_options(**overrides: Any) -> dict[str, Any]:
 
 
 __all__ = [
+    "ARCHITECTURES",
     "DSTS",
+    "NORMALIZATIONS",
+    "RELEASES_ENV",
     "TINY_INDUCTION_SAE",
     "RandomInit",
     "SaeConfigError",
@@ -52,11 +57,13 @@ __all__ = [
     "__version__",
     "clear_cache",
     "example_configs",
+    "list_releases",
     "load_sae",
     "make_interventions",
     "online_locations",
     "random_sae",
     "read_sae_config",
+    "resolve_release",
     "sae_options",
     "save_sae",
     "tiny_induction_options",

@@ -87,31 +87,82 @@ def model_width(opts: SaeOptions, ctx_or_model: DeriveContext | ModelAdapter) ->
 
 
 def resolve_sae(opts: SaeOptions, d_in: int, like: torch.Tensor | None = None) -> SparseAutoencoder:
-    """The SAE the options name (cached), checked against the input width, cast to ``like``."""
+    """The SAE the options name (cached), checked against the input width, cast to ``like``.
+
+    ``k`` and ``fold_decoder_norm`` give the inference-time variant of the loaded SAE.
+    """
     if opts.random_init is not None:
         sae = random_sae(opts.random_init.n_latents, d_in, opts.random_init.seed)
     else:
-        assert opts.path is not None
-        sae = load_sae(opts.path)
+        path = opts.resolved_path
+        assert path is not None
+        sae = load_sae(path)
+        if sae.transcoder:
+            raise SaeConfigError(
+                f"{sae.source} is a transcoder (it writes {sae.d_out} channels elsewhere); use "
+                "the transcoder.* DSTs with options['transcoder'], not options['sae']"
+            )
         if sae.d_in != d_in:
             raise SaeLoadError(
                 f"SAE {sae.source} has d_in={sae.d_in}, but {opts.location} at layer "
                 f"{opts.layer} has {d_in} channels; was it trained for another model or location?"
             )
+        sae = _variant(opts, sae)
     return sae if like is None else sae.cast(like)
+
+
+_VARIANTS: dict[tuple[int, float | None, bool], tuple[SparseAutoencoder, SparseAutoencoder]] = {}
+
+
+def _variant(opts: SaeOptions, sae: SparseAutoencoder) -> SparseAutoencoder:
+    if opts.k is None and not opts.fold_decoder_norm:
+        return sae
+    key = (id(sae), opts.k, opts.fold_decoder_norm)
+    cached = _VARIANTS.get(key)
+    if cached is not None and cached[0] is sae:
+        return cached[1]
+    variant = sae
+    if opts.k is not None:
+        try:
+            variant = variant.with_k(opts.k)
+        except SaeLoadError as exc:
+            raise SaeConfigError(f"options['sae']['k']: {exc}") from None
+    if opts.fold_decoder_norm:
+        variant = variant.fold_decoder_norm()
+    _VARIANTS[key] = (sae, variant)
+    return variant
 
 
 def n_latents(opts: SaeOptions) -> int:
     """``A``, from the options or ``cfg.json`` (no weights are read): build-time metadata."""
     if opts.random_init is not None:
         return opts.random_init.n_latents
-    assert opts.path is not None
-    return int(read_sae_config(opts.path)["d_sae"])
+    path = opts.resolved_path
+    assert path is not None
+    return int(read_sae_config(path)["d_sae"])
+
+
+def per_token_scale(opts: SaeOptions) -> bool:
+    """Whether the SAE's decoder has a per-token scale (run-time input normalisation)."""
+    if opts.random_init is not None:
+        return False
+    path = opts.resolved_path
+    assert path is not None
+    return read_sae_config(path)["run_time_normalize"] != "none"
 
 
 def _sae_for(opts: SaeOptions, ctx: DeriveContext, like: torch.Tensor) -> SparseAutoencoder:
     d_in = model_width(opts, ctx) if opts.random_init is not None else like.shape[-1]
     return resolve_sae(opts, int(d_in), like)
+
+
+def _scaled(opts: SaeOptions, ctx: DeriveContext, z: torch.Tensor, inputs: Inputs, at: int) -> Any:
+    """``z`` times the decoder's per-token scale (from ``x`` = ``inputs[at]``) when it has one."""
+    if len(inputs) <= at:
+        return z
+    x = need(inputs[at])
+    scale, _ = resolve_sae(opts, int(x.shape[-1]), x).output_map(x)
+    return z if scale is None else z * scale
 
 
 def write_weights(opts: SaeOptions, ctx: DeriveContext, like: torch.Tensor) -> torch.Tensor:
@@ -206,9 +257,16 @@ def make_interventions(params: Mapping[str, Any], model: ModelAdapter) -> list[I
 
     def splice(value: torch.Tensor, layer: LayerIndex, emit: Any) -> torch.Tensor:
         cast = sae.cast(value)
+        if cast.architecture == "batchtopk" and cast.threshold is None and value.shape[0] > 1:
+            raise SaeConfigError(
+                f"{sae.source}: a BatchTopK SAE selecting by count (no saved threshold) ranks "
+                "all tokens encoded together, so spliced into a padded batch of "
+                f"{value.shape[0]} prompts it would depend on padding; derive one prompt at a "
+                "time, or use the SAE's saved threshold (omit options['sae']['k'])"
+            )
         latents = emit(latents_loc, cast.encode(value))
-        error = emit(error_loc, value - cast.decode(cast.encode(value)))
-        spliced: torch.Tensor = cast.decode(latents) + error
+        error = emit(error_loc, value - cast.decode(cast.encode(value), value))
+        spliced: torch.Tensor = cast.decode(latents, value) + error
         return spliced
 
     return [
@@ -229,9 +287,25 @@ Sources = Callable[[DstConfig], tuple[ScalarSource, ...]]
 
 
 def _sae_input(config: DstConfig) -> tuple[ScalarSource, ...]:
-    """``x`` (or ``∇x``): the builtin raw twin, by name — full activation, biases included."""
+    """``x`` (or ``∇x``): the builtin raw twin, by name — full activation, biases included.
+
+    Plus the forward ``x`` when the decoder has a per-token scale (run-time normalisation).
+    """
     opts = sae_options(config)
-    return (DstReference(opts.location, None, _at_sae_layer(opts)),)
+    return (DstReference(opts.location, None, _at_sae_layer(opts)), *_scale_input(opts))
+
+
+def _scale_input(opts: SaeOptions) -> tuple[ScalarSource, ...]:
+    if not per_token_scale(opts):
+        return ()
+    return (DstReference(opts.location, FORWARD, _at_sae_layer(opts)),)
+
+
+def _latents_only(latents: DstReference) -> Sources:
+    def sources(config: DstConfig) -> tuple[ScalarSource, ...]:
+        return (latents, *_scale_input(sae_options(config)))
+
+    return sources
 
 
 def _online_latents(config: DstConfig) -> tuple[ScalarSource, ...]:
@@ -249,7 +323,8 @@ def _latents_and_direction(latents: str) -> Sources:
     z = DstReference(latents, FORWARD)
 
     def sources(config: DstConfig) -> tuple[ScalarSource, ...]:
-        return (z, _direction(sae_options(config)))
+        opts = sae_options(config)
+        return (z, _direction(opts), *_scale_input(opts))
 
     return sources
 
@@ -266,7 +341,7 @@ def _latents(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Ten
     sae = _sae_for(opts, ctx, x)
     if ctx.pass_type is FORWARD:
         return sae.encode(x)
-    return x @ sae.W_dec.T
+    return _scaled(opts, ctx, x @ sae.W_dec.T, inputs, 1)
 
 
 def _error(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
@@ -280,7 +355,7 @@ def _error(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tenso
     if ctx.pass_type is BACKWARD:
         return x
     sae = _sae_for(opts, ctx, x)
-    return x - sae.decode(sae.encode(x))
+    return x - sae.decode(sae.encode(x), x)
 
 
 def _online_latents_capture(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
@@ -307,7 +382,7 @@ def _write(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tenso
     z = need(inputs[0])
     if layer != opts.layer:
         return z.new_zeros((*z.shape, ctx.dims.d_model))
-    return z.unsqueeze(-1) * write_weights(opts, ctx, z)
+    return _scaled(opts, ctx, z, inputs, 1).unsqueeze(-1) * write_weights(opts, ctx, z)
 
 
 def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
@@ -318,7 +393,7 @@ def _write_norm(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.
     if layer != opts.layer:
         return torch.zeros_like(z)
     norms: torch.Tensor = write_weights(opts, ctx, z).norm(dim=-1)
-    return z * norms
+    return _scaled(opts, ctx, z, inputs, 1) * norms
 
 
 def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
@@ -327,8 +402,9 @@ def _write_to_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> tor
     z, g = need(inputs[0]), inputs[1]
     if g is None:  # other layer, or the SAE does not precede g
         return torch.zeros_like(z)
-    projected: torch.Tensor = g.to(z) @ write_weights(sae_options(ctx.config), ctx, z).T
-    return projected.mul_(z)
+    opts = sae_options(ctx.config)
+    projected: torch.Tensor = g.to(z) @ write_weights(opts, ctx, z).T
+    return projected.mul_(_scaled(opts, ctx, z, inputs, 2))
 
 
 # --- recipes --------------------------------------------------------------------------------
@@ -418,7 +494,7 @@ RECIPES: tuple[SaeRecipe, ...] = (
         ),
         "z[t,j]·W_write[j,:]",
         _write,
-        (LATENTS,),
+        _latents_only(LATENTS),
     ),
     SaeRecipe(
         DerivedScalarType(
@@ -429,7 +505,7 @@ RECIPES: tuple[SaeRecipe, ...] = (
         ),
         "z[t,j]·‖W_write[j,:]‖₂",
         _write_norm,
-        (LATENTS,),
+        _latents_only(LATENTS),
     ),
     SaeRecipe(
         DerivedScalarType(
@@ -502,7 +578,7 @@ RECIPES: tuple[SaeRecipe, ...] = (
         ),
         "z[t,j]·W_write[j,:]",
         _write,
-        (ONLINE_LATENTS,),
+        _latents_only(ONLINE_LATENTS),
     ),
     SaeRecipe(
         DerivedScalarType(
@@ -513,7 +589,7 @@ RECIPES: tuple[SaeRecipe, ...] = (
         ),
         "z[t,j]·‖W_write[j,:]‖₂",
         _write_norm,
-        (ONLINE_LATENTS,),
+        _latents_only(ONLINE_LATENTS),
     ),
     SaeRecipe(
         DerivedScalarType(

@@ -25,6 +25,8 @@ LOCATIONS: dict[str, ActivationLocationType] = {
     ALT.MLP_POST_ACT.value: ALT.MLP_POST_ACT,
     ALT.RESID_DELTA_MLP.value: ALT.RESID_DELTA_MLP,
     ALT.RESID_DELTA_ATTN.value: ALT.RESID_DELTA_ATTN,
+    ALT.RESID_POST_ATTN.value: ALT.RESID_POST_ATTN,
+    ALT.RESID_POST_MLP.value: ALT.RESID_POST_MLP,
 }
 """Where an SAE may read, by option value.  Inputs are the full activations (biases included)."""
 
@@ -76,6 +78,23 @@ def _check_path(_: object, __: attrs.Attribute[Any], value: Any) -> None:
         raise ValueError(f"path must be a non-empty string (an SAE directory), got {value!r}")
 
 
+def _check_release_field(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{attribute.name} must be a non-empty string, got {value!r}")
+
+
+def _check_k(_: object, __: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"k must be a positive number (TopK / BatchTopK SAEs), got {value!r}")
+
+
+def _check_bool(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{attribute.name} must be true or false, got {value!r}")
+
+
 def _check_location(_: object, __: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         raise ValueError(f"location is required: one of {sorted(LOCATIONS)}")
@@ -98,9 +117,17 @@ class SaeOptions:
       ``sae_weights.safetensors``); or
     * ``random_init`` — ``{"n_latents": A, "seed": 0}``: a deterministic random SAE sized from
       the model at derive time (tests and examples).  Exactly one of the two.
-    * ``location`` — what the SAE reads: ``mlp.post_act``, ``resid.delta_mlp`` or
-      ``resid.delta_attn`` (full activations, biases included).
+    * ``release`` + ``sae_id`` (+ ``releases``, the local directory of downloaded releases;
+      default ``$SCALARLENS_SAE_RELEASES``) — instead of ``path``: select an SAE as in
+      SAELens' pretrained table, from local disk (``scalarlens-sae list DIR`` shows them).
+    * ``location`` — what the SAE reads: ``mlp.post_act``, ``resid.delta_mlp``,
+      ``resid.delta_attn`` (full activations, biases included), ``resid.post_attn`` or
+      ``resid.post_mlp`` (the residual stream).
     * ``layer`` — the layer it reads (non-negative).
+    * ``k`` — an inference-time k for a TopK / BatchTopK SAE (BatchTopK then selects by
+      count instead of its saved threshold); default: the SAE's own.
+    * ``fold_decoder_norm`` — use the equivalent SAE with unit-norm decoder rows (latents
+      scaled by ``‖W_dec[j]‖``, reconstruction unchanged).
 
     The direction g of ``*write_to_final_residual_grad`` is not an SAE option: it is the shared
     ``DstConfig.direction``, copied into ``direction`` by :func:`sae_options`.
@@ -108,17 +135,39 @@ class SaeOptions:
 
     path: str | None = attrs.field(default=None, validator=_check_path)
     random_init: RandomInit | None = attrs.field(default=None, converter=_to_random_init)
+    release: str | None = attrs.field(default=None, validator=_check_release_field)
+    sae_id: str | None = attrs.field(default=None, validator=_check_release_field)
+    releases: str | None = attrs.field(default=None, validator=_check_release_field)
     location: str = attrs.field(default=None, validator=_check_location)
     layer: int = attrs.field(default=None, validator=_check_layer)
+    k: float | None = attrs.field(default=None, validator=_check_k)
+    fold_decoder_norm: bool = attrs.field(default=False, validator=_check_bool)
     direction: Direction = attrs.field(factory=Direction)
 
     def __attrs_post_init__(self) -> None:
-        if (self.path is None) == (self.random_init is None):
-            got = f"got both path={self.path!r} and random_init" if self.path else "got neither"
-            raise ValueError(
-                "give exactly one of path (an SAE directory) or random_init "
-                f"({{'n_latents': A, 'seed': 0}}); {got}"
+        given = [
+            name
+            for name, value in (
+                ("path", self.path),
+                ("random_init", self.random_init),
+                ("release", self.release),
             )
+            if value is not None
+        ]
+        if len(given) != 1:
+            got = f"got both {' and '.join(given)}" if given else "got neither"
+            if self.path and self.random_init:
+                got = f"got both path={self.path!r} and random_init"
+            raise ValueError(
+                "give exactly one of path (an SAE directory), random_init "
+                f"({{'n_latents': A, 'seed': 0}}) or release + sae_id; {got}"
+            )
+        if (self.release is None) != (self.sae_id is None):
+            raise ValueError("release and sae_id go together (as in SAELens' pretrained table)")
+        if self.releases is not None and self.release is None:
+            raise ValueError("releases (a directory of releases) is used only with release")
+        if self.random_init is not None and (self.k is not None or self.fold_decoder_norm):
+            raise ValueError("k and fold_decoder_norm apply to an SAE loaded from disk")
 
     @property
     def alt(self) -> ActivationLocationType:
@@ -137,6 +186,11 @@ class SaeOptions:
 
     @property
     def resolved_path(self) -> str | None:
+        if self.release is not None:
+            from ._release import resolve_release
+
+            assert self.sae_id is not None
+            return str(resolve_release(self.releases, self.release, self.sae_id))
         return None if self.path is None else str(Path(self.path).expanduser().resolve())
 
     def splice_params(self) -> dict[str, Any]:
@@ -146,7 +200,12 @@ class SaeOptions:
             if self.random_init is None
             else {"random_init": self.random_init.to_dict()}
         )
-        return {**source, "location": self.location, "layer": self.layer}
+        variant: dict[str, Any] = {}
+        if self.k is not None:
+            variant["k"] = self.k
+        if self.fold_decoder_norm:
+            variant["fold_decoder_norm"] = True
+        return {**source, "location": self.location, "layer": self.layer, **variant}
 
 
 def sae_options(config: DstConfig) -> SaeOptions:
@@ -154,8 +213,9 @@ def sae_options(config: DstConfig) -> SaeOptions:
     if NAMESPACE not in config.options:
         raise SaeConfigError(
             "SAE DSTs need DstConfig(options={'sae': {'path': <SAE directory> (or 'random_init': "
-            "{'n_latents': A}), 'location': 'mlp.post_act' | 'resid.delta_mlp' | "
-            "'resid.delta_attn', 'layer': <int>}}); options['sae'] is missing"
+            "{'n_latents': A}, or 'release' + 'sae_id'), 'location': 'mlp.post_act' | "
+            "'resid.delta_mlp' | 'resid.delta_attn' | 'resid.post_attn' | 'resid.post_mlp', "
+            "'layer': <int>}}); options['sae'] is missing"
         )
     if isinstance(config.options[NAMESPACE], Mapping) and "direction" in config.options[NAMESPACE]:
         raise SaeConfigError(

@@ -108,12 +108,14 @@ def test_cast_is_memoised_and_leaves_the_original(tmp_path: Path) -> None:
         ),
         (lambda p: _write(p / "s", _tensors(), {"d_sae": 7}), r"d_sae=7 but .* \[4, 3\]"),
         (
-            lambda p: _write(p / "s", _tensors(), {"architecture": "jumprelu"}),
-            r"architecture='jumprelu' is not supported",
+            lambda p: _write(p / "s", _tensors(), {"architecture": "sparsemax"}),
+            r"architecture='sparsemax' is not supported by scalarlens-sae; supported: "
+            r"\['batchtopk', 'gated', 'jumprelu', 'jumprelu_transcoder', 'matryoshka_batchtopk', "
+            r"'standard', 'topk', 'transcoder'\]",
         ),
         (
             lambda p: _write(p / "s", _tensors(), {"normalize_activations": "constant_norm"}),
-            r"normalize_activations",
+            r"normalize_activations='constant_norm' is not supported.*'constant_norm_rescale'",
         ),
     ],
 )

@@ -28,7 +28,7 @@ def test_missing_namespace_explains_what_to_give() -> None:
         ({"layer": -1}, r"layer must be a non-negative integer, got -1"),
         ({"layer": "1"}, r"layer must be a non-negative integer, got '1'"),
         ({"location": None}, r"location is required"),
-        ({"location": "resid.post_mlp"}, r"location must be one of .*'resid.post_mlp'"),
+        ({"location": "mlp.pre_act"}, r"location must be one of .*'mlp.pre_act'"),
         ({"random_init": {"n_latents": 0}}, r"random_init\.n_latents must be a positive"),
         ({"random_init": {"seed": 1}}, r"random_init\.n_latents is required"),
         ({"random_init": {"n_latents": 4, "size": 2}}, r"random_init: unknown field\(s\)"),
