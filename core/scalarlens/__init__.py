@@ -76,6 +76,7 @@ from .exceptions import (
     ShapeError,
     StoreError,
     TokenizerError,
+    TruncationWarning,
     UnknownDstError,
     UnknownInterventionError,
     UnsupportedModelError,
@@ -105,6 +106,14 @@ if TYPE_CHECKING:
     from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
     from ._prepare import Preparation, prepare, unsupported_reason
     from ._store import DerivedScalarStore, NodeRecord
+    from ._sweep import (
+        SweepRecord,
+        SweepResult,
+        export_neuronpedia,
+        load_sweep,
+        sweep,
+        synthetic_corpus,
+    )
     from .models._loading import load_model
 
 # Imported on first use: resolving a deriver needs none of these, and keeping them out of
@@ -132,6 +141,14 @@ _LAZY = {
     "._prepare": ("Preparation", "prepare", "unsupported_reason"),
     ".models._loading": ("load_model",),
     "._store": ("DerivedScalarStore", "NodeRecord"),
+    "._sweep": (
+        "SweepRecord",
+        "SweepResult",
+        "export_neuronpedia",
+        "load_sweep",
+        "sweep",
+        "synthetic_corpus",
+    ),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -227,7 +244,10 @@ __all__ = [
     "ShapeError",
     "StaticLayerIndexer",
     "StoreError",
+    "SweepRecord",
+    "SweepResult",
     "TokenizerError",
+    "TruncationWarning",
     "UnknownDstError",
     "UnknownInterventionError",
     "UnsupportedModelError",
@@ -239,9 +259,11 @@ __all__ = [
     "derive_from_raw",
     "direction_source",
     "execute_plan",
+    "export_neuronpedia",
     "hookimpl",
     "identity_kernel",
     "load_model",
+    "load_sweep",
     "make_plan",
     "need",
     "precedes",
@@ -254,5 +276,7 @@ __all__ = [
     "registry",
     "resolve_shape",
     "row_norm",
+    "sweep",
+    "synthetic_corpus",
     "unsupported_reason",
 ]

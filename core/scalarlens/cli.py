@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ._bundled import BUNDLED_MODELS, bundled_vocab
+from ._cli_sweep import add_sweep_commands
 from ._inputs import (
     Job,
     check_top_k,
@@ -514,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     _add_derive(sub)
+    add_sweep_commands(sub)
 
     p = sub.add_parser("new-plugin", help="write a new plugin distribution (scalarlens-NAME)")
     p.add_argument("name", help="plugin name: a lowercase identifier, e.g. 'probe'")

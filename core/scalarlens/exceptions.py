@@ -27,6 +27,7 @@ __all__ = [
     "ShapeError",
     "StoreError",
     "TokenizerError",
+    "TruncationWarning",
     "UnknownDstError",
     "UnknownInterventionError",
     "UnsupportedModelError",
@@ -151,3 +152,11 @@ class OutputError(ScalarLensError, OSError):
 
 class StoreError(ScalarLensError, ValueError):
     """A derived-scalar store file is missing, unreadable, or was not written by ScalarLens."""
+
+
+class TruncationWarning(UserWarning):
+    """A corpus prompt was longer than the sweep's context and was cut to its first tokens.
+
+    One warning per sweep: it names the first such prompt (file and line), its length and how
+    many prompts were cut.
+    """

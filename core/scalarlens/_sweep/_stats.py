@@ -1,0 +1,431 @@
+"""Per-component corpus statistics that merge associatively and commutatively.
+
+A sweep cuts the corpus into shards that may run anywhere, in any order, and be re-run after a
+crash; each produces a ``ComponentStats`` per (DST, pass, layer), and the shards are merged at
+the end.  So every field is a *mergeable summary* whose merge gives the same answer whatever the
+split and the order:
+
+* top-k records: the ``k`` largest values, ties broken by the example key (prompt, token,
+  attended token) ascending — a total order, so the merged set is unique;
+* moments: count, mean and central sums ``M2..M4`` in float64, merged with Pébay's exact
+  pairwise formulas (the two-pass moments up to float64 rounding);
+* min, max, the non-zero count and a fixed-bin histogram: sums and extremes;
+* samples: every example gets a priority by *hashing its key* (``priority_of``), not from a
+  random stream, so "the ``s`` examples of lowest priority" is one well-defined set whatever the
+  split.  The uniform sample keeps the ``s`` lowest priorities overall (the same positions for
+  every component); the per-bin samples keep the ``m`` lowest per component and histogram bin,
+  from which the per-quantile samples are drawn at the end (``finalize``).
+
+Rows of a batch are examples (a token, or a causal (query, key) pair), columns components.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+KEY_SENTINEL = torch.iinfo(torch.int64).max
+"""Key (and priority) of an empty slot: sorts after every real example."""
+
+LOW_DECADE, HIGH_DECADE, BINS_PER_DECADE = -4, 4, 4
+MAGNITUDE_BINS = (HIGH_DECADE - LOW_DECADE) * BINS_PER_DECADE
+N_BINS = 2 * MAGNITUDE_BINS + 1
+ZERO_BIN = MAGNITUDE_BINS
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
+
+
+def make_key(prompt: torch.Tensor, token: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """``prompt << 32 | token << 16 | attended``: example keys that sort like the tuples."""
+    return (prompt.to(torch.int64) << 32) | (token.to(torch.int64) << 16) | attended.to(torch.int64)
+
+
+def split_key(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return key >> 32, (key >> 16) & 0xFFFF, key & 0xFFFF
+
+
+_MIX1, _MIX2, _GOLDEN = (
+    np.uint64(0xBF58476D1CE4E5B9),
+    np.uint64(0x94D049BB133111EB),
+    np.uint64(0x9E3779B97F4A7C15),
+)
+
+
+def priority_of(key: torch.Tensor) -> torch.Tensor:
+    """A pseudo-random priority per example key (splitmix64, 62 bits, non-negative).
+
+    Hashing rather than drawing keeps samples independent of how the corpus was split.
+    """
+    with np.errstate(over="ignore"):
+        z = key.numpy().astype(np.uint64) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(2)).astype(np.int64))
+
+
+def bin_of(values: torch.Tensor) -> torch.Tensor:
+    """Fixed symmetric log bins: ``|x| < 1e-4`` is the zero bin, then 4 bins per decade up to
+    ``1e4`` on each side (beyond that, the outermost bins); bin order is value order."""
+    magnitude = values.abs().to(torch.float64)
+    j = torch.floor((torch.log10(magnitude.clamp_min(1e-300)) - LOW_DECADE) * BINS_PER_DECADE)
+    j = j.clamp(0, MAGNITUDE_BINS - 1).to(torch.int64)
+    signed = torch.where(values > 0, ZERO_BIN + 1 + j, ZERO_BIN - 1 - j)
+    return torch.where(magnitude < 10.0**LOW_DECADE, torch.full_like(j, ZERO_BIN), signed)
+
+
+def bin_edges() -> list[float]:
+    """The ``N_BINS + 1`` edges (the outermost are ±inf: those bins also hold overflows)."""
+    mags = [10.0 ** (LOW_DECADE + i / BINS_PER_DECADE) for i in range(1, MAGNITUDE_BINS)]
+    low = 10.0**LOW_DECADE
+    return [-math.inf, *(-m for m in reversed(mags)), -low, low, *mags, math.inf]
+
+
+def first_per_group(
+    group: torch.Tensor, order: Sequence[torch.Tensor], m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the first ``m`` entries of each group under the lexicographic ``order``
+    (most significant first), and each kept entry's rank within its group."""
+    perm = torch.arange(group.numel())
+    for key in (*reversed(order), group):
+        perm = perm[torch.argsort(key[perm], stable=True)]
+    grouped = group[perm]
+    rank = torch.arange(grouped.numel()) - torch.searchsorted(grouped, grouped)
+    keep = rank < m
+    return perm[keep], rank[keep]
+
+
+def merge_slots(
+    mine: Sequence[torch.Tensor],
+    theirs: Sequence[torch.Tensor],
+    entering: torch.Tensor,
+    order: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]],
+    empty: Sequence[float],
+) -> list[torch.Tensor]:
+    """Per group (row), the first ``m`` slots of the union of two slot tables under ``order``.
+
+    Fields are ``groups × m (× extra)`` tensors, the first holding keys (``KEY_SENTINEL``:
+    empty slot).  Only groups where some entry of ``theirs`` could enter (``entering``: it beats
+    the last slot of ``mine``) are recomputed; the rest are ``mine`` unchanged.  The result is
+    the first ``m`` of the union under a total order, whatever the order of the operands.
+    """
+    m = mine[0].shape[1]
+    touched = entering.any(1).nonzero(as_tuple=True)[0]
+    out = [f.clone() for f in mine]
+    if touched.numel() == 0:
+        return out
+    both = [torch.cat([a[touched], b[touched]], 1) for a, b in zip(mine, theirs, strict=True)]
+    group, slot = (both[0] != KEY_SENTINEL).nonzero(as_tuple=True)
+    flat = [f[group, slot] for f in both]
+    kept, rank = first_per_group(group, order(flat), m)
+    for target, source, fill in zip(out, flat, empty, strict=True):
+        block = torch.full((touched.numel(), *target.shape[1:]), fill, dtype=target.dtype)
+        block[group[kept], rank] = source[kept]
+        target[touched] = block
+    return out
+
+
+@attrs.frozen
+class SweepSettings:
+    """What a ``ComponentStats`` keeps: sizes only (no tensors), stored in the manifest."""
+
+    top_k: int = 20
+    samples: int = 32
+    bin_samples: int = 4
+    window_before: int = 8
+    window_after: int = 4
+
+    @property
+    def window(self) -> int:
+        return self.window_before + 1 + self.window_after
+
+
+@attrs.frozen
+class Rows:
+    """One batch of one (DST, pass, layer): ``values`` is examples × components (float32),
+    ``keys`` the example keys (ascending), ``window`` the row index of each example's
+    neighbouring tokens (examples × window, ``-1`` outside the prompt or for token pairs)."""
+
+    values: torch.Tensor
+    keys: torch.Tensor
+    window: torch.Tensor
+
+
+FIELDS = (
+    "count",
+    "nonfinite",
+    "nonzero",
+    "mean",
+    "m2",
+    "m3",
+    "m4",
+    "min",
+    "max",
+    "hist",
+    "top_value",
+    "top_key",
+    "top_context",
+    "sample_key",
+    "sample_priority",
+    "sample_value",
+    "bin_key",
+    "bin_priority",
+    "bin_value",
+)
+
+
+class ComponentStats:
+    """Mergeable statistics of ``n`` components (see the module docstring)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], settings: SweepSettings) -> None:
+        self.t = tensors
+        self.settings = settings
+
+    @classmethod
+    def empty(cls, n: int, settings: SweepSettings) -> ComponentStats:
+        s = settings
+        f64 = torch.float64
+        return cls(
+            {
+                "count": torch.zeros(n, dtype=torch.int64),
+                "nonfinite": torch.zeros(n, dtype=torch.int64),
+                "nonzero": torch.zeros(n, dtype=torch.int64),
+                "mean": torch.zeros(n, dtype=f64),
+                "m2": torch.zeros(n, dtype=f64),
+                "m3": torch.zeros(n, dtype=f64),
+                "m4": torch.zeros(n, dtype=f64),
+                "min": torch.full((n,), math.inf, dtype=f64),
+                "max": torch.full((n,), -math.inf, dtype=f64),
+                "hist": torch.zeros(n, N_BINS, dtype=torch.int64),
+                "top_value": torch.full((n, s.top_k), -math.inf),
+                "top_key": torch.full((n, s.top_k), KEY_SENTINEL),
+                "top_context": torch.full((n, s.top_k, s.window), math.nan),
+                "sample_key": torch.full((s.samples,), KEY_SENTINEL),
+                "sample_priority": torch.full((s.samples,), KEY_SENTINEL),
+                "sample_value": torch.full((s.samples, n), math.nan),
+                "bin_key": torch.full((n, N_BINS, s.bin_samples), KEY_SENTINEL),
+                "bin_priority": torch.full((n, N_BINS, s.bin_samples), KEY_SENTINEL),
+                "bin_value": torch.full((n, N_BINS, s.bin_samples), math.nan),
+            },
+            settings,
+        )
+
+    @property
+    def n(self) -> int:
+        return int(self.t["count"].numel())
+
+    # --- one batch ------------------------------------------------------------------------
+
+    @classmethod
+    def of_rows(cls, rows: Rows, settings: SweepSettings) -> ComponentStats:
+        """The statistics of one batch alone (merged into a running state by ``merge``)."""
+        values = rows.values
+        n_rows, n = values.shape
+        finite = torch.isfinite(values)
+        x = torch.where(finite, values, 0.0).to(torch.float64)
+        count = finite.sum(0)
+        safe = count.clamp_min(1).to(torch.float64)
+        mean = x.sum(0) / safe
+        d = torch.where(finite, x - mean, 0.0)
+        d2 = d * d
+        out = cls.empty(n, settings)
+        t = out.t
+        t["count"] = count
+        t["nonfinite"] = n_rows - count
+        t["nonzero"] = (finite & (values != 0)).sum(0)
+        t["mean"] = torch.where(count > 0, mean, 0.0)
+        t["m2"], t["m3"], t["m4"] = d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)
+        t["min"] = torch.where(finite, x, math.inf).amin(0)
+        t["max"] = torch.where(finite, x, -math.inf).amax(0)
+        bins = bin_of(values)
+        columns = torch.arange(n).expand(n_rows, n)
+        flat = (columns * N_BINS + bins)[finite]
+        t["hist"] = torch.bincount(flat, minlength=n * N_BINS).reshape(n, N_BINS)
+        out._top_of_batch(rows, finite)
+        out._samples_of_batch(rows, finite, bins)
+        return out
+
+    def _top_of_batch(self, rows: Rows, finite: torch.Tensor) -> None:
+        s, n_rows = self.settings, rows.values.shape[0]
+        scored = torch.where(finite, rows.values, -math.inf)
+        k = min(s.top_k, n_rows)
+        threshold = torch.topk(scored, k, dim=0).values[-1]
+        candidate = finite & (scored >= threshold)
+        row, column = candidate.nonzero(as_tuple=True)
+        value = rows.values[row, column]
+        key = rows.keys[row]
+        kept, rank = first_per_group(column, [-value.to(torch.float64), key], s.top_k)
+        row, column = row[kept], column[kept]
+        self.t["top_value"][column, rank] = rows.values[row, column]
+        self.t["top_key"][column, rank] = rows.keys[row]
+        neighbours = rows.window[row]  # kept × window
+        context = rows.values[neighbours.clamp_min(0), column[:, None]]
+        self.t["top_context"][column, rank] = torch.where(neighbours >= 0, context, math.nan)
+
+    def _samples_of_batch(self, rows: Rows, finite: torch.Tensor, bins: torch.Tensor) -> None:
+        s, n_rows = self.settings, rows.values.shape[0]
+        priority = priority_of(rows.keys)
+        order = torch.argsort(priority, stable=True)
+        take = order[: s.samples]
+        self.t["sample_key"][: take.numel()] = rows.keys[take]
+        self.t["sample_priority"][: take.numel()] = priority[take]
+        self.t["sample_value"][: take.numel()] = rows.values[take]
+        # Per (component, bin): the lowest priorities.  Rows in priority order, then a stable
+        # sort of each column by bin: the first entries of each run are the ones to keep.
+        by_priority = torch.where(finite, bins, N_BINS)[order]  # non-finite: an extra bin
+        sorted_bins, index = torch.sort(by_priority, dim=0, stable=True)
+        columns = sorted_bins.T.contiguous()
+        rank = (torch.arange(n_rows) - torch.searchsorted(columns, columns)).T
+        keep = (rank < s.bin_samples) & (sorted_bins < N_BINS)
+        pos, column = keep.nonzero(as_tuple=True)
+        row = order[index[pos, column]]
+        bin_ = sorted_bins[pos, column]
+        slot = rank[pos, column]
+        self.t["bin_key"][column, bin_, slot] = rows.keys[row]
+        self.t["bin_priority"][column, bin_, slot] = priority[row]
+        self.t["bin_value"][column, bin_, slot] = rows.values[row, column]
+
+    # --- merging --------------------------------------------------------------------------
+
+    def merge(self, other: ComponentStats) -> ComponentStats:
+        """The statistics of both inputs together (neither is modified)."""
+        a, b = self.t, other.t
+        out: dict[str, torch.Tensor] = {}
+        na, nb = a["count"].to(torch.float64), b["count"].to(torch.float64)
+        n = na + nb
+        safe = n.clamp_min(1)
+        delta = b["mean"] - a["mean"]
+        out["count"] = a["count"] + b["count"]
+        out["nonfinite"] = a["nonfinite"] + b["nonfinite"]
+        out["nonzero"] = a["nonzero"] + b["nonzero"]
+        out["mean"] = torch.where(n > 0, a["mean"] + delta * nb / safe, 0.0)
+        out["m2"] = a["m2"] + b["m2"] + delta**2 * na * nb / safe
+        out["m3"] = (
+            a["m3"]
+            + b["m3"]
+            + delta**3 * na * nb * (na - nb) / safe**2
+            + 3 * delta * (na * b["m2"] - nb * a["m2"]) / safe
+        )
+        out["m4"] = (
+            a["m4"]
+            + b["m4"]
+            + delta**4 * na * nb * (na * na - na * nb + nb * nb) / safe**3
+            + 6 * delta**2 * (na * na * b["m2"] + nb * nb * a["m2"]) / safe**2
+            + 4 * delta * (na * b["m3"] - nb * a["m3"]) / safe
+        )
+        out["min"] = torch.minimum(a["min"], b["min"])
+        out["max"] = torch.maximum(a["max"], b["max"])
+        out["hist"] = a["hist"] + b["hist"]
+        out.update(self._merge_top(other))
+        out.update(self._merge_samples(other))
+        out.update(self._merge_bins(other))
+        return ComponentStats(out, self.settings)
+
+    def _merge_top(self, other: ComponentStats) -> dict[str, torch.Tensor]:
+        names = ("top_key", "top_value", "top_context")
+        threshold = self.t["top_value"][:, -1]  # -inf until full
+        theirs = other.t
+        entering = (theirs["top_key"] != KEY_SENTINEL) & (theirs["top_value"] >= threshold[:, None])
+        merged = merge_slots(
+            [self.t[n] for n in names],
+            [theirs[n] for n in names],
+            entering,
+            lambda f: [-f[1].to(torch.float64), f[0]],
+            [KEY_SENTINEL, -math.inf, math.nan],
+        )
+        return dict(zip(names, merged, strict=True))
+
+    def _merge_samples(self, other: ComponentStats) -> dict[str, torch.Tensor]:
+        size = self.settings.samples
+        key = torch.cat([self.t["sample_key"], other.t["sample_key"]])
+        priority = torch.cat([self.t["sample_priority"], other.t["sample_priority"]])
+        value = torch.cat([self.t["sample_value"], other.t["sample_value"]])
+        order = first_per_group(torch.zeros_like(key), [priority, key], size)[0]
+        return {
+            "sample_key": key[order],
+            "sample_priority": priority[order],
+            "sample_value": value[order],
+        }
+
+    def _merge_bins(self, other: ComponentStats) -> dict[str, torch.Tensor]:
+        names = ("bin_key", "bin_priority", "bin_value")
+        m = self.settings.bin_samples
+        mine = [self.t[n].reshape(-1, m) for n in names]
+        theirs = [other.t[n].reshape(-1, m) for n in names]
+        threshold = mine[1][:, -1]  # KEY_SENTINEL until full
+        entering = (theirs[0] != KEY_SENTINEL) & (theirs[1] <= threshold[:, None])
+        merged = merge_slots(
+            mine, theirs, entering, lambda f: [f[1], f[0]], [KEY_SENTINEL, KEY_SENTINEL, math.nan]
+        )
+        return {n: f.reshape(self.t[n].shape) for n, f in zip(names, merged, strict=True)}
+
+    # --- results --------------------------------------------------------------------------
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """Derived results: variance, skewness, excess kurtosis (population moments), quantile
+        boundaries at the histogram's resolution, and ``bin_samples`` examples per quantile bin
+        (the lowest priorities among the examples whose histogram bin lies in it)."""
+        t = self.t
+        n = t["count"].to(torch.float64)
+        safe = n.clamp_min(1)
+        variance = t["m2"] / safe
+        spread = t["m2"] > 0
+        m2 = t["m2"].where(spread, 1.0)
+        out = {
+            "variance": torch.where(n > 0, variance, math.nan),
+            "skewness": torch.where(spread, safe.sqrt() * t["m3"] / m2**1.5, math.nan),
+            "kurtosis": torch.where(spread, safe * t["m4"] / m2**2 - 3.0, math.nan),
+            "fraction_nonzero": torch.where(n > 0, t["nonzero"] / safe, math.nan),
+        }
+        below = torch.cumsum(t["hist"], 1) - t["hist"]  # examples in lower bins
+        levels = torch.tensor(QUANTILES, dtype=torch.float64)
+        # quantile bin of each histogram bin: how many levels its lower count has reached
+        qbin = (below[:, :, None].to(torch.float64) >= levels * n[:, None, None]).sum(2)
+        edges = torch.tensor(bin_edges(), dtype=torch.float64)
+        first_bin = torch.stack(
+            [(qbin >= j).to(torch.int64).argmax(1) for j in range(1, len(QUANTILES) + 1)], 1
+        )
+        has = torch.stack([(qbin >= j).any(1) for j in range(1, len(QUANTILES) + 1)], 1)
+        has = has & (n > 0)[:, None]
+        out["quantile_boundaries"] = torch.where(has, edges[first_bin], math.nan)
+        m = self.settings.bin_samples
+        key, priority = t["bin_key"], t["bin_priority"]
+        column, bin_, slot = (key != KEY_SENTINEL).nonzero(as_tuple=True)
+        group = column * (len(QUANTILES) + 1) + qbin[column, bin_]
+        kept, rank = first_per_group(
+            group, [priority[column, bin_, slot], key[column, bin_, slot]], m
+        )
+        column, bin_, slot, rank = column[kept], bin_[kept], slot[kept], rank
+        q = qbin[column, bin_]
+        shape = (self.n, len(QUANTILES) + 1, m)
+        out["quantile_key"] = torch.full(shape, KEY_SENTINEL)
+        out["quantile_value"] = torch.full(shape, math.nan)
+        out["quantile_key"][column, q, rank] = key[column, bin_, slot]
+        out["quantile_value"][column, q, rank] = t["bin_value"][column, bin_, slot]
+        return out
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}/{name}": self.t[name].contiguous() for name in FIELDS}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], prefix: str, settings: SweepSettings
+    ) -> ComponentStats:
+        return cls({name: tensors[f"{prefix}/{name}"] for name in FIELDS}, settings)
+
+    def identical(self, other: ComponentStats, fields: Sequence[str] = FIELDS) -> bool:
+        """Bit-for-bit equality of ``fields`` (NaN slots included, unlike ``==``)."""
+        return all(
+            self.t[f].dtype == other.t[f].dtype
+            and self.t[f].shape == other.t[f].shape
+            and self.t[f].numpy().tobytes() == other.t[f].numpy().tobytes()
+            for f in fields
+        )
+
+
+def settings_dict(settings: SweepSettings) -> dict[str, Any]:
+    return attrs.asdict(settings)
