@@ -6,11 +6,11 @@ from collections.abc import Mapping
 
 from scalarlens import DerivedScalarType, DstConfig, Factory, hookimpl
 
-from . import attention, mlp, raw, residual, tokens
+from . import attention, mlp, patching, raw, residual, tokens
 
 SCALARLENS_PLUGIN_API = 1
 
-FAMILIES = (raw, residual, mlp, attention, tokens)
+FAMILIES = (raw, residual, mlp, attention, tokens, patching)
 
 
 @hookimpl

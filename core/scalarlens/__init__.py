@@ -49,7 +49,13 @@ from ._recipes import (
     row_norm,
 )
 from ._registry import Registry, registry
-from ._sources import DstReference, RawScalarSource, ScalarSource, direction_source
+from ._sources import (
+    DstReference,
+    PromptCombo,
+    RawScalarSource,
+    ScalarSource,
+    direction_source,
+)
 from ._vocab import (
     ActivationLocationType,
     Dimension,
@@ -232,6 +238,7 @@ __all__ = [
     "PluginLoadError",
     "PluginLocation",
     "Preparation",
+    "PromptCombo",
     "RawActivationStore",
     "RawScalarSource",
     "Recipe",

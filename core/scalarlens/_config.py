@@ -139,6 +139,14 @@ def _check_bool(inst: object, attribute: attrs.Attribute[bool], value: bool) -> 
         raise ConfigError(f"DstConfig.{attribute.name} must be True or False, got {value!r}")
 
 
+def _check_positive_int(inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(
+            f"DstConfig.{attribute.name} must be an integer >= 1, got {value!r}"
+            + (" (CLI: --steps)" if attribute.name == "steps" else "")
+        )
+
+
 @attrs.frozen(cache_hash=True)  # part of every plan node key
 class DstConfig:
     """Settings a deriver is built with.
@@ -158,6 +166,14 @@ class DstConfig:
       forward instead of keeping every layer's intermediate tensors, so peak memory is the
       residual stream at layer boundaries, the planned captures and one layer's activations
       (identical results; roughly one more forward pass of time).
+    * ``steps`` — quadrature points of integrated gradients (Gauss–Legendre on the path from
+      the baseline to the main prompt's activation; exact for polynomials of degree
+      ``2·steps − 1``).
+    * ``patch_group`` — activation patching patches this many consecutive components of the
+      last component axis together (heads, neurons, positions); every member of a group gets
+      the group's effect.  ``1``: each component alone.
+    * ``batch_rows`` — prompts per forward pass in the engine's extra runs (integrated
+      gradients, patching): more is faster until memory runs out.
     """
 
     layer_indices: tuple[int, ...] | None = attrs.field(default=None, converter=_to_layers)
@@ -167,6 +183,9 @@ class DstConfig:
     direction: Direction = attrs.field(factory=Direction, converter=to_direction)
     options: FrozenOptions = attrs.field(factory=FrozenOptions, converter=FrozenOptions)
     memory: str = attrs.field(default="default", validator=_check_memory)
+    steps: int = attrs.field(default=8, validator=_check_positive_int)
+    patch_group: int = attrs.field(default=1, validator=_check_positive_int)
+    batch_rows: int = attrs.field(default=32, validator=_check_positive_int)
 
     def plugin_options(self, namespace: str, schema: type[T]) -> T:
         """Validate and return the options a plugin keeps under ``namespace``.
@@ -207,6 +226,9 @@ class DstConfig:
             "direction": self.direction.to_dict(),
             "options": self.options.to_dict(),
             "memory": self.memory,
+            "steps": self.steps,
+            "patch_group": self.patch_group,
+            "batch_rows": self.batch_rows,
         }
 
     @classmethod

@@ -4,6 +4,11 @@
 missing target surface before any model runs), captures exactly what the plan lists in one
 forward pass (plus one backward only if a DST needs gradients), then derives every requested
 DST once per prompt.
+
+With a ``baseline`` (a corrupted prompt per main prompt), the baseline prompts get their own
+batched run, capturing only what the plan reads from them (forward only unless something needs
+their gradient), and the engine's extra runs (integrated gradients, activation patching) are
+made per pair.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from ._prepare import (
     Preparation,
     check_model_support,
     prepare,
+    prepare_baseline,
     prepare_objective,
     prepare_tokens,
 )
+from ._sources import PromptCombo
 from ._store import DerivedScalarStore
 from ._vocab import ActivationLocationType, PassType
 from .exceptions import ModelInputError
@@ -56,6 +63,7 @@ def derive(
     target: str | int | None = None,
     distractor: str | int | None = None,
     objective: Objective | None = None,
+    baseline: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | None = None,
     interventions: Sequence[Intervention] = (),
     layers: Sequence[int] | None = None,
     config: DstConfig | None = None,
@@ -63,6 +71,10 @@ def derive(
     counter: EvaluationCounter | None = None,
 ) -> DerivedScalarStore:
     """Derive ``dsts`` for each prompt.
+
+    ``baseline`` is the corrupted prompt of each main prompt (one for all, or one per prompt;
+    the same token length as its main prompt, so positions align) for DSTs that compare two
+    prompts (attribution patching, integrated gradients, activation patching).
 
     A DST whose value needs gradients requires a backward objective: ``target`` and
     ``distractor`` give the logit difference at the last token (the direction of interest);
@@ -82,11 +94,18 @@ def derive(
     check_model_support(prepared.requests, adapter)
     plan = make_plan(prepared.requests, adapter.dims.n_layers)
     tokens = prepare_tokens(adapter, prompts_or_tokens)
+    baseline_tokens = prepare_baseline(adapter, tokens, baseline, prepared)
     if objective is None:
         objective = prepare_objective(adapter, target, distractor)
     _require_objective(prepared, objective)
     interventions = [*interventions, *plugin_interventions(plan, adapter, registry)]
-    runs = _run(adapter, plan, tokens, objective, interventions, prepared.config)
+    config = prepared.config
+    runs = _run(adapter, plan, tokens, objective, interventions, config)
+    base_runs = []
+    if baseline_tokens is not None:
+        base_runs = _run(
+            adapter, plan, baseline_tokens, objective, interventions, config, PromptCombo.BASELINE
+        )
     results = [
         execute_plan(
             plan,
@@ -94,17 +113,44 @@ def derive(
             model=adapter,
             counter=counter,
             objective=objective,
+            runs=_other_runs(plan, adapter, run, base_runs, i, objective, interventions, config),
         )
-        for run in runs
+        for i, run in enumerate(runs)
     ]
-    metadata = {
+    metadata: dict[str, Any] = {
         "model": adapter.config_dict(),
-        "config": prepared.config.to_dict(),
+        "config": config.to_dict(),
         "objective": None if objective is None else repr(objective),
         "objective_values": [run.objective_value for run in runs],
         "versions": _versions(),
     }
+    if base_runs:
+        metadata["baseline_tokens"] = [list(run.tokens) for run in base_runs]
+        metadata["baseline_objective_values"] = [run.objective_value for run in base_runs]
     return DerivedScalarStore(results, tokens, metadata)
+
+
+def _other_runs(
+    plan: Plan,
+    adapter: ModelAdapter,
+    run: RunResult,
+    base_runs: Sequence[RunResult],
+    i: int,
+    objective: Objective | None,
+    interventions: Sequence[Intervention],
+    config: DstConfig,
+) -> dict[PromptCombo, RawActivationStore]:
+    """Prompt ``i``'s baseline captures and the engine's runs for the pair (if any)."""
+    if not base_runs:
+        return {}
+    from ._contrast import engine_runs
+
+    base = base_runs[i]
+    out = {PromptCombo.BASELINE: RawActivationStore.from_nested_dict(base.captured)}
+    if plan.engine_runs:
+        assert objective is not None
+        out |= engine_runs(plan, adapter, run, base, objective, interventions, config)
+    return out
 
 
 def _require_objective(prepared: Preparation, objective: Objective | None) -> None:
@@ -123,22 +169,29 @@ def _run(
     objective: Objective | None,
     interventions: Sequence[Intervention],
     config: DstConfig,
+    prompt: PromptCombo = PromptCombo.MAIN,
 ) -> list[RunResult]:
-    """Capture what the plan needs: one forward, plus a backward only where one is needed."""
-    if _local_final_gradient(plan, objective, adapter, interventions):
+    """Capture what the plan needs from the main (or baseline) prompts: one forward, plus a
+    backward only where one is needed.  Comparing two prompts, the objective is evaluated on
+    both (one unembedded row each), so results carry ``objective(main)`` and
+    ``objective(baseline)``."""
+    captures = plan.captures_for(prompt)
+    backward = plan.run_needs_backward(prompt)
+    if _local_final_gradient(plan, objective, adapter, interventions, prompt):
         # Only the gradient at the final residual is needed: one forward pass, then a local
         # backward through the final norm and unembedding (no graph through the network).
         assert objective is not None
-        captures = [c for c in plan.captures if c.pass_type is PassType.FORWARD]
-        captures = _with_final_residual(captures, adapter.dims.n_layers)
-        runs = adapter.run(tokens, captures, None, interventions=interventions, return_logits=False)
+        forward = [c for c in captures if c.pass_type is PassType.FORWARD]
+        forward = _with_final_residual(forward, adapter.dims.n_layers)
+        runs = adapter.run(tokens, forward, None, interventions=interventions, return_logits=False)
         return [_add_final_gradient(run, objective, adapter, config) for run in runs]
     # Only passed when asked for, so adapters written before memory modes keep working.
     low = {"memory": config.memory} if config.memory != "default" else {}
+    evaluate = backward or (plan.uses_baseline and objective is not None)
     return adapter.run(
         tokens,
-        plan.captures,
-        objective if plan.needs_backward else None,
+        captures,
+        objective if evaluate else None,
         interventions=interventions,
         detach_final_ln_scale=config.detach_final_ln_scale,
         return_logits=False,
@@ -151,7 +204,8 @@ def plugin_interventions(
 ) -> list[Intervention]:
     """Ask each plugin provider once per distinct params for the interventions it splices."""
     wanted: dict[tuple[str, Any], list[PluginLocation]] = {}
-    for location, _ in plan.raw_layers:
+    every_run = {key for keys in plan.raw_by_run.values() for key in keys}
+    for location, _ in every_run:
         if isinstance(location, PluginLocation):
             wanted.setdefault((location.provider, location.params), []).append(location)
     out: list[Intervention] = []
@@ -176,10 +230,13 @@ def _local_final_gradient(
     objective: Objective | None,
     adapter: ModelAdapter,
     interventions: Sequence[Intervention],
+    prompt: PromptCombo = PromptCombo.MAIN,
 ) -> bool:
-    """Whether the plan's only gradient is the objective's at the final residual."""
+    """Whether the run's only gradient is the objective's at the final residual."""
     backward = {
-        key: layers for key, layers in plan.raw_layers.items() if key[1] is PassType.BACKWARD
+        key: layers
+        for key, layers in plan.raw_by_run.get(prompt, {}).items()
+        if key[1] is PassType.BACKWARD
     }
     last = adapter.dims.n_layers - 1
     return (

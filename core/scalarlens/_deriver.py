@@ -16,7 +16,15 @@ import attrs
 from ._config import DstConfig
 from ._dst import DerivedScalarType
 from ._layers import IDENTITY, LayerIndex, LayerIndexer
-from ._sources import DstReference, RawScalarSource, ScalarSource, pass_name
+from ._sources import (
+    DstReference,
+    PromptCombo,
+    RawScalarSource,
+    ScalarSource,
+    _check_engine_run,
+    pass_name,
+    prompt_name,
+)
 from ._vocab import ActivationLocationType, Dimension, PassType, WeightLocationType
 from .exceptions import ConfigError, UnsupportedPassError
 
@@ -168,11 +176,12 @@ class DerivedScalarSource:
     scalar_deriver: ScalarDeriver
     pass_type: PassType | None = PassType.FORWARD
     layer_indexer: LayerIndexer = IDENTITY
+    prompt: PromptCombo | None = attrs.field(default=None, validator=_check_engine_run)
 
     def describe(self) -> str:
         return (
-            f"{self.scalar_deriver.dst.name}/{pass_name(self.pass_type)} "
-            f"[{self.layer_indexer.describe()}]"
+            f"{self.scalar_deriver.dst.name}/{pass_name(self.pass_type)}"
+            f"{prompt_name(self.prompt)} [{self.layer_indexer.describe()}]"
         )
 
 
@@ -243,8 +252,27 @@ class ScalarDeriver:
         return any(p is PassType.BACKWARD for _, p in self.raw_requirements(pass_type))
 
     def needs_objective(self, pass_type: PassType = PassType.FORWARD) -> bool:
-        """A backward pass, or a kernel in the tree that reads ``ctx.objective``."""
-        return self.needs_backward(pass_type) or self._reads_objective()
+        """A backward pass, a patched run, or a kernel in the tree that reads ``ctx.objective``."""
+        return (
+            self.needs_backward(pass_type)
+            or PromptCombo.PATCHED in self.prompts_read()
+            or self._reads_objective()
+        )
+
+    def prompts_read(self) -> frozenset[PromptCombo]:
+        """The explicit ``prompt`` of every source in the tree (empty: one prompt suffices)."""
+        found: set[PromptCombo] = set()
+        for source in self.sub_scalar_sources:
+            prompt = getattr(source, "prompt", None)
+            if prompt is not None:
+                found.add(prompt)
+            if isinstance(source, DerivedScalarSource):
+                found |= source.scalar_deriver.prompts_read()
+        return frozenset(found)
+
+    def reads_baseline(self) -> bool:
+        """Whether deriving this needs a baseline prompt besides the main one."""
+        return bool(self.prompts_read() - {PromptCombo.MAIN})
 
     def _reads_objective(self) -> bool:
         return self.dst.needs_objective or any(

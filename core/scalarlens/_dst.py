@@ -80,6 +80,9 @@ class DerivedScalarType:
     # Its kernel reads ``ctx.objective`` (e.g. a logit lens of the target token): derive and
     # the CLI then require target/distractor even when no backward pass runs.
     needs_objective: bool = attrs.field(default=False, kw_only=True)
+    # The DST holding the exact value this one estimates (attribution patching and integrated
+    # gradients estimate activation patching): ``--compare`` pairs them by this name.
+    estimate_of: str | None = attrs.field(default=None, kw_only=True)
 
     def __str__(self) -> str:
         return self.name

@@ -5,6 +5,11 @@
 evaluated once, each node computes only the layers its consumers need (layer demands flow down
 through the sources' layer indexers), and the plan states the exact raw (location, pass,
 layers) to capture and whether a backward pass is needed — all before any model runs.
+
+A plan may compare two prompts: every node is evaluated on the main prompt's run or on the
+baseline's (its key says which), a source with ``prompt=MAIN_MINUS_BASELINE`` reads both and
+subtracts, and raw sources may read the runs the engine derives from the pair (integrated
+gradients, patched objectives; see ``PromptCombo``).  The plan lists, per run, what to capture.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ._layers import NOT_NEEDED, LayerIndex
 from ._locations import PluginLocation
 from ._model import CaptureRequest, Objective, ObjectiveInfo
 from ._output_check import OutputChecker
-from ._sources import DstReference, RawScalarSource
+from ._sources import ENGINE_RUNS, DstReference, PromptCombo, RawScalarSource
 from ._vocab import ActivationLocationType, PassType
 from .exceptions import ConfigError, MissingActivationError
 
@@ -34,29 +39,39 @@ if TYPE_CHECKING:
 
     from ._model import ModelAdapter
 
-NodeKey = tuple[DerivedScalarType, DstConfig, PassType]
+NodeKey = tuple[DerivedScalarType, DstConfig, PassType, PromptCombo]
 RawKey = tuple[ActivationLocationType | PluginLocation, PassType]
+MAIN = PromptCombo.MAIN
+BASELINE = PromptCombo.BASELINE
 
 
-def node_key(deriver: ScalarDeriver, pass_type: PassType) -> NodeKey:
+def node_key(deriver: ScalarDeriver, pass_type: PassType, prompt: PromptCombo = MAIN) -> NodeKey:
     """Derivers equal up to layer selection share a node: they compute the same thing."""
-    return (deriver.dst, attrs.evolve(deriver.config, layer_indices=None), pass_type)
+    return (deriver.dst, attrs.evolve(deriver.config, layer_indices=None), pass_type, prompt)
 
 
 @attrs.frozen
 class RawEdge:
-    """An input read from the raw store: a captured (location, pass), through an indexer."""
+    """An input read from the raw store: a captured (location, pass), through an indexer.
+
+    ``runs`` names the run(s) it is read from; two runs (main, baseline) mean their difference.
+    """
 
     source: RawScalarSource
     producer: RawKey
+    runs: tuple[PromptCombo, ...] = (MAIN,)
 
 
 @attrs.frozen
 class NodeEdge:
-    """An input produced by another node of the plan, through an indexer."""
+    """An input produced by other nodes of the plan (two: main minus baseline), via an indexer."""
 
     source: DerivedScalarSource
-    producer: NodeKey
+    producers: tuple[NodeKey, ...]
+
+    @property
+    def producer(self) -> NodeKey:
+        return self.producers[0]
 
 
 Edge = RawEdge | NodeEdge
@@ -95,23 +110,53 @@ class Plan:
 
     requests: tuple[tuple[NodeKey, tuple[LayerIndex, ...]], ...]
     nodes: tuple[PlanNode, ...]  # producers before consumers
-    raw_layers: Mapping[RawKey, frozenset[LayerIndex]]
+    raw_by_run: Mapping[PromptCombo, Mapping[RawKey, frozenset[LayerIndex]]]
     n_layers: int
 
     @property
+    def raw_layers(self) -> Mapping[RawKey, frozenset[LayerIndex]]:
+        """What the main prompt's run captures."""
+        return self.raw_by_run.get(MAIN, {})
+
+    def run_needs_backward(self, run: PromptCombo) -> bool:
+        return any(p is PassType.BACKWARD for _, p in self.raw_by_run.get(run, {}))
+
+    @property
     def needs_backward(self) -> bool:
-        return any(p is PassType.BACKWARD for _, p in self.raw_layers)
+        """Whether the main prompt's run needs a backward pass."""
+        return self.run_needs_backward(MAIN)
+
+    @property
+    def uses_baseline(self) -> bool:
+        """Whether anything reads a baseline prompt (directly or through an engine run)."""
+        return any(run is not MAIN for run in self.raw_by_run) or any(
+            node.key[3] is BASELINE for node in self.nodes
+        )
+
+    @property
+    def engine_runs(self) -> dict[PromptCombo, Mapping[RawKey, frozenset[LayerIndex]]]:
+        """The integrated-gradient and patched runs the plan needs, with their locations."""
+        return {run: keys for run, keys in self.raw_by_run.items() if run in ENGINE_RUNS}
 
     @property
     def needs_objective(self) -> bool:
-        """A backward pass, or a kernel that reads ``ctx.objective`` (e.g. a logit lens)."""
-        return self.needs_backward or any(node.dst.needs_objective for node in self.nodes)
+        """A backward pass, an engine run, or a kernel that reads ``ctx.objective``."""
+        return (
+            any(self.run_needs_backward(run) for run in self.raw_by_run)
+            or bool(self.engine_runs)
+            or any(node.dst.needs_objective for node in self.nodes)
+        )
 
     @property
     def captures(self) -> tuple[CaptureRequest, ...]:
+        return self.captures_for(MAIN)
+
+    def captures_for(self, run: PromptCombo) -> tuple[CaptureRequest, ...]:
+        """What the main (or baseline) prompt's run must capture."""
         out = []
         for (location, pass_type), layers in sorted(
-            self.raw_layers.items(), key=lambda kv: (str(kv[0][0].value), kv[0][1].value)
+            self.raw_by_run.get(run, {}).items(),
+            key=lambda kv: (str(kv[0][0].value), kv[0][1].value),
         ):
             ints = frozenset(layer for layer in layers if layer is not None)
             out.append(
@@ -123,11 +168,13 @@ class Plan:
         lines = [f"{len(self.nodes)} derivation node(s); backward pass: {self.needs_backward}"]
         for node in self.nodes:
             layers = sorted(node.layers, key=lambda x: -1 if x is None else x)
-            lines.append(f"  {node.dst.name}/{node.pass_type.value} layers={layers}")
-        lines.append("captures:")
-        for c in self.captures:
-            shown = "-" if c.layers is None else sorted(c.layers)
-            lines.append(f"  {c.location.value}/{c.pass_type.value} layers={shown}")
+            on = "" if node.key[3] is MAIN else f" @{node.key[3].value}"
+            lines.append(f"  {node.dst.name}/{node.pass_type.value}{on} layers={layers}")
+        for run in self.raw_by_run:
+            lines.append("captures:" if run is MAIN else f"captures @{run.value}:")
+            for c in self.captures_for(run):
+                shown = "-" if c.layers is None else sorted(c.layers)
+                lines.append(f"  {c.location.value}/{c.pass_type.value} layers={shown}")
         return "\n".join(lines)
 
 
@@ -158,7 +205,7 @@ def make_plan(requests: Sequence[tuple[ScalarDeriver, PassType]], n_layers: int)
     return Plan(
         requests=tuple(request_keys),
         nodes=tuple(graph.nodes[k] for k in graph.order),
-        raw_layers=_propagate_layers(graph, n_layers),
+        raw_by_run=_propagate_layers(graph, n_layers),
         n_layers=n_layers,
     )
 
@@ -170,9 +217,15 @@ class _Graph:
         self.nodes: dict[NodeKey, PlanNode] = {}
         self.order: list[NodeKey] = []
 
-    def visit(self, deriver: ScalarDeriver, pass_type: PassType, needed_by: str) -> NodeKey:
+    def visit(
+        self,
+        deriver: ScalarDeriver,
+        pass_type: PassType,
+        needed_by: str,
+        prompt: PromptCombo = MAIN,
+    ) -> NodeKey:
         deriver.check_pass(pass_type, needed_by)
-        key = node_key(deriver, pass_type)
+        key = node_key(deriver, pass_type, prompt)
         if key in self.nodes:
             return key
         edges: list[Edge] = []
@@ -180,10 +233,15 @@ class _Graph:
         for source in deriver.sub_scalar_sources:
             resolved = pass_type if source.pass_type is None else source.pass_type
             if isinstance(source, RawScalarSource):
-                edges.append(RawEdge(source, (source.location, resolved)))
+                runs = _runs(source.prompt, prompt, deriver, source.describe())
+                edges.append(RawEdge(source, (source.location, resolved), runs))
             elif isinstance(source, DerivedScalarSource):
-                child = self.visit(source.scalar_deriver, resolved, deriver.dst.name)
-                edges.append(NodeEdge(source, child))
+                runs = _runs(source.prompt, prompt, deriver, source.describe())
+                children = tuple(
+                    self.visit(source.scalar_deriver, resolved, deriver.dst.name, run)
+                    for run in runs
+                )
+                edges.append(NodeEdge(source, children))
             elif isinstance(source, DstReference):
                 raise ConfigError(
                     f"{deriver.dst.name} holds an unresolved reference to {source.dst_name!r}; "
@@ -197,13 +255,34 @@ class _Graph:
         return key
 
 
-def _propagate_layers(graph: _Graph, n_layers: int) -> dict[RawKey, frozenset[LayerIndex]]:
-    """Pass each node's layer demands down its edges; return what must be captured.
+def _runs(
+    prompt: PromptCombo | None, consumer: PromptCombo, deriver: ScalarDeriver, what: str
+) -> tuple[PromptCombo, ...]:
+    """The run(s) a source with ``prompt`` reads for a node evaluated on ``consumer``'s run."""
+    if prompt is None:
+        return (consumer,)
+    if prompt in (MAIN, BASELINE):
+        return (prompt,)
+    if consumer is BASELINE:
+        raise ConfigError(
+            f"{deriver.dst.name} is evaluated on the baseline prompt but its source {what} "
+            f"reads {prompt.value!r}, which is only defined relative to the main prompt"
+        )
+    if prompt is PromptCombo.MAIN_MINUS_BASELINE:
+        return (MAIN, BASELINE)
+    return (prompt,)
+
+
+def _propagate_layers(
+    graph: _Graph, n_layers: int
+) -> dict[PromptCombo, dict[RawKey, frozenset[LayerIndex]]]:
+    """Pass each node's layer demands down its edges; return what each run must capture.
 
     Consumers are visited before producers, so every demand on a node is known before it is
-    passed on.
+    passed on.  An engine run (integrated gradients, patching) at a location also needs the
+    location's forward value on both prompts, to interpolate or to patch from.
     """
-    raw_layers: dict[RawKey, set[LayerIndex]] = {}
+    raw_layers: dict[tuple[PromptCombo, RawKey], set[LayerIndex]] = {}
     for key in reversed(graph.order):
         node = graph.nodes[key]
         for edge in node.edges:
@@ -215,7 +294,8 @@ def _propagate_layers(graph: _Graph, n_layers: int) -> dict[RawKey, frozenset[La
             if not demanded:
                 continue
             if isinstance(edge, NodeEdge):
-                graph.nodes[edge.producer].layers.update(demanded)
+                for producer in edge.producers:
+                    graph.nodes[producer].layers.update(demanded)
                 continue
             location = edge.producer[0]
             if location.has_no_layers and demanded != {None}:
@@ -223,8 +303,18 @@ def _propagate_layers(graph: _Graph, n_layers: int) -> dict[RawKey, frozenset[La
                     f"{node.dst.name}: source {edge.source.describe()} asks the layer-less "
                     f"location {location.value} for layers {sorted(map(str, demanded))}"
                 )
-            raw_layers.setdefault(edge.producer, set()).update(demanded)
-    return {k: frozenset(v) for k, v in raw_layers.items()}
+            for run in edge.runs:
+                raw_layers.setdefault((run, edge.producer), set()).update(demanded)
+                if run in ENGINE_RUNS:
+                    forward = (location, PassType.FORWARD)
+                    for prompt in (MAIN, BASELINE):
+                        raw_layers.setdefault((prompt, forward), set()).update(demanded)
+    out: dict[PromptCombo, dict[RawKey, frozenset[LayerIndex]]] = {}
+    for run in PromptCombo:  # a stable order: main first
+        for (r, raw_key), layers in raw_layers.items():
+            if r is run:
+                out.setdefault(run, {})[raw_key] = frozenset(layers)
+    return out
 
 
 def execute_plan(
@@ -234,9 +324,12 @@ def execute_plan(
     model: ModelAdapter | None = None,
     counter: EvaluationCounter | None = None,
     objective: Objective | None = None,
+    runs: Mapping[PromptCombo, RawActivationStore] | None = None,
 ) -> dict[DstAndPass, ActivationsAndMetadata]:
     """Evaluate every node once, layer by layer, and return the requested results.
 
+    ``raw_store`` holds the main prompt's captures; ``runs`` the other runs a plan comparing
+    two prompts reads (the baseline's captures, integrated gradients, patched objectives).
     ``objective`` is what ``ctx.objective`` shows kernels (resolved for this prompt); DSTs
     declared with ``needs_objective=True`` refuse to run without one.
 
@@ -247,11 +340,14 @@ def execute_plan(
     """
     import torch
 
+    stores = {MAIN: raw_store, **(runs or {})}
+    _check_runs(plan, stores)
     remaining_uses: Counter[NodeKey] = Counter()
     for node in plan.nodes:
         for edge in node.edges:
             if isinstance(edge, NodeEdge):
-                remaining_uses[edge.producer] += 1
+                for producer in edge.producers:
+                    remaining_uses[producer] += 1
     requested = {key for key, _ in plan.requests}
     checker = OutputChecker.for_store(raw_store, model)
     info = _objective_info(plan, objective, checker.n_tokens)
@@ -262,23 +358,42 @@ def execute_plan(
         for node in plan.nodes:
             ctx = DeriveContext(node.pass_type, node.deriver.config, node.dst, model, info)
             results[node.key] = _evaluate(
-                node, ctx, plan, raw_store, results, checker, counter, storages
+                node, ctx, plan, stores, results, checker, counter, storages
             )
             for edge in node.edges:
                 if isinstance(edge, NodeEdge):
-                    remaining_uses[edge.producer] -= 1
-                    if remaining_uses[edge.producer] == 0 and edge.producer not in requested:
-                        del results[edge.producer]
+                    for producer in edge.producers:
+                        remaining_uses[producer] -= 1
+                        if remaining_uses[producer] == 0 and producer not in requested:
+                            del results[producer]
 
     final: dict[DstAndPass, ActivationsAndMetadata] = {}
     for key, layers in plan.requests:
-        dst, _, pass_type = key
+        dst, _, pass_type, _ = key
         by_layer = {layer: results[key][layer] for layer in layers}
         name = DstAndPass(dst, pass_type)
         if name in final:  # same DST requested twice with different layers: merge
             by_layer = {**final[name].activations_by_layer_index, **by_layer}
         final[name] = ActivationsAndMetadata(dst, pass_type, by_layer)
     return final
+
+
+def _check_runs(plan: Plan, stores: Mapping[PromptCombo, RawActivationStore]) -> None:
+    missing = [run for run in plan.raw_by_run if run not in stores]
+    if missing:
+        users = sorted(
+            {
+                node.dst.name
+                for node in plan.nodes
+                for edge in node.edges
+                if isinstance(edge, RawEdge) and any(run in missing for run in edge.runs)
+            }
+        )
+        raise ConfigError(
+            f"{', '.join(users) or 'the plan'} read(s) the {', '.join(r.value for r in missing)} "
+            "run(s) but none was given: pass baseline= to scalarlens.derive (CLI: --baseline), "
+            "or runs= to execute_plan"
+        )
 
 
 def _objective_info(
@@ -301,7 +416,7 @@ def _evaluate(
     node: PlanNode,
     ctx: DeriveContext,
     plan: Plan,
-    raw_store: RawActivationStore,
+    stores: Mapping[PromptCombo, RawActivationStore],
     results: Mapping[NodeKey, Mapping[LayerIndex, torch.Tensor]],
     checker: OutputChecker,
     counter: EvaluationCounter | None,
@@ -313,7 +428,7 @@ def _evaluate(
     out: dict[LayerIndex, torch.Tensor] = {}
     for layer in sorted(node.layers, key=lambda x: -1 if x is None else x):
         inputs = tuple(
-            _input(edge, layer, plan.n_layers, raw_store, results, node) for edge in node.edges
+            _input(edge, layer, plan.n_layers, stores, results, node) for edge in node.edges
         )
         value = run_kernel(
             kernel,
@@ -346,7 +461,7 @@ def _input(
     edge: Edge,
     layer: LayerIndex,
     n_layers: int,
-    raw_store: RawActivationStore,
+    stores: Mapping[PromptCombo, RawActivationStore],
     results: Mapping[NodeKey, Mapping[LayerIndex, torch.Tensor]],
     node: PlanNode,
 ) -> torch.Tensor | None:
@@ -354,9 +469,24 @@ def _input(
     if source_layer is NOT_NEEDED:
         return None
     if isinstance(edge, NodeEdge):
-        return results[edge.producer][source_layer]
+        values = [results[producer][source_layer] for producer in edge.producers]
+    else:
+        values = [_raw(stores[run], edge, source_layer, layer, node) for run in edge.runs]
+    if len(values) == 1:
+        return values[0]
+    main, baseline = values
+    return main - baseline
+
+
+def _raw(
+    store: RawActivationStore,
+    edge: RawEdge,
+    source_layer: LayerIndex,
+    layer: LayerIndex,
+    node: PlanNode,
+) -> torch.Tensor:
     location, pass_type = edge.producer
-    entry = raw_store.get(location, pass_type)
+    entry = store.get(location, pass_type)
     try:
         return entry.activations_by_layer_index[source_layer]
     except KeyError:

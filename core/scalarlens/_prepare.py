@@ -151,6 +151,7 @@ class Preparation:
     config: DstConfig
     requests: tuple[Request, ...]
     needs_objective: tuple[str, ...]
+    needs_baseline: tuple[str, ...] = ()
 
 
 def prepare(
@@ -169,7 +170,70 @@ def prepare(
     if layers is not None:
         config = attrs.evolve(config, layer_indices=layers)
     requests = build_requests(dsts, config, registry)
-    return Preparation(config, tuple(requests), tuple(needing_objective(requests)))
+    baseline = tuple(dict.fromkeys(d.dst.name for d, _ in requests if d.reads_baseline()))
+    return Preparation(config, tuple(requests), tuple(needing_objective(requests)), baseline)
+
+
+def check_baseline_use(prepared: Preparation, has_baseline: bool) -> None:
+    """A baseline exactly when some requested DST compares two prompts."""
+    if has_baseline and not prepared.needs_baseline:
+        names = ", ".join(d.dst.name for d, _ in prepared.requests)
+        raise ModelInputError(
+            f"a baseline prompt was given but none of the requested DSTs ({names}) compares two "
+            "prompts, so it would be ignored; drop baseline= (--baseline), or request a DST "
+            "that uses it, e.g. attn.attribution_patching, attn.integrated_gradients or "
+            "attn.activation_patching (`scalarlens dsts` lists them)"
+        )
+    if prepared.needs_baseline and not has_baseline:
+        raise ModelInputError(
+            f"{', '.join(prepared.needs_baseline)} compare(s) the prompt with a baseline "
+            "(corrupted) prompt, but none was given: pass baseline='...' (CLI: --baseline, or "
+            'a "baseline" field per line of --prompts-file)'
+        )
+
+
+def prepare_baseline(
+    model: ModelAdapter, tokens: Sequence[Sequence[int]], baseline: Any, prepared: Preparation
+) -> list[list[int]] | None:
+    """The baseline prompt of each main prompt, checked to align token by token.
+
+    One baseline may serve every main prompt.  Positions must align because every comparison
+    (a difference of activations, a patch) pairs token ``t`` of one run with token ``t`` of the
+    other.
+    """
+    check_baseline_use(prepared, baseline is not None)
+    if baseline is None:
+        return None
+    base = prepare_tokens(model, baseline)
+    if len(base) == 1 and len(tokens) > 1:
+        base = base * len(tokens)
+    if len(base) != len(tokens):
+        raise ModelInputError(
+            f"{len(tokens)} prompt(s) but {len(base)} baseline prompt(s): give one baseline for "
+            "all prompts or one per prompt"
+        )
+    for i, (main, other) in enumerate(zip(tokens, base, strict=True)):
+        check_aligned(model, main, other, i)
+    return base
+
+
+def check_aligned(
+    model: ModelAdapter, main: Sequence[int], baseline: Sequence[int], i: int
+) -> None:
+    if len(main) == len(baseline):
+        return
+    decode = getattr(getattr(model, "tokenizer", None), "decode_tokens", None)
+
+    def show(ids: Sequence[int]) -> str:
+        return " ".join(repr(p) for p in decode(list(ids))) if decode else str(list(ids))
+
+    raise ModelInputError(
+        f"prompt {i} has {len(main)} tokens but its baseline has {len(baseline)}: positions "
+        "must align, because each comparison pairs token t of the prompt with token t of the "
+        "baseline. Change words for words of the same token count (the usual corruption swaps "
+        "one name or word for another single-token one), or pad the shorter prompt. "
+        f"Prompt: {show(main)}; baseline: {show(baseline)}"
+    )
 
 
 def raw_locations(deriver: ScalarDeriver) -> set[CaptureLocation]:

@@ -27,7 +27,7 @@ from ._config import DstConfig
 from ._deriver import DeriveContext, Inputs, Kernel, ScalarDeriver
 from ._dst import DerivedScalarType
 from ._layers import IDENTITY, NO_LAYERS, LayerIndex
-from ._sources import RawScalarSource, ScalarSource
+from ._sources import PromptCombo, RawScalarSource, ScalarSource
 from ._vocab import ActivationLocationType, PassType
 
 if TYPE_CHECKING:
@@ -58,10 +58,15 @@ def need(tensor: torch.Tensor | None, what: str = "input") -> torch.Tensor:
 
 
 def raw_source(
-    location: ActivationLocationType, pass_type: PassType | None = PassType.FORWARD
+    location: ActivationLocationType,
+    pass_type: PassType | None = PassType.FORWARD,
+    prompt: PromptCombo | None = None,
 ) -> RawScalarSource:
-    """A raw source with the right indexer for ``location`` (no layers for the embedding)."""
-    return RawScalarSource(location, pass_type, NO_LAYERS if location.has_no_layers else IDENTITY)
+    """A raw source with the right indexer for ``location`` (no layers for the embedding).
+
+    ``prompt`` reads another run when comparing two prompts (see ``PromptCombo``)."""
+    indexer = NO_LAYERS if location.has_no_layers else IDENTITY
+    return RawScalarSource(location, pass_type, indexer, prompt)
 
 
 @attrs.frozen

@@ -392,7 +392,9 @@ class Registry:
                     stack,
                     memo,
                 )
-                new = DerivedScalarSource(target, source.pass_type, source.layer_indexer)
+                new = DerivedScalarSource(
+                    target, source.pass_type, source.layer_indexer, source.prompt
+                )
             elif isinstance(source, DerivedScalarSource):
                 inner = self._resolve(source.scalar_deriver, plugin, stack, memo)
                 if inner is not source.scalar_deriver:

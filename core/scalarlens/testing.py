@@ -30,10 +30,11 @@ from ._config import DstConfig
 from ._derive import derive, plugin_interventions
 from ._deriver import ScalarDeriver
 from ._dst import DstAndPass
-from ._model import LogitDiffObjective, ModelAdapter, Objective, RunResult
+from ._model import Intervention, LogitDiffObjective, ModelAdapter, Objective, RunResult
 from ._plan import Plan, execute_plan, make_plan
 from ._prepare import unsupported_reason
 from ._registry import Registry
+from ._sources import PromptCombo
 from ._vocab import PassType, resolve_shape
 from .exceptions import (
     ConfigError,
@@ -44,6 +45,8 @@ from .exceptions import (
 )
 
 TINY_TOKENS = ((3, 1, 4, 1, 5, 9), (2, 6, 5))
+# The baseline (corrupted) prompt of each tiny prompt, for DSTs that compare two prompts.
+TINY_BASELINES = ((3, 1, 7, 1, 5, 9), (2, 8, 5))
 
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64) -> ModelAdapter:
@@ -93,7 +96,14 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
     reason = unsupported_reason(deriver, model)
     if reason is not None:  # a capability the model lacks (e.g. mlp.up on a non-gated MLP)
         with pytest.raises(UnsupportedModelError, match=re.escape(name)):
-            derive(model, [list(TINY_TOKENS[0])], name, config=config, registry=reg)
+            derive(
+                model,
+                [list(TINY_TOKENS[0])],
+                name,
+                config=config,
+                registry=reg,
+                baseline=[list(TINY_BASELINES[0])] if deriver.reads_baseline() else None,
+            )
         pytest.skip(f"{where}: {reason}")
     for pass_type in sorted(deriver.derivable_pass_types, key=lambda p: p.value):  # stable
         plan = make_plan([(deriver, pass_type)], model.dims.n_layers)
@@ -103,13 +113,52 @@ def check_dst(reg: Registry, name: str, model: ModelAdapter, config: DstConfig) 
         runs = model.run(
             [list(t) for t in TINY_TOKENS],
             plan.captures,
-            objective if plan.needs_backward else None,
+            objective if plan.needs_backward or plan.uses_baseline else None,
             interventions=spliced,
         )
-        for run in runs:
+        others = _baseline_runs(plan, model, objective, spliced, config)
+        for i, run in enumerate(runs):
             _check_run(
-                run, plan, deriver, pass_type, model, objective, f"{where} ({pass_type.value})"
+                run,
+                plan,
+                deriver,
+                pass_type,
+                model,
+                objective,
+                f"{where} ({pass_type.value})",
+                others[i] if others else {},
             )
+
+
+def _baseline_runs(
+    plan: Plan,
+    model: ModelAdapter,
+    objective: Objective | None,
+    spliced: list[Intervention],
+    config: DstConfig,
+) -> list[dict[PromptCombo, RawActivationStore]]:
+    """Per tiny prompt: its baseline's captures and the engine's runs, as ``derive`` makes them."""
+    if not plan.uses_baseline:
+        return []
+    from ._contrast import engine_runs
+
+    assert objective is not None
+    main = model.run(
+        [list(t) for t in TINY_TOKENS], plan.captures, objective, interventions=spliced
+    )
+    base = model.run(
+        [list(t) for t in TINY_BASELINES],
+        plan.captures_for(PromptCombo.BASELINE),
+        objective,
+        interventions=spliced,
+    )
+    return [
+        {
+            PromptCombo.BASELINE: RawActivationStore.from_nested_dict(b.captured),
+            **engine_runs(plan, model, m, b, objective, spliced, config),
+        }
+        for m, b in zip(main, base, strict=True)
+    ]
 
 
 def _check_run(
@@ -120,13 +169,14 @@ def _check_run(
     model: ModelAdapter,
     objective: Objective | None,
     where: str,
+    others: Mapping[PromptCombo, RawActivationStore],
 ) -> None:
     """One prompt's derivation: inputs untouched, labels, layers, shapes, no graph, repeatable."""
     dst = deriver.dst
     raw = RawActivationStore.from_nested_dict(run.captured)
     before = _clone_store(raw)
-    first = _execute(plan, raw, model, objective, where)
-    second = execute_plan(plan, raw, model=model, objective=objective)
+    first = _execute(plan, raw, model, objective, where, others)
+    second = execute_plan(plan, raw, model=model, objective=objective, runs=others)
     after = _clone_store(raw)
     for key, by_layer in before.items():
         for layer, tensor in by_layer.items():
@@ -168,6 +218,7 @@ def _execute(
     model: ModelAdapter,
     objective: Objective | None,
     where: str,
+    others: Mapping[PromptCombo, RawActivationStore],
 ) -> dict[DstAndPass, ActivationsAndMetadata]:
     """``execute_plan`` with the engine's own errors turned into the kit's assertions.
 
@@ -177,7 +228,7 @@ def _execute(
     with warnings.catch_warnings():
         warnings.simplefilter("error", KernelMutationWarning)
         try:
-            return execute_plan(plan, raw, model=model, objective=objective)
+            return execute_plan(plan, raw, model=model, objective=objective, runs=others)
         except KernelMutationWarning as exc:
             raise AssertionError(
                 f"{where} mutated {exc.target or 'a tensor it does not own'} in place; use "

@@ -68,9 +68,16 @@ def derive(
     options: Mapping[str, Any] | None = None,
     detach: bool = False,
     tokens: Sequence[int] = TOKENS,
+    baseline: Sequence[int] | None = None,
 ) -> scalarlens.DerivedScalarStore:
-    """``scalarlens.derive`` on the tiny model with a logit-difference objective by default."""
+    """``scalarlens.derive`` on the tiny model with a logit-difference objective by default.
+
+    DSTs that compare two prompts get ``baseline`` (default: ``tokens`` with one token changed).
+    """
     config = config or DstConfig(detach_final_ln_scale=detach, options=dict(options or {}))
+    names = [dsts] if isinstance(dsts, str) else list(dsts)
+    if baseline is None and any(REGISTRY.get(d, config).reads_baseline() for d in names):
+        baseline = corrupted(tokens)
     return scalarlens.derive(
         adapter,
         [list(tokens)],
@@ -78,7 +85,15 @@ def derive(
         objective=objective or logit_diff(),
         config=config,
         registry=REGISTRY,
+        baseline=None if baseline is None else [list(baseline)],
     )
+
+
+def corrupted(tokens: Sequence[int]) -> list[int]:
+    """``tokens`` with the token at position 2 replaced (a fixed, aligned corruption)."""
+    out = list(tokens)
+    out[2] = (out[2] + 5) % tiny_config().vocab_size
+    return out
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

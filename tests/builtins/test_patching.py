@@ -1,0 +1,240 @@
+"""Clean vs corrupted DSTs: exactness against hand-written computations (float64).
+
+* activation patching of one head / neuron / residual position equals a hand-written patched
+  forward pass of the raw model;
+* attribution patching is ``(a − b)·∇a`` from separately captured activations and gradients,
+  and equals activation patching exactly where the effect is linear;
+* integrated gradients at a full cut (the residual stream at one layer) is complete:
+  summed over positions it equals ``objective(main) − objective(baseline)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import scalarlens
+import torch
+from scalarlens import DirectionObjective, DstConfig, LogitDiffObjective
+
+from ._tiny import (
+    ALT,
+    BWD,
+    D_MODEL,
+    FWD,
+    N_HEADS,
+    N_LAYERS,
+    REGISTRY,
+    TOKENS,
+    corrupted,
+    derive,
+    logit_diff,
+    tiny_adapter,
+)
+
+BASELINE = corrupted(TOKENS)
+FAMILIES = {
+    "attn": ALT.ATTN_WEIGHTED_SUM_OF_VALUES,
+    "mlp": ALT.MLP_POST_ACT,
+    "resid.post_emb": ALT.RESID_POST_EMBEDDING,
+    "resid.post_attn": ALT.RESID_POST_ATTN,
+    "resid.post_mlp": ALT.RESID_POST_MLP,
+}
+KINDS = ("attribution_patching", "integrated_gradients", "activation_patching")
+ALL = [f"{family}.{kind}" for family in FAMILIES for kind in KINDS]
+
+
+@pytest.fixture(scope="module")
+def adapter() -> Any:
+    return tiny_adapter()
+
+
+def _objective(adapter: Any, tokens: list[int], hook: Any = None) -> float:
+    """The logit difference of a raw forward pass of the underlying model (no engine)."""
+    ids = torch.tensor([tokens])
+    logits = adapter.model(ids, hook=hook)
+    return float(logits[0, -1, logit_diff().target] - logits[0, -1, logit_diff().distractor])
+
+
+def _capture(adapter: Any, tokens: list[int], location: ALT) -> dict[Any, torch.Tensor]:
+    seen: dict[Any, torch.Tensor] = {}
+
+    def hook(name: str, layer: Any, tensor: torch.Tensor) -> torch.Tensor:
+        if name == location.value:
+            seen[layer] = tensor[0].detach().clone()
+        return tensor
+
+    _objective(adapter, tokens, hook)
+    return seen
+
+
+def _patched(adapter: Any, location: ALT, layer: Any, index: tuple[Any, ...]) -> float:
+    """``objective(main) − objective(main with value[index] from the baseline)``, by hand."""
+    base = _capture(adapter, BASELINE, location)[layer]
+
+    def hook(name: str, at: Any, tensor: torch.Tensor) -> torch.Tensor:
+        if name == location.value and at == layer:
+            tensor = tensor.clone()
+            tensor[(0, *index)] = base[index]
+        return tensor
+
+    return _objective(adapter, TOKENS) - _objective(adapter, TOKENS, hook)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_declared_shape_and_objective_values(adapter: Any, name: str) -> None:
+    store = derive(adapter, name)
+    dst = REGISTRY.dst(name)
+    assert dst.needs_objective and REGISTRY.get(name, DstConfig()).reads_baseline()
+    entry = store.activations(name, FWD)
+    layers = [None] if dst.has_no_layers else list(range(N_LAYERS))
+    assert list(entry.layer_indices) == layers
+    (main,), (base,) = (
+        store.metadata["objective_values"],
+        store.metadata["baseline_objective_values"],
+    )
+    assert main == pytest.approx(_objective(adapter, TOKENS), abs=1e-9)
+    assert base == pytest.approx(_objective(adapter, BASELINE), abs=1e-9)
+    assert store.metadata["baseline_tokens"] == [BASELINE]
+
+
+@pytest.mark.parametrize(
+    ("name", "location", "layer", "index"),
+    [
+        ("attn.activation_patching", ALT.ATTN_WEIGHTED_SUM_OF_VALUES, 1, (3, 2)),
+        ("attn.activation_patching", ALT.ATTN_WEIGHTED_SUM_OF_VALUES, 0, (2, 0)),
+        ("mlp.activation_patching", ALT.MLP_POST_ACT, 2, (5, 7)),
+        ("resid.post_attn.activation_patching", ALT.RESID_POST_ATTN, 0, (2,)),
+        ("resid.post_mlp.activation_patching", ALT.RESID_POST_MLP, 1, (4,)),
+        ("resid.post_emb.activation_patching", ALT.RESID_POST_EMBEDDING, None, (2,)),
+    ],
+)
+def test_activation_patching_equals_a_hand_patched_forward(
+    adapter: Any, name: str, location: ALT, layer: Any, index: tuple[int, ...]
+) -> None:
+    store = derive(adapter, name, config=DstConfig(batch_rows=7))  # several passes per layer
+    got = store.activations(name, FWD)[layer]
+    want = _patched(adapter, location, layer, index)
+    assert abs(want) > 1e-4, "the chosen component should matter"
+    assert float(got[index].reshape(-1)[0]) == pytest.approx(want, abs=1e-6)
+
+
+def test_patching_before_the_corrupted_token_changes_nothing(adapter: Any) -> None:
+    """Positions before the corruption carry identical values: their patch effect is 0."""
+    store = derive(adapter, "attn.activation_patching")
+    for layer in range(N_LAYERS):
+        assert torch.all(store.activations("attn.activation_patching", FWD)[layer][:2] == 0)
+
+
+def test_patch_groups_give_each_member_the_group_effect(adapter: Any) -> None:
+    store = derive(adapter, "attn.activation_patching", config=DstConfig(patch_group=N_HEADS))
+    got = store.activations("attn.activation_patching", FWD)[1]
+    assert torch.equal(got, got[:, :1].expand_as(got))
+    whole = _patched(adapter, ALT.ATTN_WEIGHTED_SUM_OF_VALUES, 1, (4, slice(None)))
+    assert float(got[4, 0]) == pytest.approx(whole, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attribution_patching_is_difference_times_gradient(adapter: Any, family: str) -> None:
+    location = FAMILIES[family]
+    name = f"{family}.attribution_patching"
+    got = derive(adapter, name).activations(name, FWD)
+    raw = location.value
+    config = DstConfig(derive_gradients=True)
+    main = derive(adapter, raw, config=config)
+    base = derive(adapter, raw, tokens=BASELINE)
+    for layer in got.layer_indices:
+        a = main.activations(raw, FWD)[layer]
+        b = base.activations(raw, FWD)[layer]
+        grad = main.activations(raw, BWD)[layer]
+        want = (a - b) * grad
+        if family == "attn":
+            want = want.sum(-1)
+        elif family.startswith("resid"):
+            want = want.sum(-1, keepdim=True)
+        torch.testing.assert_close(got[layer], want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("family", "read_at"),
+    [("attn", ALT.RESID_POST_ATTN), ("resid.post_mlp", ALT.RESID_POST_MLP)],
+)
+def test_attribution_equals_patching_where_the_effect_is_linear(
+    adapter: Any, family: str, read_at: ALT
+) -> None:
+    """Read the objective as a direction of the residual right after the component: the last
+    layer's heads reach it through ``W_O`` only (linear), the residual is read directly, so
+    the first-order estimate is exact."""
+    generator = torch.Generator().manual_seed(3)
+    direction = torch.randn(D_MODEL, generator=generator, dtype=torch.float64)
+    objective = DirectionObjective(read_at, N_LAYERS - 1, -1, direction)
+    names = [f"{family}.attribution_patching", f"{family}.activation_patching"]
+    store = scalarlens.derive(
+        adapter,
+        [TOKENS],
+        names,
+        baseline=[BASELINE],
+        objective=objective,
+        layers=[N_LAYERS - 1],
+        registry=REGISTRY,
+    )
+    estimate = store.activations(names[0], FWD)[N_LAYERS - 1]
+    exact = store.activations(names[1], FWD)[N_LAYERS - 1]
+    assert exact.abs().max() > 1e-3
+    torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["resid.post_emb", "resid.post_attn", "resid.post_mlp"])
+def test_integrated_gradients_is_complete_at_a_residual_cut(adapter: Any, family: str) -> None:
+    name = f"{family}.integrated_gradients"
+    store = derive(adapter, name)  # the documented default: DstConfig().steps == 8
+    total = store.metadata["objective_values"][0] - store.metadata["baseline_objective_values"][0]
+    assert abs(total) > 0.1
+    for layer, value in store.activations(name, FWD).activations_by_layer_index.items():
+        assert float(value.sum()) == pytest.approx(total, rel=1e-3), (family, layer)
+
+
+def test_more_integration_steps_converge(adapter: Any) -> None:
+    """The Gauss–Legendre rule converges fast: 16 points agree with 32 to 1e-6."""
+    name = "mlp.integrated_gradients"
+    values = [
+        derive(adapter, name, config=DstConfig(steps=n)).activations(name, FWD)[1] for n in (16, 32)
+    ]
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=1e-6)
+
+
+def test_one_step_is_the_midpoint_gradient(adapter: Any) -> None:
+    """``steps=1`` evaluates the gradient once, at the midpoint of the path."""
+    got = derive(adapter, "resid.post_mlp.integrated_gradients", config=DstConfig(steps=1))
+    assert got.activations("resid.post_mlp.integrated_gradients", FWD)[0].abs().sum() > 0
+
+
+def test_gauss_legendre_rule() -> None:
+    from scalarlens._contrast import gauss_legendre
+
+    nodes, weights = gauss_legendre(5)
+    assert sum(weights) == pytest.approx(1.0, abs=1e-14)
+    for degree in range(10):  # exact up to degree 2·5 − 1
+        integral = sum(w * x**degree for x, w in zip(nodes, weights, strict=True))
+        assert integral == pytest.approx(1 / (degree + 1), abs=1e-13)
+
+
+def test_the_baseline_run_is_forward_only_for_attribution(adapter: Any) -> None:
+    plan = scalarlens.make_plan(
+        [(REGISTRY.get("mlp.attribution_patching", DstConfig()), FWD)], N_LAYERS
+    )
+    assert plan.needs_backward and not plan.run_needs_backward(scalarlens.PromptCombo.BASELINE)
+    assert [c.pass_type for c in plan.captures_for(scalarlens.PromptCombo.BASELINE)] == [FWD]
+
+
+def test_objective_other_than_logit_difference(adapter: Any) -> None:
+    store = scalarlens.derive(
+        adapter,
+        [TOKENS],
+        "attn.activation_patching",
+        baseline=[BASELINE],
+        objective=LogitDiffObjective(7, 2, position=3),
+        registry=REGISTRY,
+    )
+    later = store.activations("attn.activation_patching", FWD)[0][4:]
+    assert torch.all(later == 0), "positions after the objective's cannot affect it"
