@@ -452,7 +452,10 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, **cfg: Any) -> Path:
 
 
 def clear_cache() -> None:
-    """Forget every loaded SAE and config (they reload on next use)."""
+    """Forget every loaded SAE, transcoder and config (they reload on next use)."""
+    from ._transcoder import clear_transcoder_cache
+
     with _LOCK:
         _CONFIGS.clear()
         _SAES.clear()
+    clear_transcoder_cache()

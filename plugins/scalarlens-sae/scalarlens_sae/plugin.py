@@ -8,6 +8,12 @@ from typing import TYPE_CHECKING, Any
 from scalarlens import DerivedScalarType, DstConfig, Factory, hookimpl
 
 from ._derivers import FACTORIES, PROVIDER, example_configs, make_interventions
+from ._transcoder_derivers import (
+    TRANSCODER_FACTORIES,
+    TRANSCODER_PROVIDER,
+    make_transcoder_interventions,
+    transcoder_example_configs,
+)
 
 if TYPE_CHECKING:
     from scalarlens import Intervention, ModelAdapter
@@ -17,19 +23,19 @@ SCALARLENS_PLUGIN_API = 1
 
 @hookimpl
 def scalarlens_derivers() -> Mapping[DerivedScalarType, Factory]:
-    """Offline ``sae.*`` and online ``sae.online.*`` DSTs (see the README's table)."""
-    return dict(FACTORIES)
+    """Offline ``sae.*``, online ``sae.online.*`` and ``transcoder.*`` DSTs (see the README)."""
+    return {**FACTORIES, **TRANSCODER_FACTORIES}
 
 
 @hookimpl
 def scalarlens_dst_examples() -> Mapping[str, DstConfig]:
-    """Every SAE DST needs options; a random 8-latent SAE at layer 0 works on any model."""
-    return example_configs()
+    """Every DST needs options: a random 8-latent SAE at layer 0, a random 8-latent CLT."""
+    return {**example_configs(), **transcoder_example_configs()}
 
 
 @hookimpl
 def scalarlens_interventions() -> Mapping[
     str, Callable[[Mapping[str, Any], ModelAdapter], Sequence[Intervention]]
 ]:
-    """``sae``: splice an SAE (with its error term) into the forward pass."""
-    return {PROVIDER: make_interventions}
+    """``sae``: splice an SAE; ``transcoder``: a transcoder in place of the MLPs (with errors)."""
+    return {PROVIDER: make_interventions, TRANSCODER_PROVIDER: make_transcoder_interventions}
