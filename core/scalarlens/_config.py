@@ -9,7 +9,7 @@ Everything is JSON-serialisable so a deriver can be rebuilt in another process.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 import attrs
@@ -139,6 +139,20 @@ def _check_bool(inst: object, attribute: attrs.Attribute[bool], value: bool) -> 
         raise ConfigError(f"DstConfig.{attribute.name} must be True or False, got {value!r}")
 
 
+def _to_positions(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"DstConfig.patch_positions: expected a list of ints, got {value!r}")
+    positions = list(value)
+    if not positions or any(not isinstance(p, int) or isinstance(p, bool) for p in positions):
+        raise ConfigError(
+            f"DstConfig.patch_positions: expected a non-empty list of ints (negative counts "
+            f"from the end), got {value!r}; use None for every position"
+        )
+    return tuple(dict.fromkeys(positions))
+
+
 def _check_positive_int(inst: object, attribute: attrs.Attribute[int], value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(
@@ -174,6 +188,8 @@ class DstConfig:
       the group's effect.  ``1``: each component alone.
     * ``batch_rows`` — prompts per forward pass in the engine's extra runs (integrated
       gradients, patching): more is faster until memory runs out.
+    * ``patch_positions`` — activation patching patches components at these token positions
+      only (negative counts from the end; ``None``: every position); other positions read 0.
     """
 
     layer_indices: tuple[int, ...] | None = attrs.field(default=None, converter=_to_layers)
@@ -186,6 +202,7 @@ class DstConfig:
     steps: int = attrs.field(default=8, validator=_check_positive_int)
     patch_group: int = attrs.field(default=1, validator=_check_positive_int)
     batch_rows: int = attrs.field(default=32, validator=_check_positive_int)
+    patch_positions: tuple[int, ...] | None = attrs.field(default=None, converter=_to_positions)
 
     def plugin_options(self, namespace: str, schema: type[T]) -> T:
         """Validate and return the options a plugin keeps under ``namespace``.
@@ -229,6 +246,7 @@ class DstConfig:
             "steps": self.steps,
             "patch_group": self.patch_group,
             "batch_rows": self.batch_rows,
+            "patch_positions": None if self.patch_positions is None else list(self.patch_positions),
         }
 
     @classmethod

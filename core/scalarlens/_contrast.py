@@ -18,7 +18,6 @@ batched forward passes of the main prompt, many rows per pass (``DstConfig.batch
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
@@ -262,9 +261,19 @@ def patch_shapes(baseline: Captured, wanted: Wanted) -> dict[Site, tuple[int, ..
     return shapes
 
 
-def count_patches(shapes: Mapping[Site, tuple[int, ...]], group: int) -> int:
-    """Patched rows a plan needs (for progress bars and warnings)."""
-    return sum(math.prod(s[:-1]) * math.ceil(s[-1] / group) for s in shapes.values())
+def _axes(
+    location: CaptureLocation, sizes: Sequence[int], positions: Sequence[int] | None
+) -> list[range | list[int]]:
+    """Indices to patch along each component axis: token axes only at ``positions``."""
+    from ._model import resolve_position
+
+    out: list[range | list[int]] = []
+    for dim, n in zip(location.shape, sizes, strict=False):
+        if positions is not None and dim.is_token_axis and dim is Dimension.TOKENS:
+            out.append(sorted({resolve_position(p, n, "patch position") for p in positions}))
+        else:
+            out.append(range(n))
+    return out
 
 
 def activation_patching(
@@ -276,6 +285,7 @@ def activation_patching(
     *,
     group: int,
     batch_rows: int,
+    positions: Sequence[int] | None = None,
     interventions: Sequence[Intervention] = (),
     progress: Callable[[int], None] | None = None,
 ) -> Values:
@@ -291,8 +301,8 @@ def activation_patching(
     jobs = [
         _Patch(loc, layer, index, start)
         for (loc, layer), shape in shapes.items()
-        for index in itertools.product(*(range(n) for n in shape[:-1]))
-        for start in range(0, shape[-1], group)
+        for index in itertools.product(*_axes(loc, shape[:-1], positions))
+        for start in _axes(loc, shape, positions)[-1][::group]
     ]
     out: Values = {}
     for (loc, layer), shape in shapes.items():
@@ -355,6 +365,7 @@ def engine_runs(
             objective,
             group=config.patch_group,
             batch_rows=config.batch_rows,
+            positions=config.patch_positions,
             interventions=interventions,
         )
         out[PromptCombo.PATCHED] = RawActivationStore.from_nested_dict(values)
