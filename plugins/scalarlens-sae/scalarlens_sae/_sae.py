@@ -247,6 +247,11 @@ def _check_k_cfg(k: Any, d_sae: int, architecture: str, where: Path) -> None:
 def _gemma_scope_config(cfg: dict[str, Any], weights: Path) -> dict[str, Any]:
     shapes = _tensor_shapes(weights, "jumprelu")
     d_in, d_sae = shapes["W_enc"]
+    if "threshold" not in shapes:
+        raise SaeLoadError(
+            f"{weights}: a Gemma Scope (JumpReLU) SAE needs a per-latent 'threshold' array "
+            f"(d_sae={d_sae}), but the file has none; found {sorted(shapes)}"
+        )
     return {
         **cfg,
         "architecture": "jumprelu",
