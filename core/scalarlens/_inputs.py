@@ -16,7 +16,7 @@ import attrs
 from .exceptions import ConfigError, ModelInputError, ScalarLensError
 
 Token = str | int
-_RECORD_FIELDS = ("prompt", "tokens", "target", "distractor")
+_RECORD_FIELDS = ("prompt", "tokens", "target", "distractor", "baseline", "baseline_tokens")
 
 
 @attrs.frozen
@@ -27,6 +27,7 @@ class Job:
     where: str
     target: Token | None = None
     distractor: Token | None = None
+    baseline: str | tuple[int, ...] | None = None
 
 
 def located(exc: ScalarLensError, where: str) -> ScalarLensError:
@@ -67,12 +68,16 @@ def parse_token_ids(text: str, flag: str = "--tokens") -> tuple[int, ...]:
 
 
 def read_prompts_file(
-    path: str | Path, target: Token | None = None, distractor: Token | None = None
+    path: str | Path,
+    target: Token | None = None,
+    distractor: Token | None = None,
+    baseline: str | None = None,
 ) -> list[Job]:
-    """One job per non-empty line: plain text, or a JSON object with ``prompt`` or ``tokens``.
+    """One job per non-empty line: plain text, or a JSON object with ``prompt`` or ``tokens``
+    (and optionally ``baseline`` text or ``baseline_tokens`` ids, the corrupted prompt).
 
-    ``target``/``distractor`` are defaults that a record's own fields override.  The file is
-    decoded line by line so a bad byte is reported with its line number.
+    ``target``/``distractor``/``baseline`` are defaults that a record's own fields override.
+    The file is decoded line by line so a bad byte is reported with its line number.
     """
     name = str(path)
     data = _read_bytes(Path(path))
@@ -83,9 +88,9 @@ def read_prompts_file(
         if not line:
             continue
         if line.startswith("{"):
-            jobs.append(_record(line, where, target, distractor))
+            jobs.append(_record(line, where, Job("", where, target, distractor, baseline)))
         else:
-            jobs.append(Job(line, where, target, distractor))
+            jobs.append(Job(line, where, target, distractor, baseline))
     if not jobs:
         raise ModelInputError(
             f"{name}: holds no prompts; write one prompt per line, or JSON records such as "
@@ -115,8 +120,8 @@ def _decode(raw: bytes, where: str, *, first: bool) -> str:
         ) from None
 
 
-def _record(line: str, where: str, target: Token | None, distractor: Token | None) -> Job:
-    """A JSON record line → ``Job``, each field type-checked."""
+def _record(line: str, where: str, defaults: Job) -> Job:
+    """A JSON record line → ``Job``, each field type-checked (``defaults`` from the flags)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -134,26 +139,36 @@ def _record(line: str, where: str, target: Token | None, distractor: Token | Non
             '(a list of ids), e.g. {"prompt": "the cat sat"}'
         )
     prompt = _text(record["prompt"], where) if "prompt" in record else _ids(record["tokens"], where)
+    if "baseline" in record and "baseline_tokens" in record:
+        raise ModelInputError(
+            f"{where}: give at most one of 'baseline' (text) or 'baseline_tokens' (ids)"
+        )
+    baseline = defaults.baseline
+    if "baseline" in record:
+        baseline = _text(record["baseline"], where, "baseline")
+    elif "baseline_tokens" in record:
+        baseline = _ids(record["baseline_tokens"], where, "baseline_tokens")
     return Job(
         prompt,
         where,
-        _token(record.get("target", target), "target", where),
-        _token(record.get("distractor", distractor), "distractor", where),
+        _token(record.get("target", defaults.target), "target", where),
+        _token(record.get("distractor", defaults.distractor), "distractor", where),
+        baseline,
     )
 
 
-def _text(value: Any, where: str) -> str:
+def _text(value: Any, where: str, field: str = "prompt") -> str:
     if not isinstance(value, str):
         raise ModelInputError(
-            f"{where}: field 'prompt': expected a string, got {type(value).__name__} {value!r}"
+            f"{where}: field {field!r}: expected a string, got {type(value).__name__} {value!r}"
         )
     return value
 
 
-def _ids(value: Any, where: str) -> tuple[int, ...]:
+def _ids(value: Any, where: str, field: str = "tokens") -> tuple[int, ...]:
     if not isinstance(value, list) or not value or not all(_is_int(v) for v in value):
         raise ModelInputError(
-            f"{where}: field 'tokens': expected a non-empty list of integer ids, got {value!r}"
+            f"{where}: field {field!r}: expected a non-empty list of integer ids, got {value!r}"
         )
     return tuple(value)
 

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,7 +26,7 @@ from ._inputs import (
 )
 from ._registry import Registry
 from ._report import format_table
-from .exceptions import DstConflictError, ModelInputError, ScalarLensError
+from .exceptions import ConfigError, DstConflictError, ModelInputError, ScalarLensError
 
 if TYPE_CHECKING:  # torch-importing modules load lazily so `scalarlens dsts` starts fast
     from ._config import DstConfig
@@ -161,10 +161,10 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     """Every prompt to derive, each knowing where it came from (flag, or file and line)."""
     target, distractor = coerce_token(args.target), coerce_token(args.distractor)
     if args.prompt is not None:
-        return [Job(args.prompt, "--prompt", target, distractor)]
+        return [Job(args.prompt, "--prompt", target, distractor, args.baseline)]
     if args.tokens is not None:
-        return [Job(parse_token_ids(args.tokens), "--tokens", target, distractor)]
-    return read_prompts_file(args.prompts_file, target, distractor)
+        return [Job(parse_token_ids(args.tokens), "--tokens", target, distractor, args.baseline)]
+    return read_prompts_file(args.prompts_file, target, distractor, args.baseline)
 
 
 def _json_arg(text: str | None, flag: str) -> Any:
@@ -180,6 +180,10 @@ _CONFIG_FLAGS = {
     "DstConfig.layer_indices": "--layers",
     "DstConfig.direction": "--direction",
     "DstConfig.options": "--options",
+    "DstConfig.steps": "--steps",
+    "DstConfig.patch_group": "--patch-group",
+    "DstConfig.patch_positions": "--patch-positions",
+    "DstConfig.batch_rows": "--batch-rows",
 }
 
 
@@ -195,6 +199,10 @@ def _derive_config(args: argparse.Namespace) -> DstConfig:
             memory=args.memory,
             direction=_json_arg(args.direction, "--direction"),
             options=_json_arg(args.options, "--options"),
+            steps=args.steps,
+            patch_group=args.patch_group,
+            patch_positions=args.patch_positions,
+            batch_rows=args.batch_rows,
         )
     except ScalarLensError as exc:
         flags = [flag for field, flag in _CONFIG_FLAGS.items() if str(exc).startswith(field)]
@@ -227,13 +235,27 @@ def _require_objective(prepared: Preparation, jobs: Sequence[Job]) -> None:
     )
 
 
-def _check_jobs(model: ModelAdapter, jobs: Sequence[Job]) -> None:
-    """Tokenize every prompt and its target before deriving any, errors naming the line."""
-    from ._prepare import prepare_objective, prepare_tokens
+def _check_baselines(prepared: Preparation, jobs: Sequence[Job]) -> None:
+    """A baseline for every prompt exactly when a requested DST compares two prompts."""
+    from ._prepare import check_baseline_use
 
     for job in jobs:
         try:
-            prepare_tokens(model, job.prompt)
+            check_baseline_use(prepared, job.baseline is not None)
+        except ScalarLensError as exc:
+            raise located(exc, job.where) if len(jobs) > 1 else exc from None
+
+
+def _check_jobs(model: ModelAdapter, jobs: Sequence[Job]) -> None:
+    """Tokenize every prompt, baseline and target before deriving any, errors naming the line."""
+    from ._prepare import check_aligned, prepare_objective, prepare_tokens
+
+    for job in jobs:
+        try:
+            (tokens,) = prepare_tokens(model, job.prompt)
+            if job.baseline is not None:
+                (baseline,) = prepare_tokens(model, job.baseline)
+                check_aligned(model, tokens, baseline, 0)
             prepare_objective(model, job.target, job.distractor)
         except ScalarLensError as exc:
             raise located(exc, job.where) from None
@@ -259,6 +281,7 @@ def _derive_jobs(
                     args.dst,
                     target=job.target,
                     distractor=job.distractor,
+                    baseline=job.baseline,
                     config=config,
                     registry=reg,
                 )
@@ -278,13 +301,36 @@ def _write_outputs(
     outputs: list[tuple[str, Path, Writer]] = []
     if args.out:
         outputs.append(("--out", Path(args.out), store._write))
-    if args.plot:
+    if args.plot and args.compare:
+        from ._compare import compare, comparison_plot_writer
+
+        found = [compare(store, name) for name in _estimates(args, store)]
+        outputs.append(("--plot", Path(args.plot), comparison_plot_writer(found, args.plot)))
+    elif args.plot:
         from ._report import plot_writer
 
         outputs.append(
             ("--plot", Path(args.plot), plot_writer(store, args.dst[0], args.plot, words=words))
         )
     write_all(outputs)
+
+
+def _estimates(args: argparse.Namespace, store: DerivedScalarStore) -> list[str]:
+    """The requested DSTs that estimate another (``--compare`` compares each with it)."""
+    return [d.name for d in store.dsts if d.name in args.dst and d.estimate_of is not None]
+
+
+def _with_exact_dsts(args: argparse.Namespace, reg: Registry) -> None:
+    """``--compare``: add the exact DST of every requested estimate, refuse if there is none."""
+    exact = [reg.dst(name).estimate_of for name in args.dst]
+    wanted = [name for name in exact if name is not None]
+    if not wanted:
+        raise ConfigError(
+            f"--compare compares an estimate with the exact effect, but none of {args.dst} is "
+            "an estimate; add e.g. --dst attn.attribution_patching (or "
+            "attn.integrated_gradients) with --baseline"
+        )
+    args.dst = list(dict.fromkeys([*args.dst, *wanted]))
 
 
 def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
@@ -294,7 +340,11 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
     jobs = _jobs(args)
     from ._prepare import prepare
 
-    _require_objective(prepare(args.dst, config, reg), jobs)  # unknown DSTs fail here
+    if args.compare:
+        _with_exact_dsts(args, reg)
+    prepared = prepare(args.dst, config, reg)  # unknown DSTs fail here
+    _require_objective(prepared, jobs)
+    _check_baselines(prepared, jobs)
     from .models._loading import load_model
 
     model = load_model(args.model, reg)
@@ -302,10 +352,23 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
     store = _derive_jobs(model, jobs, args, config, reg)
     tokenizer = getattr(model, "tokenizer", None)
 
-    def words(p: int) -> list[str] | None:
-        return tokenizer.decode_tokens(store.tokens[p]) if tokenizer else None
+    def decode(ids: Sequence[int]) -> list[str] | None:
+        return tokenizer.decode_tokens(list(ids)) if tokenizer else None
 
-    _write_outputs(args, store, words(0))
+    _write_outputs(args, store, decode(store.tokens[0]))
+    _print_results(args, model, store, decode)
+    return 0
+
+
+def _print_results(
+    args: argparse.Namespace,
+    model: ModelAdapter,
+    store: DerivedScalarStore,
+    decode: Callable[[Sequence[int]], list[str] | None],
+) -> None:
+    def words(p: int) -> list[str] | None:
+        return decode(store.tokens[p])
+
     # Ranked per DST: values of different DSTs are in different units, one ranking would
     # let the largest-scale DST crowd out the rest.
     dsts = list(dict.fromkeys(args.dst))
@@ -328,23 +391,41 @@ def cmd_derive(args: argparse.Namespace, reg: Registry) -> int:
             ]
         payload = {"model": model.name, "dsts": dsts, "top_per_dst": args.top, "results": results}
         print(json.dumps(payload, indent=2))
-        return 0
+        return
     from ._report import records_table
 
     for r in results:
         shown = " ".join(r["words"]) if r["words"] else " ".join(map(str, r["tokens"]))
         print(f"prompt {r['prompt']}: {shown}")
-        if r["objective_value"] is not None:
-            print(f"objective: {r['objective_value']:+.4f}")
+        _print_objective(store, r["prompt"], decode)
         for dst, ranking in r["top"].items():
             print(f"\n{dst}: top {len(ranking)} by |value|")
             print(records_table(ranking, r["words"], show_dst=False))
+        if args.compare:
+            from ._compare import compare, format_comparison
+
+            for name in _estimates(args, store):
+                print(
+                    "\n" + format_comparison(compare(store, name, prompt=r["prompt"]), r["words"])
+                )
         print()
     if args.out:
         print(f"store written to {args.out}")
     if args.plot:
         print(f"plot written to {args.plot}")
-    return 0
+
+
+def _print_objective(
+    store: DerivedScalarStore, p: int, decode: Callable[[Sequence[int]], list[str] | None]
+) -> None:
+    main = store.metadata["objective_values"][p]
+    base = store.metadata.get("baseline_objective_values")
+    if base is not None:
+        tokens = store.metadata["baseline_tokens"][p]
+        print(f"baseline: {' '.join(decode(tokens) or map(str, tokens))}")
+        print(f"objective: {main:+.4f} (baseline {base[p]:+.4f}, difference {main - base[p]:+.4f})")
+    elif main is not None:
+        print(f"objective: {main:+.4f}")
 
 
 def cmd_demo(args: argparse.Namespace, reg: Registry) -> int:
@@ -478,7 +559,46 @@ def _add_derive(sub: Any) -> None:
         help='where direct effects are measured, as JSON: \'{"location": "resid.post_attn", '
         '"layer": 1}\' (default: before the final LayerNorm)',
     )
+    _add_contrast_flags(p)
     p.set_defaults(func=cmd_derive)
+
+
+def _add_contrast_flags(p: Any) -> None:
+    """Flags of the DSTs that compare the prompt with a baseline (corrupted) prompt."""
+    g = p.add_argument_group("comparing two prompts (attribution / activation patching, IG)")
+    g.add_argument(
+        "--baseline",
+        help="the corrupted prompt (same token count as the prompt; in --prompts-file a "
+        'record\'s own "baseline" or "baseline_tokens" field overrides it)',
+    )
+    g.add_argument(
+        "--compare",
+        action="store_true",
+        help="for each estimate DST (attribution patching, IG) also derive the exact "
+        "activation patching and print their correlation and worst disagreements; --plot "
+        "then draws estimate-vs-exact scatter plots",
+    )
+    g.add_argument(
+        "--steps", type=int, default=8, help="integrated-gradients quadrature points (default 8)"
+    )
+    g.add_argument(
+        "--patch-positions",
+        type=int,
+        nargs="+",
+        help="activation patching at these token positions only (default: all)",
+    )
+    g.add_argument(
+        "--patch-group",
+        type=int,
+        default=1,
+        help="patch this many consecutive heads/neurons/positions together (default 1)",
+    )
+    g.add_argument(
+        "--batch-rows",
+        type=int,
+        default=32,
+        help="patched or interpolated copies per forward pass (default 32)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

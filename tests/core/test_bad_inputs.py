@@ -119,6 +119,33 @@ def _prompts(name: str) -> Api:
     return lambda d, model: read_prompts_file(d / name)
 
 
+CORRUPTED = "the old king saw a red cat the old king saw a red"
+CONTRAST = [
+    "derive",
+    "--dst",
+    "attn.attribution_patching",
+    "--target",
+    "fox",
+    "--distractor",
+    "cat",
+]
+
+
+def _contrast(*args: str) -> Callable[[Path], list[str]]:
+    return lambda d: [*CONTRAST, *(a.replace("{d}", str(d)) for a in args)]
+
+
+def _contrast_api(**kwargs: object) -> Api:
+    kwargs = {"target": "fox", "distractor": "cat", **kwargs}
+    return lambda d, m: scalarlens.derive(m, PROMPT, "attn.attribution_patching", **kwargs)  # type: ignore[arg-type]
+
+
+def _compare_api(d: Path, model: object) -> object:
+    from scalarlens._compare import compare
+
+    return compare(scalarlens.derive(model, PROMPT, "mlp.post_act"), "mlp.post_act")  # type: ignore[arg-type]
+
+
 def _derive_api(prompt: object = PROMPT, **kwargs: object) -> Api:
     return lambda d, model: scalarlens.derive(model, prompt, "mlp.post_act", **kwargs)  # type: ignore[arg-type]
 
@@ -247,6 +274,30 @@ CASES = [
       ("--plot", "matplotlib cannot write 'xyz' images"),
       lambda d, m: plot_dst(EMPTY_STORE, "mlp.post_act", d / "p.xyz"), ConfigError,
       ("'xyz'", ".png")),
+    C("baseline_of_another_length", _nothing,
+      _contrast("--prompt", PROMPT, "--baseline", "the old king saw a red cat"),
+      ("has 13 tokens but its baseline has 7", "positions must align"),
+      _contrast_api(baseline="the old king saw a red cat"), ModelInputError,
+      ("13 tokens", "baseline has 7", "same token count")),
+    C("baseline_line_of_another_length",
+      _file("p.jsonl", b'{"prompt": "a red fox a red", "baseline": "a red cat a red"}\n'
+            b'{"prompt": "a red fox a red", "baseline": "a red cat"}\n'),
+      _contrast("--prompts-file", "{d}/p.jsonl"),
+      ("p.jsonl:2: prompt 0 has 5 tokens but its baseline has 3",),
+      _contrast_api(baseline=["a red cat"]), ModelInputError, ("baseline has 3",)),
+    C("baseline_nobody_uses", _nothing, _derive("--prompt", PROMPT, "--baseline", CORRUPTED),
+      ("a baseline prompt was given but none of the requested DSTs (mlp.post_act)",),
+      _derive_api(baseline=CORRUPTED), ModelInputError, ("compares two prompts",)),
+    C("baseline_missing", _nothing, _contrast("--prompt", PROMPT),
+      ("attn.attribution_patching compare(s) the prompt with a baseline", "--baseline"),
+      _contrast_api(), ModelInputError, ("none was given", "baseline=")),
+    C("integration_steps_zero", _nothing,
+      _contrast("--prompt", PROMPT, "--baseline", CORRUPTED, "--steps", "0"),
+      ("--steps: DstConfig.steps must be an integer >= 1, got 0",),
+      lambda d, m: DstConfig(steps=0), ConfigError, ("steps", ">= 1")),
+    C("compare_without_an_estimate", _nothing, _derive("--prompt", PROMPT, "--compare"),
+      ("--compare compares an estimate with the exact effect", "attn.attribution_patching"),
+      _compare_api, ConfigError, ("does not estimate another DST",)),
     C("new_plugin_named_sae", _nothing, lambda d: ["new-plugin", "sae", "--dir", str(d)],
       ("plugin name 'sae' is already taken by",),
       lambda d, m: write_plugin("sae", d), ConfigError, ("already taken", "Choose another")),
