@@ -336,3 +336,18 @@ def test_transcoder_options_and_files_are_checked(tmp_path: Path) -> None:
 
     with pytest.raises(SaeLoadError, match=r"skip transcoders \(W_skip\) are not supported"):
         load_transcoder(tmp_path / "skip")
+
+
+def test_cross_layer_transcoder_refuses_low_memory_recomputation(
+    model: scalarlens.ModelAdapter,
+) -> None:
+    """memory='low' recomputes one layer at a time, without the earlier layers' latents."""
+    config = DstConfig(
+        options={"transcoder": {"random_init": {"n_latents": A}}},
+        derive_gradients=True,
+        memory="low",
+    )
+    with pytest.raises(SaeConfigError, match=r"needs latents of layer\(s\) \[0, 1\].*memory='low'"):
+        scalarlens.derive(
+            model, TOKENS[:1], "transcoder.act_times_grad", config=config, target=1, distractor=2
+        )
