@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test,dev,plot,docs]" $(STRICT)
+	$(BIN)/python -m pip install -q -e ".[test,dev,plot,docs,ray]" $(STRICT)
 	for plugin in plugins/*/; do $(BIN)/python -m pip install -q -e "$$plugin[test]" $(STRICT) || exit 1; done
 	touch $(STAMP)
 

@@ -67,9 +67,15 @@ def run_ray(
     """Run the shards on ``workers`` actors; returns each worker's ``info()``.
 
     ``address`` joins an existing cluster (``"auto"``, ``"ray://host:10001"``); without it a
-    local Ray with ``workers`` CPUs is started and shut down again.
+    local Ray with ``workers`` CPUs is started and shut down again.  Workers use ``threads``
+    torch threads (default: as many as this process), because a float reduction split over a
+    different number of threads may round differently, and the output should not depend on
+    the engine.
     """
+    import torch
+
     ray = _ray()
+    threads = threads or torch.get_num_threads()
     started = not ray.is_initialized()
     if started:
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}

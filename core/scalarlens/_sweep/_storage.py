@@ -83,6 +83,7 @@ def prepare_directory(directory: Path, manifest: Mapping[str, Any], *, overwrite
             clear(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SHARDS).mkdir(exist_ok=True)
+    _remove_temporaries(directory)
     if not (directory / MANIFEST).is_file():
         write_json(directory / MANIFEST, manifest)
 
@@ -95,10 +96,23 @@ def _identity(manifest: Mapping[str, Any], field: str) -> Any:
     return value
 
 
+def _remove_temporaries(directory: Path) -> None:
+    """Half-written files of a killed run (``_output_files`` names them ``.NAME.HEX.tmp.EXT``)."""
+    for pattern in (
+        ".shard-*.tmp.safetensors",
+        ".results.*.tmp.safetensors",
+        ".manifest.*.tmp.json",
+    ):
+        for folder in (directory, directory / SHARDS):
+            for path in folder.glob(pattern):
+                path.unlink(missing_ok=True)
+
+
 def clear(directory: Path) -> None:
     """Delete this module's files (and nothing else) from ``directory``."""
     for path in sorted((directory / SHARDS).glob("shard-*.safetensors")):
         path.unlink()
+    _remove_temporaries(directory)
     for name in (RESULTS, MANIFEST):
         (directory / name).unlink(missing_ok=True)
 
