@@ -166,7 +166,8 @@ class SparseAutoencoder:
 
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize == "constant_norm_rescale":
-            return x * (math.sqrt(self.d_in) / x.norm(dim=-1, keepdim=True))
+            scaled: torch.Tensor = x * (math.sqrt(self.d_in) / x.norm(dim=-1, keepdim=True))
+            return scaled
         if self.normalize == "layer_norm":
             centred = x - x.mean(dim=-1, keepdim=True)
             return centred / (centred.std(dim=-1, keepdim=True) + LAYER_NORM_EPS)

@@ -148,7 +148,7 @@ def per_token_scale(opts: SaeOptions) -> bool:
         return False
     path = opts.resolved_path
     assert path is not None
-    return read_sae_config(path)["run_time_normalize"] != "none"
+    return bool(read_sae_config(path)["run_time_normalize"] != "none")
 
 
 def _sae_for(opts: SaeOptions, ctx: DeriveContext, like: torch.Tensor) -> SparseAutoencoder:
@@ -156,7 +156,9 @@ def _sae_for(opts: SaeOptions, ctx: DeriveContext, like: torch.Tensor) -> Sparse
     return resolve_sae(opts, int(d_in), like)
 
 
-def _scaled(opts: SaeOptions, ctx: DeriveContext, z: torch.Tensor, inputs: Inputs, at: int) -> Any:
+def _scaled(
+    opts: SaeOptions, ctx: DeriveContext, z: torch.Tensor, inputs: Inputs, at: int
+) -> torch.Tensor:
     """``z`` times the decoder's per-token scale (from ``x`` = ``inputs[at]``) when it has one."""
     if len(inputs) <= at:
         return z

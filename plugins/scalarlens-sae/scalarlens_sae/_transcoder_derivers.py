@@ -301,7 +301,7 @@ def mlp_input_norm(model: Any, layer: int, x: torch.Tensor) -> torch.Tensor:
     gain = model.weight(W.LAYER_NORM_GAIN_PRE_MLP, layer).to(x)
     if dims.norm_kind == "layernorm":
         x = x - x.mean(dim=-1, keepdim=True)
-    out = x / (x.pow(2).mean(dim=-1, keepdim=True) + dims.norm_eps).sqrt() * gain
+    out: torch.Tensor = x / (x.pow(2).mean(dim=-1, keepdim=True) + dims.norm_eps).sqrt() * gain
     if dims.norm_kind == "layernorm":
         out = out + model.weight(W.LAYER_NORM_BIAS_PRE_MLP, layer).to(x)
     return out
@@ -312,10 +312,13 @@ def make_transcoder_interventions(
 ) -> list[Intervention]:
     """The ``transcoder`` provider: encode at ``resid.post_attn``, replace ``resid.delta_mlp``.
 
-    Two interventions per forward pass share a per-run stash: the first (at each source
-    layer's ``resid.post_attn``, value unchanged) emits ``z_s`` and keeps a second encode
-    ``z'_s``; the second (at each target layer's ``resid.delta_mlp``) returns
-    ``ŷ_t(z) + e_t`` with ``e_t = emit(y_t − ŷ_t(z'))``.
+    Two interventions per forward pass share a stash (it lives as long as the interventions,
+    one derive call): the first (at each source layer's ``resid.post_attn``, value unchanged)
+    emits ``z_s`` and keeps a second encode ``z'_s``; the second (at each target layer's
+    ``resid.delta_mlp``) returns ``ŷ_t(z) + e_t`` with ``e_t = emit(y_t − ŷ_t(z'))``.  With
+    ``memory="low"`` a recomputed layer ``t`` re-encodes its own source and reads the earlier
+    layers' latents from the stash, which still holds the first forward's tensors (the graph
+    non-reentrant checkpointing keeps), so cross-layer gradients are the default mode's.
     """
     try:
         opts = TranscoderOptions(**dict(params))
@@ -340,19 +343,17 @@ def make_transcoder_interventions(
     def replace(value: torch.Tensor, layer: LayerIndex, emit: Any) -> torch.Tensor:
         assert layer is not None
         tc = transcoder.cast(value)
-        sources = [s for s in transcoder.layers if s <= layer]
+        sources = sorted(s for s, t in transcoder.decoders if t == layer)
         missing = [s for s in sources if s not in stash]
         if missing:
             raise SaeConfigError(
                 f"transcoder splice: layer {layer}'s MLP output needs latents of layer(s) "
-                f"{missing}, which were not encoded in this forward pass (memory='low' "
-                "recomputation is not supported with transcoders)"
+                f"{missing}, which were not encoded in this forward pass; does the model call "
+                "resid.post_attn before resid.delta_mlp in every layer?"
             )
         z = {s: stash[s][0] for s in sources}
         z_again = {s: stash[s][1] for s in sources}
         error = emit(error_loc, value - tc.reconstruct(layer, z_again))
-        if layer == max(transcoder.targets):
-            stash.clear()
         spliced: torch.Tensor = tc.reconstruct(layer, z) + error
         return spliced
 
@@ -457,7 +458,9 @@ def _capture(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Ten
     return torch.zeros_like(x)
 
 
-def _write_weights(opts: TranscoderOptions, ctx: DeriveContext, layer: int, like: Any) -> Any:
+def _write_weights(
+    opts: TranscoderOptions, ctx: DeriveContext, layer: int, like: torch.Tensor
+) -> torch.Tensor:
     tc = resolve_transcoder(opts, ctx).cast(like)
     return tc.write_weights(layer)
 

@@ -338,16 +338,30 @@ def test_transcoder_options_and_files_are_checked(tmp_path: Path) -> None:
         load_transcoder(tmp_path / "skip")
 
 
-def test_cross_layer_transcoder_refuses_low_memory_recomputation(
-    model: scalarlens.ModelAdapter,
+@pytest.mark.parametrize("cross_layer", [True, False])
+def test_low_memory_recomputation_is_bit_identical(
+    model: scalarlens.ModelAdapter, cross_layer: bool
 ) -> None:
-    """memory='low' recomputes one layer at a time, without the earlier layers' latents."""
-    config = DstConfig(
-        options={"transcoder": {"random_init": {"n_latents": A}}},
-        derive_gradients=True,
-        memory="low",
-    )
-    with pytest.raises(SaeConfigError, match=r"needs latents of layer\(s\) \[0, 1\].*memory='low'"):
-        scalarlens.derive(
-            model, TOKENS[:1], "transcoder.act_times_grad", config=config, target=1, distractor=2
+    """memory='low' recomputes one layer at a time; a CLT layer reads earlier layers' latents."""
+    names = ["transcoder.latents", "transcoder.error", "transcoder.act_times_grad"]
+    out = {}
+    for memory in ("default", "low"):
+        config = DstConfig(
+            options={"transcoder": {"random_init": {"n_latents": A, "cross_layer": cross_layer}}},
+            derive_gradients=True,
+            memory=memory,
         )
+        store = scalarlens.derive(
+            model, TOKENS[:1], names, config=config, target=TARGET, distractor=DISTRACTOR
+        )
+        out[memory] = {
+            (name, layer, p): store.get(name, layer, p)
+            for name in names
+            for layer in range(N_LAYERS)
+            for p in (
+                [PassType.FORWARD, B] if name != "transcoder.act_times_grad" else [PassType.FORWARD]
+            )
+        }
+    for key, value in out["default"].items():
+        assert torch.equal(value, out["low"][key]), key
+    assert float(out["default"][("transcoder.latents", 0, B)].abs().max()) > 0
