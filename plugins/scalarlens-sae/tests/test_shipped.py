@@ -111,3 +111,39 @@ def test_shipped_cross_layer_transcoder_replaces_both_mlps(
     plain, spliced = induction.run(tokens, []), induction.run(tokens, [], interventions=splice)
     assert plain[0].logits is not None and spliced[0].logits is not None
     assert float((plain[0].logits - spliced[0].logits).abs().max()) <= 1e-5
+
+
+def test_shipped_clt_direct_effects_close_on_the_bundled_model(
+    induction: scalarlens.ModelAdapter,
+) -> None:
+    """tiny-induction with both MLPs replaced by the shipped CLT (float32, tolerance 1e-5):
+    Σ features' + errors' direct effects + Σ_t b_dec[t]·g = Σ_t MLP direct effects."""
+    from scalarlens_sae import load_transcoder
+
+    tc = load_transcoder(TINY_INDUCTION_CLT)
+    config = DstConfig(options={"transcoder": tiny_induction_clt_options()}, derive_gradients=True)
+    store = scalarlens.derive(
+        induction,
+        WORDS[0],
+        [
+            "transcoder.write_to_final_residual_grad",
+            "transcoder.error_write_to_final_residual_grad",
+            "mlp.layer_write_to_final_residual_grad",
+            "resid.post_mlp",
+        ],
+        config=config,
+        target="one",
+        distractor="cup",
+    )
+    last = induction.dims.n_layers - 1
+    g = store.get("resid.post_mlp", last, scalarlens.PassType.BACKWARD)
+    layers = range(induction.dims.n_layers)
+    features = sum(store.get("transcoder.write_to_final_residual_grad", s).sum(-1) for s in layers)
+    errors = sum(
+        store.get("transcoder.error_write_to_final_residual_grad", t)[:, 0] for t in layers
+    )
+    biases = sum(g @ tc.b_dec[t] for t in layers)
+    mlps = sum(store.get("mlp.layer_write_to_final_residual_grad", t)[:, 0] for t in layers)
+    err = float((features + errors + biases - mlps).abs().max())
+    assert err <= 1e-5, f"direct effects do not close: max |Δ| {err}"
+    assert float(features.abs().max()) > 1e-3  # the features carry real effect
