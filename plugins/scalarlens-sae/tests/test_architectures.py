@@ -325,3 +325,47 @@ def test_unimplemented_flags_are_refused_by_name(tmp_path: Path, field: str, val
     (directory / "cfg.json").write_text(json.dumps({field: value}))
     with pytest.raises(SaeLoadError, match=rf"{field}={value!r} is not supported"):
         load_sae(directory)
+
+
+@pytest.mark.parametrize("name", ["constant_norm_rescale", "layer_norm", "gated"])
+def test_writes_include_the_per_token_decoder_scale(
+    model: scalarlens.ModelAdapter, tmp_path: Path, name: str
+) -> None:
+    """Σ_j write[t,j] + (decode(0, x) + e) W_out = x W_out; each write is z·scale(x)·W_dec W_out;
+    and Σ_j direct effect + ((decode(0, x) + e) W_out + b_out)·g = the MLP's direct effect."""
+    from scalarlens import WeightLocationType
+
+    directory, tensors = write_variant(tmp_path / name, name)
+    config = DstConfig(options={"sae": _options(directory)}, derive_gradients=True)
+    store = scalarlens.derive(
+        model,
+        TOKENS,
+        [
+            "sae.write",
+            "sae.write_norm",
+            "sae.write_to_final_residual_grad",
+            "sae.reconstruction_error_mlp",
+            "mlp.post_act",
+            "mlp.layer_write_to_final_residual_grad",
+            "resid.post_mlp",
+        ],
+        config=config,
+        target=TARGET,
+        distractor=DISTRACTOR,
+    )
+    w_out = model.weight(WeightLocationType.MLP_TO_RESIDUAL, 1)
+    b_out = model.weight(WeightLocationType.MLP_BIAS_RESIDUAL, 1)
+    for prompt in range(2):
+        x = store.get("mlp.post_act", 1, prompt=prompt)
+        want = reference(name, tensors, x)
+        write = store.get("sae.write", 1, prompt=prompt)
+        e = store.get("sae.reconstruction_error_mlp", 1, prompt=prompt)
+        torch.testing.assert_close(write.sum(1) + (want["offset"] + e) @ w_out, x @ w_out, **TOL)
+        norms = store.get("sae.write_norm", 1, prompt=prompt)
+        torch.testing.assert_close(norms, write.norm(dim=-1), **TOL)
+        g = store.get("resid.post_mlp", 2, B, prompt=prompt)
+        direct = store.get("sae.write_to_final_residual_grad", 1, prompt=prompt)
+        torch.testing.assert_close(direct, (write * g[:, None, :]).sum(-1), **TOL)
+        rest = (((want["offset"] + e) @ w_out + b_out) * g).sum(-1)
+        mlp = store.get("mlp.layer_write_to_final_residual_grad", 1, prompt=prompt)[:, 0]
+        torch.testing.assert_close(direct.sum(-1) + rest, mlp, **TOL)
