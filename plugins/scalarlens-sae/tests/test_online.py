@@ -38,7 +38,10 @@ def _derive(
     )
 
 
-@pytest.mark.parametrize("location", ["mlp.post_act", "resid.delta_mlp", "resid.delta_attn"])
+@pytest.mark.parametrize(
+    "location",
+    ["mlp.post_act", "resid.delta_mlp", "resid.delta_attn", "resid.post_attn", "resid.post_mlp"],
+)
 def test_offline_equals_online(model: scalarlens.ModelAdapter, location: str) -> None:
     """Same input convention (full activation, b_out / b_O included): no bias correction."""
     basis = "mlp" if location == "mlp.post_act" else "resid"
