@@ -89,7 +89,10 @@ def test_gemma_scope_missing_threshold(tmp_path: Path) -> None:
     del arrays["threshold"]
     (tmp_path / "s").mkdir()
     np.savez(tmp_path / "s" / "params.npz", **arrays)
-    with pytest.raises(SaeLoadError, match=r"params\.npz: a Gemma Scope \(JumpReLU\) SAE needs a per-latent 'threshold'"):
+    with pytest.raises(
+        SaeLoadError,
+        match=r"params\.npz: a Gemma Scope \(JumpReLU\) SAE needs a per-latent 'threshold'",
+    ):
         load_sae(tmp_path / "s")
 
 
