@@ -87,8 +87,32 @@ def list_releases(releases: str | Path | None) -> list[ReleaseEntry]:
                         d_sae=cfg["d_sae"],
                         hook=cfg.get("hook_name", ""),
                     )
+            else:
+                try:
+                    entry.update(_transcoder_summary(directory, kind))
+                except (SaeLoadError, OSError, ValueError) as exc:
+                    entry["error"] = str(exc)
             entries.append(entry)
     return entries
+
+
+def _transcoder_summary(directory: Path, kind: str) -> dict[str, Any]:
+    """Architecture, widths and layers of circuit-tracer transcoder files (headers only)."""
+    from safetensors import safe_open
+
+    from ._transcoder import transcoder_layers
+
+    clt = kind == "circuit_tracer_clt"
+    file, key = ("W_enc_0.safetensors", "W_enc_0") if clt else ("layer_0.safetensors", "W_enc")
+    with safe_open(str(directory / file), framework="pt") as handle:
+        d_sae, d_in = handle.get_slice(key).get_shape()
+    layers = transcoder_layers(directory, None)
+    return {
+        "architecture": "cross_layer_transcoder" if clt else "transcoder",
+        "d_in": int(d_in),
+        "d_sae": int(d_sae),
+        "hook": f"layers {layers[0]}..{layers[-1]}",
+    }
 
 
 def resolve_release(releases: str | Path | None, release: str, sae_id: str) -> Path:

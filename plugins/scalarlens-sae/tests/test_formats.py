@@ -217,3 +217,40 @@ def test_cfg_json_beside_gemma_scope_params_is_metadata(tmp_path: Path) -> None:
     (directory / "cfg.json").write_text(json.dumps({"hook_name": "blocks.1.hook_resid_post"}))
     cfg = read_sae_config(directory)
     assert cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["format"] == "gemma_scope"
+
+
+def test_release_index_holds_transcoders_too(tmp_path: Path) -> None:
+    from scalarlens_sae import TINY_INDUCTION_CLT
+
+    root = tmp_path / "releases"
+    clt = root / "tiny-induction-transcoders" / "clt"
+    clt.mkdir(parents=True)
+    for file in TINY_INDUCTION_CLT.iterdir():
+        (clt / file.name).write_bytes(file.read_bytes())
+    (entry,) = list_releases(root)
+    assert (entry["format"], entry["architecture"], entry["d_in"], entry["d_sae"]) == (
+        "circuit_tracer_clt",
+        "cross_layer_transcoder",
+        64,
+        128,
+    )
+    assert entry["hook"] == "layers 0..1"
+    induction = scalarlens.load_model("tiny-induction")
+    options = {"release": "tiny-induction-transcoders", "sae_id": "clt", "releases": str(root)}
+    by_release = scalarlens.derive(
+        induction,
+        "cat dog sun",
+        "transcoder.latents",
+        config=DstConfig(options={"transcoder": options}),
+    )
+    by_path = scalarlens.derive(
+        induction,
+        "cat dog sun",
+        "transcoder.latents",
+        config=DstConfig(options={"transcoder": {"path": str(TINY_INDUCTION_CLT)}}),
+    )
+    for layer in (0, 1):
+        torch.testing.assert_close(
+            by_release.get("transcoder.latents", layer), by_path.get("transcoder.latents", layer)
+        )
+    assert by_release.get("transcoder.latents", 1).abs().max() > 0
