@@ -134,12 +134,6 @@ def _constant(value: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda _old: value
 
 
-def _where(mask: torch.Tensor, base: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    import torch
-
-    return lambda old: torch.where(mask, base.to(old.dtype), old)
-
-
 def _ints(layers: Iterable[LayerIndex]) -> list[int]:
     return [x for x in layers if x is not None]
 
@@ -217,118 +211,6 @@ def integrated_gradients(
     return out
 
 
-class _Patch(NamedTuple):
-    location: CaptureLocation
-    layer: LayerIndex
-    component: tuple[int, ...]  # index along the leading component axes
-    start: int  # first component of the group along the last component axis
-
-    def where(self, group: int) -> tuple[int | slice, ...]:
-        return (*self.component, slice(self.start, self.start + group))
-
-
-def _patches(
-    chunk: Sequence[_Patch],
-    baseline: Captured,
-    shapes: Mapping[Site, tuple[int, ...]],
-    group: int,
-) -> Replacements:
-    """Row ``i + 1`` of the pass patches ``chunk[i]`` (row 0 stays unpatched)."""
-    import torch
-
-    replacements: Replacements = {}
-    for site in dict.fromkeys((j.location, j.layer) for j in chunk):
-        loc, layer = site
-        picked = [(i + 1, j) for i, j in enumerate(chunk) if (j.location, j.layer) == site]
-        b = baseline[(loc, PassType.FORWARD)][layer]
-        shape = shapes[site]
-        masks = torch.zeros((len(picked), *shape), dtype=torch.bool, device=b.device)
-        for m, (_, job) in enumerate(picked):
-            masks[(m, *job.where(group))] = True
-        masks = masks.reshape(*masks.shape, *([1] * (b.dim() - len(shape))))
-        idx = torch.tensor([i for i, _ in picked], dtype=torch.long)
-        replacements.setdefault(loc, {})[layer] = (idx, _where(masks, b))
-    return replacements
-
-
-def patch_shapes(baseline: Captured, wanted: Wanted) -> dict[Site, tuple[int, ...]]:
-    """Component shape (the location's shape without channel axes) of every wanted site."""
-    shapes: dict[Site, tuple[int, ...]] = {}
-    for (loc, _), layers in wanted.items():
-        rank = component_rank(loc)
-        for layer in _sorted(layers):
-            shapes[(loc, layer)] = tuple(baseline[(loc, PassType.FORWARD)][layer].shape[:rank])
-    return shapes
-
-
-def _axes(
-    location: CaptureLocation, sizes: Sequence[int], positions: Sequence[int] | None
-) -> list[range | list[int]]:
-    """Indices to patch along each component axis: token axes only at ``positions``."""
-    from ._model import resolve_position
-
-    out: list[range | list[int]] = []
-    for dim, n in zip(location.shape, sizes, strict=False):
-        if positions is not None and dim.is_token_axis and dim is Dimension.TOKENS:
-            out.append(sorted({resolve_position(p, n, "patch position") for p in positions}))
-        else:
-            out.append(range(n))
-    return out
-
-
-def activation_patching(
-    adapter: ModelAdapter,
-    tokens: Sequence[int],
-    baseline: Captured,
-    wanted: Wanted,
-    objective: Objective,
-    *,
-    group: int,
-    batch_rows: int,
-    positions: Sequence[int] | None = None,
-    interventions: Sequence[Intervention] = (),
-    progress: Callable[[int], None] | None = None,
-) -> Values:
-    """``objective(main) − objective(main with one component from the baseline)`` for every
-    component of every wanted (location, layer), ``group`` consecutive components of the last
-    component axis at a time.  Each pass holds one unpatched row, the reference its patched
-    rows are compared with (so a patch that changes nothing reads exactly zero)."""
-    import itertools
-
-    import torch
-
-    shapes = patch_shapes(baseline, wanted)
-    jobs = [
-        _Patch(loc, layer, index, start)
-        for (loc, layer), shape in shapes.items()
-        for index in itertools.product(*_axes(loc, shape[:-1], positions))
-        for start in _axes(loc, shape, positions)[-1][::group]
-    ]
-    out: Values = {}
-    for (loc, layer), shape in shapes.items():
-        dtype = baseline[(loc, PassType.FORWARD)][layer].dtype
-        out.setdefault((loc, PassType.FORWARD), {})[layer] = torch.zeros(shape, dtype=dtype)
-    for chunk in _chunks(jobs, max(batch_rows - 1, 1)):
-        replacements = _patches(chunk, baseline, shapes, group)
-        results = adapter.run(
-            [list(tokens)] * (len(chunk) + 1),
-            [],
-            objective,
-            interventions=[*interventions, *_interventions(replacements)],
-            return_logits=False,
-        )
-        values = [r.objective_value for r in results]
-        clean = values[0]
-        assert clean is not None
-        for job, patched in zip(chunk, values[1:], strict=True):
-            assert patched is not None
-            target = out[(job.location, PassType.FORWARD)][job.layer]
-            target[job.where(group)] = clean - patched
-        if progress is not None:
-            progress(len(chunk))
-    return out
-
-
 def engine_runs(
     plan: Plan,
     adapter: ModelAdapter,
@@ -357,6 +239,8 @@ def engine_runs(
         )
         out[PromptCombo.INTEGRATED] = RawActivationStore.from_nested_dict(values)
     if PromptCombo.PATCHED in wanted:
+        from ._patching import activation_patching
+
         values = activation_patching(
             adapter,
             main.tokens,

@@ -238,3 +238,39 @@ def test_objective_other_than_logit_difference(adapter: Any) -> None:
     )
     later = store.activations("attn.activation_patching", FWD)[0][4:]
     assert torch.all(later == 0), "positions after the objective's cannot affect it"
+
+
+class _FullForwardsOnly:
+    """The adapter without ``resume_objectives``: patching falls back to full forwards."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    name = property(lambda self: self._inner.name)
+    dims = property(lambda self: self._inner.dims)
+    capturable_locations = property(lambda self: self._inner.capturable_locations)
+    tokenizer = None
+
+    def weight(self, *args: Any) -> Any:
+        return self._inner.weight(*args)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        return self._inner.run(*args, **kwargs)
+
+    def config_dict(self) -> Any:
+        return self._inner.config_dict()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resumed_passes_equal_full_forwards(adapter: Any, family: str) -> None:
+    """Running only the layers and tokens a patch can change gives the full-forward answer."""
+    from scalarlens._patching import ResumableModel
+
+    full = _FullForwardsOnly(adapter)
+    assert isinstance(adapter, ResumableModel) and not isinstance(full, ResumableModel)
+    name = f"{family}.activation_patching"
+    config = DstConfig(batch_rows=5)
+    resumed = derive(adapter, name, config=config).activations(name, FWD)
+    forwards = derive(full, name, config=config).activations(name, FWD)
+    for layer in resumed.layer_indices:
+        torch.testing.assert_close(resumed[layer], forwards[layer], rtol=0, atol=1e-10)

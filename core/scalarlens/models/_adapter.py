@@ -7,15 +7,22 @@ weights live and how to run it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import torch
 
 from .._layers import LayerIndex
-from .._model import ModelDims
+from .._model import (
+    LogitDiffObjective,
+    LogProbObjective,
+    ModelDims,
+    logits_objective,
+    resolve_position,
+)
 from .._vocab import ActivationLocationType as ALT
-from .._vocab import WeightLocationType
+from .._vocab import PassType, WeightLocationType
 from ..exceptions import ModelInputError
 from ._gpt2 import GPT2Model
 from ._hooked import HookedAdapter, HookFn
@@ -185,6 +192,36 @@ class GPT2Adapter(HookedAdapter):
             tokens, attention_mask, hook=hook, unembed=unembed, rows=rows, checkpoint=checkpoint
         )
         return logits
+
+    def resume_objectives(
+        self,
+        prefix: Mapping[tuple[Any, PassType], Mapping[LayerIndex, torch.Tensor]],
+        start_layer: int,
+        offset: int,
+        n_rows: int,
+        hook: HookFn,
+        objective: LogitDiffObjective | LogProbObjective,
+    ) -> list[float]:
+        """``ResumableModel``: activation patching runs only what a patch can change."""
+        fwd = PassType.FORWARD
+        if start_layer == 0:
+            resid = prefix[(ALT.RESID_POST_EMBEDDING, fwd)][None]
+        else:
+            resid = prefix[(ALT.RESID_POST_MLP, fwd)][start_layer - 1]
+        row = resolve_position(objective.position, resid.shape[0]) - offset
+        past = [
+            (
+                prefix[(ALT.ATTN_KEY, fwd)][i][:offset].to(self.dtype),
+                prefix[(ALT.ATTN_VALUE, fwd)][i][:offset].to(self.dtype),
+            )
+            for i in range(start_layer, self._dims.n_layers)
+        ]
+        x = resid[offset:].to(self.dtype).unsqueeze(0).expand(n_rows, -1, -1)
+        with torch.no_grad():
+            logits = self._model.resume(x, start_layer, past, hook, row)
+        at_zero = attrs.evolve(objective, position=0)
+        logits = logits.to(self.accumulation_dtype)
+        return [float(logits_objective(at_zero, logits[b : b + 1])) for b in range(n_rows)]
 
     def _read_weight(self, location: WeightLocationType, layer: LayerIndex) -> torch.Tensor:
         if location.has_no_layers:

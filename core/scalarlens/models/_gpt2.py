@@ -15,7 +15,7 @@ loading and saving a checkpoint is a rename-free copy.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -140,8 +140,15 @@ class _Attention(nn.Module):
         self.c_proj = _Affine((d, d), d)
 
     def forward(
-        self, u: torch.Tensor, allowed: torch.Tensor, hook: HookFn, layer: int
+        self,
+        u: torch.Tensor,
+        allowed: torch.Tensor,
+        hook: HookFn,
+        layer: int,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``past`` (keys and values ``P×H×dk`` of ``P`` earlier tokens) lets ``u`` hold only
+        the tokens after them (see ``GPT2Model.resume``); keys then span ``P + t``."""
         b, t, d = u.shape
         h, dk = self.n_head, self.d_head
         qkv = u @ self.c_attn.weight + self.c_attn.bias
@@ -149,6 +156,9 @@ class _Attention(nn.Module):
         q = hook(ALT.ATTN_QUERY.value, layer, q)
         k = hook(ALT.ATTN_KEY.value, layer, k)
         v = hook(ALT.ATTN_VALUE.value, layer, v)
+        if past is not None:
+            k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=1)
+            v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=1)
         # The maths runs in the B×H×T×S layout (batched matmuls, softmax over the last axis:
         # several times faster than einsums into B×T×S×H, forward and backward); each hook sees
         # a permuted view in the location's B×T×S×H layout and what it returns flows on.
@@ -184,10 +194,15 @@ class _Block(nn.Module):
         self.mlp = _MLP(cfg)
 
     def forward(
-        self, resid: torch.Tensor, allowed: torch.Tensor, hook: HookFn, layer: int
+        self,
+        resid: torch.Tensor,
+        allowed: torch.Tensor,
+        hook: HookFn,
+        layer: int,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         u = self.ln_1(resid, hook, ALT.ATTN_INPUT_LAYER_NORM_SCALE.value, layer)
-        delta = hook(ALT.RESID_DELTA_ATTN.value, layer, self.attn(u, allowed, hook, layer))
+        delta = hook(ALT.RESID_DELTA_ATTN.value, layer, self.attn(u, allowed, hook, layer, past))
         resid = hook(ALT.RESID_POST_ATTN.value, layer, resid + delta)
         x = self.ln_2(resid, hook, ALT.MLP_INPUT_LAYER_NORM_SCALE.value, layer)
         delta = hook(ALT.RESID_DELTA_MLP.value, layer, self.mlp(x, hook, layer))
@@ -282,3 +297,34 @@ class GPT2Model(nn.Module):
             return out
         logits = x @ self.unembedding().T
         return hook(ALT.LOGITS.value, None, logits)
+
+    def resume(
+        self,
+        resid: torch.Tensor,
+        start_layer: int,
+        past: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        hook: HookFn,
+        row: int,
+    ) -> torch.Tensor:
+        """Logits ``B×V`` at suffix position ``row``, running only layers ``start_layer…`` on
+        only the tokens after a prefix whose keys and values are known.
+
+        ``resid`` (``B×T'×D``) is the residual entering ``start_layer`` at the last ``T'``
+        tokens; ``past[i]`` holds the prefix's keys and values (``P×H×dk``) at layer
+        ``start_layer + i``.  Why: a change at layer ``l`` and token ``t`` cannot reach an
+        earlier layer or an earlier token, so patching one component needs only this part of
+        the forward pass — about a quarter of it, averaged over layers and positions.
+        """
+        b, t, _ = resid.shape
+        p = past[0][0].shape[0] if past else 0
+        keys = torch.arange(p + t, device=resid.device)
+        allowed = (keys[None, :] <= (p + torch.arange(t, device=resid.device))[:, None]).expand(
+            b, t, p + t
+        )
+        if start_layer == 0:
+            resid = hook(ALT.RESID_POST_EMBEDDING.value, None, resid)
+        for i in range(start_layer, self.config.n_layer):
+            resid = self.block(i)(resid, allowed, hook, i, past[i - start_layer] if p else None)
+        x = self.ln_f(resid, hook, ALT.RESID_FINAL_LAYER_NORM_SCALE.value, None)
+        out: torch.Tensor = x[:, row] @ self.unembedding().T
+        return out
