@@ -37,6 +37,7 @@ MAGNITUDE_BINS = (HIGH_DECADE - LOW_DECADE) * BINS_PER_DECADE
 N_BINS = 2 * MAGNITUDE_BINS + 1
 ZERO_BIN = MAGNITUDE_BINS
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
+_CHUNK = 64
 
 
 def make_key(prompt: torch.Tensor, token: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -71,8 +72,8 @@ def priority_of(key: torch.Tensor) -> torch.Tensor:
 def bin_of(values: torch.Tensor) -> torch.Tensor:
     """Fixed symmetric log bins: ``|x| < 1e-4`` is the zero bin, then 4 bins per decade up to
     ``1e4`` on each side (beyond that, the outermost bins); bin order is value order."""
-    magnitude = values.abs().to(torch.float64)
-    j = torch.floor((torch.log10(magnitude.clamp_min(1e-300)) - LOW_DECADE) * BINS_PER_DECADE)
+    magnitude = values.abs().to(torch.float32)
+    j = torch.floor((torch.log10(magnitude.clamp_min(1e-30)) - LOW_DECADE) * BINS_PER_DECADE)
     j = j.clamp(0, MAGNITUDE_BINS - 1).to(torch.int64)
     signed = torch.where(values > 0, ZERO_BIN + 1 + j, ZERO_BIN - 1 - j)
     return torch.where(magnitude < 10.0**LOW_DECADE, torch.full_like(j, ZERO_BIN), signed)
@@ -104,28 +105,30 @@ def merge_slots(
     theirs: Sequence[torch.Tensor],
     entering: torch.Tensor,
     order: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]],
-    empty: Sequence[float],
 ) -> list[torch.Tensor]:
     """Per group (row), the first ``m`` slots of the union of two slot tables under ``order``.
 
     Fields are ``groups × m (× extra)`` tensors, the first holding keys (``KEY_SENTINEL``:
-    empty slot).  Only groups where some entry of ``theirs`` could enter (``entering``: it beats
-    the last slot of ``mine``) are recomputed; the rest are ``mine`` unchanged.  The result is
+    empty slot, which ``order`` must put last).  Only groups where some entry of ``theirs``
+    could enter (``entering``: it beats the last slot of ``mine``) are recomputed, by a stable
+    sort of each touched row of ``2m`` slots; the rest are ``mine`` unchanged.  The result is
     the first ``m`` of the union under a total order, whatever the order of the operands.
     """
     m = mine[0].shape[1]
+    if bool((mine[0] == KEY_SENTINEL).all()):
+        return [f.clone() for f in theirs]
     touched = entering.any(1).nonzero(as_tuple=True)[0]
     out = [f.clone() for f in mine]
     if touched.numel() == 0:
         return out
     both = [torch.cat([a[touched], b[touched]], 1) for a, b in zip(mine, theirs, strict=True)]
-    group, slot = (both[0] != KEY_SENTINEL).nonzero(as_tuple=True)
-    flat = [f[group, slot] for f in both]
-    kept, rank = first_per_group(group, order(flat), m)
-    for target, source, fill in zip(out, flat, empty, strict=True):
-        block = torch.full((touched.numel(), *target.shape[1:]), fill, dtype=target.dtype)
-        block[group[kept], rank] = source[kept]
-        target[touched] = block
+    rows = torch.arange(touched.numel())[:, None]
+    perm = torch.arange(2 * m).expand(touched.numel(), 2 * m)
+    for key in reversed(order(both)):  # least significant first: a stable lexicographic sort
+        perm = perm.gather(1, torch.argsort(key.gather(1, perm), dim=1, stable=True))
+    first = perm[:, :m]
+    for target, source in zip(out, both, strict=True):
+        target[touched] = source[rows, first]
     return out
 
 
@@ -242,23 +245,33 @@ class ComponentStats:
         t["min"] = torch.where(finite, x, math.inf).amin(0)
         t["max"] = torch.where(finite, x, -math.inf).amax(0)
         bins = bin_of(values)
-        columns = torch.arange(n).expand(n_rows, n)
-        flat = (columns * N_BINS + bins)[finite]
+        flat = bins + torch.arange(n) * N_BINS
+        flat = flat.reshape(-1) if bool(finite.all()) else flat[finite]
         t["hist"] = torch.bincount(flat, minlength=n * N_BINS).reshape(n, N_BINS)
         out._top_of_batch(rows, finite)
         out._samples_of_batch(rows, finite, bins)
         return out
 
     def _top_of_batch(self, rows: Rows, finite: torch.Tensor) -> None:
-        s, n_rows = self.settings, rows.values.shape[0]
+        s, (n_rows, n) = self.settings, rows.values.shape
         scored = torch.where(finite, rows.values, -math.inf)
         k = min(s.top_k, n_rows)
-        threshold = torch.topk(scored, k, dim=0).values[-1]
-        candidate = finite & (scored >= threshold)
-        row, column = candidate.nonzero(as_tuple=True)
+        top = torch.topk(scored.T.contiguous(), k, dim=1)  # components × k
+        threshold = top.values[:, -1]
+        # ``topk`` picks arbitrarily among values tied at the threshold; where more than ``k``
+        # reach it, take every entry that does and let the key decide.
+        tied = ((scored >= threshold).sum(0) > k).nonzero(as_tuple=True)[0]
+        row = top.indices.reshape(-1)
+        column = torch.arange(n).repeat_interleave(k)
+        if tied.numel():
+            clear = ~torch.isin(column, tied)
+            extra_row, extra_column = (scored[:, tied] >= threshold[tied]).nonzero(as_tuple=True)
+            row = torch.cat([row[clear], extra_row])
+            column = torch.cat([column[clear], tied[extra_column]])
+        real = finite[row, column]
+        row, column = row[real], column[real]
         value = rows.values[row, column]
-        key = rows.keys[row]
-        kept, rank = first_per_group(column, [-value.to(torch.float64), key], s.top_k)
+        kept, rank = first_per_group(column, [-value.to(torch.float64), rows.keys[row]], k)
         row, column = row[kept], column[kept]
         self.t["top_value"][column, rank] = rows.values[row, column]
         self.t["top_key"][column, rank] = rows.keys[row]
@@ -267,27 +280,40 @@ class ComponentStats:
         self.t["top_context"][column, rank] = torch.where(neighbours >= 0, context, math.nan)
 
     def _samples_of_batch(self, rows: Rows, finite: torch.Tensor, bins: torch.Tensor) -> None:
-        s, n_rows = self.settings, rows.values.shape[0]
+        s, (n_rows, n) = self.settings, rows.values.shape
         priority = priority_of(rows.keys)
         order = torch.argsort(priority, stable=True)
         take = order[: s.samples]
         self.t["sample_key"][: take.numel()] = rows.keys[take]
         self.t["sample_priority"][: take.numel()] = priority[take]
         self.t["sample_value"][: take.numel()] = rows.values[take]
-        # Per (component, bin): the lowest priorities.  Rows in priority order, then a stable
-        # sort of each column by bin: the first entries of each run are the ones to keep.
-        by_priority = torch.where(finite, bins, N_BINS)[order]  # non-finite: an extra bin
-        sorted_bins, index = torch.sort(by_priority, dim=0, stable=True)
-        columns = sorted_bins.T.contiguous()
-        rank = (torch.arange(n_rows) - torch.searchsorted(columns, columns)).T
-        keep = (rank < s.bin_samples) & (sorted_bins < N_BINS)
-        pos, column = keep.nonzero(as_tuple=True)
-        row = order[index[pos, column]]
-        bin_ = sorted_bins[pos, column]
-        slot = rank[pos, column]
-        self.t["bin_key"][column, bin_, slot] = rows.keys[row]
-        self.t["bin_priority"][column, bin_, slot] = priority[row]
-        self.t["bin_value"][column, bin_, slot] = rows.values[row, column]
+        # Per (component, bin): the lowest priorities.  Rows are visited in priority order, in
+        # chunks of growing size; an entry is kept while its (component, bin) has fewer than
+        # ``m`` entries from earlier rows, its slot being that count.  After the first chunks
+        # the dense bins are full and only rare values are looked at again.  No sort of the
+        # batch: within a chunk, candidates sorted by group (stable) keep priority order.
+        m = s.bin_samples
+        width = N_BINS + 1  # an extra bin per component for non-finite values
+        grouped = torch.where(finite, bins, N_BINS) + torch.arange(n) * width
+        seen = torch.zeros(n * width, dtype=torch.int64)
+        start, size = 0, 8
+        while start < n_rows:
+            chunk = order[start : start + size]
+            groups = grouped[chunk]
+            open_ = seen[groups] < m
+            at, column = open_.nonzero(as_tuple=True)  # row-major: ascending priority
+            group = groups[at, column]
+            by_group = torch.argsort(group, stable=True)
+            at, column, group = at[by_group], column[by_group], group[by_group]
+            slot = seen[group] + torch.arange(group.numel()) - torch.searchsorted(group, group)
+            keep = (slot < m) & finite[chunk[at], column]
+            row, column, slot = chunk[at[keep]], column[keep], slot[keep]
+            bin_ = bins[row, column]
+            self.t["bin_key"][column, bin_, slot] = rows.keys[row]
+            self.t["bin_priority"][column, bin_, slot] = priority[row]
+            self.t["bin_value"][column, bin_, slot] = rows.values[row, column]
+            seen += torch.bincount(groups.reshape(-1), minlength=seen.numel())
+            start, size = start + size, min(2 * size, 128)
 
     # --- merging --------------------------------------------------------------------------
 
@@ -335,7 +361,6 @@ class ComponentStats:
             [theirs[n] for n in names],
             entering,
             lambda f: [-f[1].to(torch.float64), f[0]],
-            [KEY_SENTINEL, -math.inf, math.nan],
         )
         return dict(zip(names, merged, strict=True))
 
@@ -358,9 +383,8 @@ class ComponentStats:
         theirs = [other.t[n].reshape(-1, m) for n in names]
         threshold = mine[1][:, -1]  # KEY_SENTINEL until full
         entering = (theirs[0] != KEY_SENTINEL) & (theirs[1] <= threshold[:, None])
-        merged = merge_slots(
-            mine, theirs, entering, lambda f: [f[1], f[0]], [KEY_SENTINEL, KEY_SENTINEL, math.nan]
-        )
+        # Priorities of real examples are distinct (a hash of distinct keys): one sort key.
+        merged = merge_slots(mine, theirs, entering, lambda f: [f[1]])
         return {n: f.reshape(self.t[n].shape) for n, f in zip(names, merged, strict=True)}
 
     # --- results --------------------------------------------------------------------------
@@ -393,19 +417,20 @@ class ComponentStats:
         has = has & (n > 0)[:, None]
         out["quantile_boundaries"] = torch.where(has, edges[first_bin], math.nan)
         m = self.settings.bin_samples
-        key, priority = t["bin_key"], t["bin_priority"]
-        column, bin_, slot = (key != KEY_SENTINEL).nonzero(as_tuple=True)
-        group = column * (len(QUANTILES) + 1) + qbin[column, bin_]
-        kept, rank = first_per_group(
-            group, [priority[column, bin_, slot], key[column, bin_, slot]], m
-        )
-        column, bin_, slot, rank = column[kept], bin_[kept], slot[kept], rank
-        q = qbin[column, bin_]
-        shape = (self.n, len(QUANTILES) + 1, m)
-        out["quantile_key"] = torch.full(shape, KEY_SENTINEL)
-        out["quantile_value"] = torch.full(shape, math.nan)
-        out["quantile_key"][column, q, rank] = key[column, bin_, slot]
-        out["quantile_value"][column, q, rank] = t["bin_value"][column, bin_, slot]
+        # Per quantile bin, the m lowest priorities among the slots of its histogram bins
+        # (real priorities are distinct, so ``topk`` has no ties to break among them).
+        priority = t["bin_priority"].reshape(self.n, -1)
+        key, value = t["bin_key"].reshape(self.n, -1), t["bin_value"].reshape(self.n, -1)
+        slot_bin = qbin.repeat_interleave(m, dim=1)
+        keys, values = [], []
+        for q in range(len(QUANTILES) + 1):
+            masked = torch.where(slot_bin == q, priority, KEY_SENTINEL)
+            low, index = torch.topk(masked, m, dim=1, largest=False)
+            empty = low == KEY_SENTINEL
+            keys.append(torch.where(empty, KEY_SENTINEL, key.gather(1, index)))
+            values.append(torch.where(empty, math.nan, value.gather(1, index)))
+        out["quantile_key"] = torch.stack(keys, 1)
+        out["quantile_value"] = torch.stack(values, 1)
         return out
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
