@@ -86,6 +86,7 @@ def main() -> None:
     import bench_catalogue
     import bench_dedup
     import bench_startup
+    import bench_sweep
 
     sections = [
         header(),
@@ -93,6 +94,7 @@ def main() -> None:
         bench_capture.main(),
         bench_catalogue.main(),
         bench_dedup.main(),
+        bench_sweep.main(),
         peers(),
         families(),
     ]

@@ -131,7 +131,7 @@ def add_sweep_commands(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=20, help="top examples kept per component")
     p.add_argument("--context", type=int, help="max tokens per prompt (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
-    p.add_argument("--shard-size", type=int, default=256, help="prompts per shard file")
+    p.add_argument("--shard-size", type=int, default=1024, help="prompts per shard file")
     p.add_argument("--engine", choices=("local", "ray"), default="local")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers (one model each)")

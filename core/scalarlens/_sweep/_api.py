@@ -58,7 +58,7 @@ def sweep(
     top_k: int = 20,
     context: int | None = None,
     batch_size: int = 8,
-    shard_size: int = 256,
+    shard_size: int = 1024,
     engine: str = "local",
     objective: str | Objective | None = NEXT_TOKEN,
     config: DstConfig | None = None,
