@@ -229,24 +229,28 @@ class ComponentStats:
         values = rows.values
         n_rows, n = values.shape
         finite = torch.isfinite(values)
-        x = torch.where(finite, values, 0.0).to(torch.float64)
+        all_finite = bool(finite.all())  # the usual case: skip the masking passes
+        x = (values if all_finite else torch.where(finite, values, 0.0)).to(torch.float64)
         count = finite.sum(0)
         safe = count.clamp_min(1).to(torch.float64)
         mean = x.sum(0) / safe
-        d = torch.where(finite, x - mean, 0.0)
+        d = x - mean if all_finite else torch.where(finite, x - mean, 0.0)
         d2 = d * d
         out = cls.empty(n, settings)
         t = out.t
         t["count"] = count
         t["nonfinite"] = n_rows - count
-        t["nonzero"] = (finite & (values != 0)).sum(0)
+        t["nonzero"] = ((values != 0) if all_finite else finite & (values != 0)).sum(0)
         t["mean"] = torch.where(count > 0, mean, 0.0)
         t["m2"], t["m3"], t["m4"] = d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)
-        t["min"] = torch.where(finite, x, math.inf).amin(0)
-        t["max"] = torch.where(finite, x, -math.inf).amax(0)
+        if all_finite:
+            t["min"], t["max"] = x.amin(0), x.amax(0)
+        else:
+            t["min"] = torch.where(finite, x, math.inf).amin(0)
+            t["max"] = torch.where(finite, x, -math.inf).amax(0)
         bins = bin_of(values)
         flat = bins + torch.arange(n) * N_BINS
-        flat = flat.reshape(-1) if bool(finite.all()) else flat[finite]
+        flat = flat.reshape(-1) if all_finite else flat[finite]
         t["hist"] = torch.bincount(flat, minlength=n * N_BINS).reshape(n, N_BINS)
         out._top_of_batch(rows, finite)
         out._samples_of_batch(rows, finite, bins)
@@ -254,7 +258,7 @@ class ComponentStats:
 
     def _top_of_batch(self, rows: Rows, finite: torch.Tensor) -> None:
         s, (n_rows, n) = self.settings, rows.values.shape
-        scored = torch.where(finite, rows.values, -math.inf)
+        scored = rows.values if bool(finite.all()) else torch.where(finite, rows.values, -math.inf)
         k = min(s.top_k, n_rows)
         top = torch.topk(scored.T.contiguous(), k, dim=1)  # components × k
         threshold = top.values[:, -1]
