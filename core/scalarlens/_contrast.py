@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ._layers import LayerIndex
 from ._locations import CaptureLocation
@@ -174,6 +174,7 @@ def integrated_gradients(
     steps: int,
     batch_rows: int,
     interventions: Sequence[Intervention] = (),
+    memory: str = "default",
 ) -> Values:
     """Path-averaged gradients ``Σ_k w_k ∇f(b + α_k(a − b))`` at every wanted (location, layer).
 
@@ -182,6 +183,8 @@ def integrated_gradients(
     """
 
     alphas, weights = gauss_legendre(steps)
+    # Only passed when asked for, so adapters written before memory modes keep working.
+    low: dict[str, Any] = {"memory": memory} if memory != "default" else {}
     rows = [
         _Step(loc, layer, k)
         for (loc, _), layers in wanted.items()
@@ -201,6 +204,7 @@ def integrated_gradients(
             objective,
             interventions=[*interventions, *_interventions(replacements)],
             return_logits=False,
+            **low,
         )
         for i, row in enumerate(chunk):
             grad = results[i].captured[(row.location, PassType.BACKWARD)][row.layer]
@@ -236,6 +240,7 @@ def engine_runs(
             steps=config.steps,
             batch_rows=config.batch_rows,
             interventions=interventions,
+            memory=config.memory,
         )
         out[PromptCombo.INTEGRATED] = RawActivationStore.from_nested_dict(values)
     if PromptCombo.PATCHED in wanted:

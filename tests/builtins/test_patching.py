@@ -40,8 +40,23 @@ FAMILIES = {
     "resid.post_attn": ALT.RESID_POST_ATTN,
     "resid.post_mlp": ALT.RESID_POST_MLP,
 }
-KINDS = ("attribution_patching", "integrated_gradients", "activation_patching")
-ALL = [f"{family}.{kind}" for family in FAMILIES for kind in KINDS]
+ALL = [
+    "attn.attribution_patching",
+    "attn.integrated_gradients",
+    "attn.activation_patching",
+    "mlp.attribution_patching",
+    "mlp.integrated_gradients",
+    "mlp.activation_patching",
+    "resid.post_emb.attribution_patching",
+    "resid.post_emb.integrated_gradients",
+    "resid.post_emb.activation_patching",
+    "resid.post_attn.attribution_patching",
+    "resid.post_attn.integrated_gradients",
+    "resid.post_attn.activation_patching",
+    "resid.post_mlp.attribution_patching",
+    "resid.post_mlp.integrated_gradients",
+    "resid.post_mlp.activation_patching",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +98,7 @@ def _patched(adapter: Any, location: ALT, layer: Any, index: tuple[Any, ...]) ->
 
 @pytest.mark.parametrize("name", ALL)
 def test_declared_shape_and_objective_values(adapter: Any, name: str) -> None:
+    assert len(ALL) == len(FAMILIES) * 3
     store = derive(adapter, name)
     dst = REGISTRY.dst(name)
     assert dst.needs_objective and REGISTRY.get(name, DstConfig()).reads_baseline()

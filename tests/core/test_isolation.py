@@ -98,6 +98,7 @@ def _derive_all(reg: Registry, model: scalarlens.ModelAdapter, extra: list[str])
         [*extra, *_builtin_names(reg)],
         target="fox",
         distractor="king",
+        baseline="the old king saw a red cat the old king saw a red",  # for patching DSTs
         config=DstConfig(derive_gradients=True, options=options),
         registry=reg,
     )

@@ -13,7 +13,7 @@ import scalarlens
 import torch
 from scalarlens import DstConfig, ModelInputError, NodeObjective, PassType
 
-from tests.builtins._tiny import ALT, TOKENS, tiny_adapter
+from tests.builtins._tiny import ALT, TOKENS, corrupted, tiny_adapter
 
 REGISTRY = scalarlens.registry
 
@@ -26,7 +26,10 @@ def _derive_everything(adapter: object, memory: str, objective: object) -> dict:
         config = DstConfig(derive_gradients=True, options=options, memory=memory)
         if scalarlens.unsupported_reason(REGISTRY.get(name, config), adapter) is not None:
             continue  # mlp.up: GPT-2 has no gated MLP
-        store = scalarlens.derive(adapter, [TOKENS], name, objective=objective, config=config)
+        baseline = [corrupted(TOKENS)] if REGISTRY.get(name, config).reads_baseline() else None
+        store = scalarlens.derive(
+            adapter, [TOKENS], name, objective=objective, config=config, baseline=baseline
+        )
         for key in store.keys():
             for layer, tensor in store.activations(
                 key.dst, key.pass_type
