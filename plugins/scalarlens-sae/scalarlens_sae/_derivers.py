@@ -39,6 +39,7 @@ from scalarlens import (
     NodeType,
     PassType,
     PluginLocation,
+    PromptCombo,
     RawScalarSource,
     Recipe,
     ScalarDeriver,
@@ -443,6 +444,7 @@ class SaeRecipe(Recipe):
 
 LATENTS = DstReference("sae.latents", FORWARD)
 LATENTS_GRAD = DstReference("sae.latents", BACKWARD)
+LATENTS_DIFF = DstReference("sae.latents", FORWARD, prompt=PromptCombo.MAIN_MINUS_BASELINE)
 ONLINE_LATENTS = DstReference("sae.online.latents", FORWARD)
 ONLINE_LATENTS_GRAD = DstReference("sae.online.latents", BACKWARD)
 
@@ -519,6 +521,18 @@ RECIPES: tuple[SaeRecipe, ...] = (
         "z[t,j]·∇z[t,j] with ∇z = ∇x W_decᵀ (gradient through the decoder, from the captured ∇x)",
         act_times_grad,
         (LATENTS, LATENTS_GRAD),
+    ),
+    SaeRecipe(
+        DerivedScalarType(
+            "sae.attribution_patching",
+            (T, A),
+            LATENT,
+            "first-order estimate of patching each offline SAE latent from a baseline prompt "
+            "(derive with baseline=): objective(main) − objective(latent at its baseline value)",
+        ),
+        "(z[main] − z[baseline])[t,j]·∇z[t,j] with ∇z = ∇x W_decᵀ on the main prompt",
+        act_times_grad,
+        (LATENTS_DIFF, LATENTS_GRAD),
     ),
     SaeRecipe(
         DerivedScalarType(

@@ -226,3 +226,35 @@ def test_shipped_sae_reconstructs_tiny_induction() -> None:
     l0 = float((store.get("sae.latents", 1) > 0).sum(-1).float().mean())
     assert fvu < 0.1 and 1 <= l0 <= 128, (fvu, l0)
     assert TINY_INDUCTION_SAE.is_dir()
+
+
+def test_attribution_patching_of_latents_is_difference_times_gradient(
+    model: scalarlens.ModelAdapter,
+) -> None:
+    """``sae.attribution_patching`` = (z[main] − z[baseline])·∇z, z from each prompt's run."""
+    prompt = TOKENS[0]
+    baseline = list(prompt)
+    baseline[2] = (baseline[2] + 3) % model.dims.n_vocab
+    config = DstConfig(options=sae_config().options)
+    got = scalarlens.derive(
+        model,
+        [prompt],
+        "sae.attribution_patching",
+        baseline=baseline,
+        config=config,
+        target=TARGET,
+        distractor=DISTRACTOR,
+    ).get("sae.attribution_patching", LAYER)
+    main = scalarlens.derive(
+        model,
+        [prompt],
+        "sae.latents",
+        config=DstConfig(options=config.options, derive_gradients=True),
+        target=TARGET,
+        distractor=DISTRACTOR,
+    )
+    base = scalarlens.derive(model, [baseline], "sae.latents", config=config)
+    z, z_base = main.get("sae.latents", LAYER), base.get("sae.latents", LAYER)
+    want = (z - z_base) * main.get("sae.latents", LAYER, B)
+    assert (z - z_base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, **TOL)

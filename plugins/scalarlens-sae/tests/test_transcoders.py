@@ -33,6 +33,7 @@ ALL = [
     "transcoder.error",
     "transcoder.act_times_grad",
     "transcoder.write",
+    "transcoder.write_norm",
     "transcoder.write_to_final_residual_grad",
     "transcoder.error_write_to_final_residual_grad",
     "mlp.layer_write_to_final_residual_grad",
@@ -190,6 +191,14 @@ def test_cross_layer_transcoder_identities(model: scalarlens.ModelAdapter) -> No
             for t in range(N_LAYERS)
         )
         torch.testing.assert_close(writes, recon, rtol=0, atol=1e-10)
+        # the norm of each latent's total write vector
+        for s in range(N_LAYERS):
+            torch.testing.assert_close(
+                store.get("transcoder.write_norm", s, prompt=prompt),
+                store.get("transcoder.write", s, prompt=prompt).norm(dim=-1),
+                rtol=0,
+                atol=1e-10,
+            )
 
 
 def _final_gradient(model: scalarlens.ModelAdapter, prompt: int) -> torch.Tensor:
