@@ -40,6 +40,8 @@ Captured = Mapping[Key, Mapping[LayerIndex, "torch.Tensor"]]
 Values = dict[Key, dict[LayerIndex, "torch.Tensor"]]
 Wanted = Mapping[Key, frozenset[LayerIndex]]
 Site = tuple[CaptureLocation, LayerIndex]
+#: ``progress(what, done, total)``, called after each batched pass of an engine run.
+Progress = Callable[[str, int, int], None]
 #: Per location and layer: the batch rows to replace and how (``fn(value[rows]) -> new``).
 Replacements = dict[
     CaptureLocation,
@@ -175,6 +177,7 @@ def integrated_gradients(
     batch_rows: int,
     interventions: Sequence[Intervention] = (),
     memory: str = "default",
+    progress: Progress | None = None,
 ) -> Values:
     """Path-averaged gradients ``Σ_k w_k ∇f(b + α_k(a − b))`` at every wanted (location, layer).
 
@@ -192,6 +195,9 @@ def integrated_gradients(
         for k in range(steps)
     ]
     out: Values = {}
+    done = 0
+    if progress is not None:
+        progress("integrated gradients", 0, len(rows))
     for chunk in _chunks(rows, batch_rows):
         replacements = _path_points(chunk, main, baseline, alphas)
         captures = [
@@ -212,6 +218,9 @@ def integrated_gradients(
             term = grad * weights[row.k]
             previous = per_layer.get(row.layer)
             per_layer[row.layer] = term if previous is None else previous + term
+        done += len(chunk)
+        if progress is not None:
+            progress("integrated gradients", done, len(rows))
     return out
 
 
@@ -223,6 +232,7 @@ def engine_runs(
     objective: Objective,
     interventions: Sequence[Intervention],
     config: DstConfig,
+    progress: Progress | None = None,
 ) -> dict[PromptCombo, RawActivationStore]:
     """The integrated-gradient and patched runs ``plan`` needs for one (main, baseline) pair."""
     from ._activations import RawActivationStore
@@ -241,6 +251,7 @@ def engine_runs(
             batch_rows=config.batch_rows,
             interventions=interventions,
             memory=config.memory,
+            progress=progress,
         )
         out[PromptCombo.INTEGRATED] = RawActivationStore.from_nested_dict(values)
     if PromptCombo.PATCHED in wanted:
@@ -249,6 +260,7 @@ def engine_runs(
         values = activation_patching(
             adapter,
             main.tokens,
+            main.captured,
             baseline.captured,
             wanted[PromptCombo.PATCHED],
             objective,
@@ -256,6 +268,7 @@ def engine_runs(
             batch_rows=config.batch_rows,
             positions=config.patch_positions,
             interventions=interventions,
+            progress=progress,
         )
         out[PromptCombo.PATCHED] = RawActivationStore.from_nested_dict(values)
     return out

@@ -52,6 +52,7 @@ from .exceptions import ModelInputError
 from .models._loading import load_model
 
 if TYPE_CHECKING:
+    from ._contrast import Progress
     from ._registry import Registry
 
 
@@ -69,12 +70,15 @@ def derive(
     config: DstConfig | None = None,
     registry: Registry | None = None,
     counter: EvaluationCounter | None = None,
+    progress: Progress | None = None,
 ) -> DerivedScalarStore:
     """Derive ``dsts`` for each prompt.
 
     ``baseline`` is the corrupted prompt of each main prompt (one for all, or one per prompt;
     the same token length as its main prompt, so positions align) for DSTs that compare two
     prompts (attribution patching, integrated gradients, activation patching).
+    ``progress(what, done, total)`` hears about the batched passes of those runs (they can be
+    thousands of rows: one per patched component).
 
     A DST whose value needs gradients requires a backward objective: ``target`` and
     ``distractor`` give the logit difference at the last token (the direction of interest);
@@ -113,7 +117,9 @@ def derive(
             model=adapter,
             counter=counter,
             objective=objective,
-            runs=_other_runs(plan, adapter, run, base_runs, i, objective, interventions, config),
+            runs=_other_runs(
+                plan, adapter, run, base_runs, i, objective, interventions, config, progress
+            ),
         )
         for i, run in enumerate(runs)
     ]
@@ -139,6 +145,7 @@ def _other_runs(
     objective: Objective | None,
     interventions: Sequence[Intervention],
     config: DstConfig,
+    progress: Progress | None = None,
 ) -> dict[PromptCombo, RawActivationStore]:
     """Prompt ``i``'s baseline captures and the engine's runs for the pair (if any)."""
     if not base_runs:
@@ -149,7 +156,7 @@ def _other_runs(
     out = {PromptCombo.BASELINE: RawActivationStore.from_nested_dict(base.captured)}
     if plan.engine_runs:
         assert objective is not None
-        out |= engine_runs(plan, adapter, run, base, objective, interventions, config)
+        out |= engine_runs(plan, adapter, run, base, objective, interventions, config, progress)
     return out
 
 

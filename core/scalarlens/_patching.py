@@ -7,8 +7,9 @@ reference its patched rows are compared with, so a patch that changes nothing re
 
 Two facts of causal transformers cut the work, both exact:
 
-* a patch at token ``t`` cannot reach an objective read at an earlier token: such components
-  are 0 without a run;
+* a patch at token ``t`` cannot reach an objective read at an earlier token, and a component
+  whose baseline value equals its main value changes nothing: such components are 0 without
+  a run;
 * it cannot reach earlier layers or earlier tokens either, so an adapter offering
   ``resume_objectives`` (``ResumableModel``) runs only layers ``l…`` on tokens ``t…`` of each
   pass, with the earlier tokens' keys and values taken from one clean pass: about a quarter
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from ._contrast import (
     Captured,
+    Progress,
     Replacements,
     Site,
     Values,
@@ -168,23 +170,38 @@ def _jobs(
     group: int,
     positions: Sequence[int] | None,
     read_at: int | None,
+    unchanged: Callable[[_Patch], bool],
 ) -> list[_Patch]:
     """Every patch to run, in (location, layer, token) order; tokens after the objective's
-    position are left out (their effect is exactly 0)."""
+    position and patches that change no value are left out (their effect is exactly 0)."""
     jobs = [
         _Patch(loc, layer, index, start)
         for (loc, layer), shape in shapes.items()
         for index in itertools.product(*_axes(loc, shape[:-1], positions))
         for start in _axes(loc, shape, positions)[-1][::group]
     ]
-    if read_at is None:
-        return jobs
-    return [j for j in jobs if not _token_led(j.location) or j.token <= read_at]
+    if read_at is not None:
+        jobs = [j for j in jobs if not _token_led(j.location) or j.token <= read_at]
+    return [j for j in jobs if not unchanged(j)]
+
+
+def _same_values(main: Captured, baseline: Captured, group: int) -> Callable[[_Patch], bool]:
+    """Whether a patch would write the values already there (bit for bit)."""
+    import torch
+
+    def unchanged(job: _Patch) -> bool:
+        key = (job.location, PassType.FORWARD)
+        where = job.where(group)
+        a, b = main[key][job.layer][where], baseline[key][job.layer][where]
+        return bool(torch.equal(a, b))
+
+    return unchanged
 
 
 def activation_patching(
     adapter: ModelAdapter,
     tokens: Sequence[int],
+    main: Captured,
     baseline: Captured,
     wanted: Wanted,
     objective: Objective,
@@ -193,25 +210,30 @@ def activation_patching(
     batch_rows: int,
     positions: Sequence[int] | None = None,
     interventions: Sequence[Intervention] = (),
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Values:
     """The effect of patching every component of every wanted site (module docstring)."""
     import torch
 
     shapes = patch_shapes(baseline, wanted)
-    jobs = _jobs(shapes, group, positions, _objective_position(objective, len(tokens)))
+    read_at = _objective_position(objective, len(tokens))
+    jobs = _jobs(shapes, group, positions, read_at, _same_values(main, baseline, group))
     out: Values = {}
     for (loc, layer), shape in shapes.items():
         dtype = baseline[(loc, PassType.FORWARD)][layer].dtype
         out.setdefault((loc, PassType.FORWARD), {})[layer] = torch.zeros(shape, dtype=dtype)
     run = _pass_runner(adapter, tokens, baseline, shapes, objective, group, interventions)
+    done = 0
+    if progress is not None:
+        progress("activation patching", 0, len(jobs))
     for chunk in _chunks(jobs, max(batch_rows - 1, 1)):
         values = run(chunk)
         for job, patched in zip(chunk, values[1:], strict=True):
             target = out[(job.location, PassType.FORWARD)][job.layer]
             target[job.where(group)] = values[0] - patched
+        done += len(chunk)
         if progress is not None:
-            progress(len(chunk))
+            progress("activation patching", done, len(jobs))
     return out
 
 

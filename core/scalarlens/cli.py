@@ -157,6 +157,31 @@ def _progress(done: int, total: int) -> None:
     )
 
 
+def _run_progress(what: str, done: int, total: int) -> None:
+    """A progress bar with an ETA for the engine's long runs (activation patching can be
+    thousands of patched copies); only on a terminal, so logs and pipes stay clean."""
+    import time
+
+    if not sys.stderr.isatty() or not total:
+        return
+    now = time.monotonic()
+    started = _RUN_STARTED.setdefault(what, now)
+    eta = (now - started) / done * (total - done) if done else 0.0
+    width = 30
+    filled = width * done // total
+    print(
+        f"\r{what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total} rows, ETA {eta:.0f} s ",
+        end="\n" if done == total else "",
+        file=sys.stderr,
+        flush=True,
+    )
+    if done == total:
+        del _RUN_STARTED[what]
+
+
+_RUN_STARTED: dict[str, float] = {}
+
+
 def _jobs(args: argparse.Namespace) -> list[Job]:
     """Every prompt to derive, each knowing where it came from (flag, or file and line)."""
     target, distractor = coerce_token(args.target), coerce_token(args.distractor)
@@ -284,6 +309,7 @@ def _derive_jobs(
                     baseline=job.baseline,
                     config=config,
                     registry=reg,
+                    progress=_run_progress,
                 )
             )
         except ScalarLensError as exc:

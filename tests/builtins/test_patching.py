@@ -290,3 +290,26 @@ def test_resumed_passes_equal_full_forwards(adapter: Any, family: str) -> None:
     forwards = derive(full, name, config=config).activations(name, FWD)
     for layer in resumed.layer_indices:
         torch.testing.assert_close(resumed[layer], forwards[layer], rtol=0, atol=1e-10)
+
+
+def test_progress_reports_every_pass_and_skips_what_cannot_change(adapter: Any) -> None:
+    calls: list[tuple[str, int, int]] = []
+    scalarlens.derive(
+        adapter,
+        [TOKENS],
+        ["attn.activation_patching", "mlp.integrated_gradients"],
+        baseline=[BASELINE],
+        objective=logit_diff(),
+        config=DstConfig(batch_rows=6),
+        registry=REGISTRY,
+        progress=lambda *call: calls.append(call),
+    )
+    for what, rows in (("integrated gradients", N_LAYERS * 8), ("activation patching", None)):
+        seen = [(done, total) for w, done, total in calls if w == what]
+        assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1]
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+        if rows is not None:
+            assert seen[-1][1] == rows
+    # heads at tokens before the corrupted one (2) hold identical values: never run
+    (patched_total,) = {t for w, _, t in calls if w == "activation patching"}
+    assert patched_total == N_LAYERS * N_HEADS * (len(TOKENS) - 2)
