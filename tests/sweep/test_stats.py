@@ -102,6 +102,25 @@ def test_any_split_and_merge_order_gives_the_same_statistics(case: tuple) -> Non
 
 
 @settings(max_examples=40, deadline=None)
+@given(values_strategy)
+def test_batch_by_batch_updates_equal_one_merge(case: tuple) -> None:
+    """``update`` (what a shard does per batch) gives exactly what merging whole batches does."""
+    table, cuts, _ = case
+    values = torch.tensor(table, dtype=torch.float32)
+    n = values.shape[0]
+    keys = make_key(torch.arange(n) // 7, torch.arange(n) % 7, torch.zeros(n, dtype=torch.long))
+    bounds = sorted({0, n, *cuts})
+    batches = [(values[a:b], keys[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+    running = _stats(*batches[0])
+    merged = running
+    for batch in batches[1:]:
+        running = running.update(_rows(*batch))
+        merged = merged.merge(_stats(*batch))
+    assert running.identical(merged)  # every field, moments included: same formulas, same order
+    assert running.identical(_stats(values, keys), EXACT)
+
+
+@settings(max_examples=40, deadline=None)
 @given(
     st.lists(st.floats(-1e3, 1e3, width=32), min_size=2, max_size=200),
     st.lists(st.integers(1, 199), max_size=8),

@@ -155,9 +155,13 @@ class ShardRunner:
         size = self.spec.batch_size
         for start in range(0, len(prompts), size):
             batch = prompts[start : start + size]
-            for prefix, rows_stats in self._batch(batch).items():
+            for prefix, rows in self._batch(batch).items():
                 previous = state.get(prefix)
-                state[prefix] = rows_stats if previous is None else previous.merge(rows_stats)
+                state[prefix] = (
+                    ComponentStats.of_rows(rows, self.spec.settings)
+                    if previous is None
+                    else previous.update(rows)
+                )
             if on_batch is not None:
                 on_batch(sum(len(t) for _, t in batch))
         return state
@@ -186,7 +190,7 @@ class ShardRunner:
         }
         return tensors, meta
 
-    def _batch(self, batch: Sequence[tuple[int, Sequence[int]]]) -> dict[str, ComponentStats]:
+    def _batch(self, batch: Sequence[tuple[int, Sequence[int]]]) -> dict[str, Rows]:
         from .._derive import derive
         from .._store import DerivedScalarStore
 
@@ -215,7 +219,7 @@ class ShardRunner:
                 registry=self.registry,
             )
         ids = [i for i, _ in batch]
-        out: dict[str, ComponentStats] = {}
+        out: dict[str, Rows] = {}
         for key in store.keys():
             per_prompt = [store.activations(key.dst, key.pass_type, p) for p in range(len(batch))]
             for layer in per_prompt[0].layer_indices:
@@ -224,7 +228,7 @@ class ShardRunner:
                 )
                 name = "none" if layer is None else str(layer)
                 prefix = f"{key.dst.name}/{key.pass_type.value}/{name}"
-                out[prefix] = ComponentStats.of_rows(rows, self.spec.settings)
+                out[prefix] = rows
                 shape = key.dst.shape
                 self.layout.setdefault(
                     prefix,

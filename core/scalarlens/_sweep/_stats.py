@@ -32,8 +32,8 @@ import torch
 KEY_SENTINEL = torch.iinfo(torch.int64).max
 """Key (and priority) of an empty slot: sorts after every real example."""
 
-LOW_DECADE, HIGH_DECADE, BINS_PER_DECADE = -4, 4, 4
-MAGNITUDE_BINS = (HIGH_DECADE - LOW_DECADE) * BINS_PER_DECADE
+LOW_OCTAVE, HIGH_OCTAVE = -14, 14
+MAGNITUDE_BINS = HIGH_OCTAVE - LOW_OCTAVE
 N_BINS = 2 * MAGNITUDE_BINS + 1
 ZERO_BIN = MAGNITUDE_BINS
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -70,19 +70,20 @@ def priority_of(key: torch.Tensor) -> torch.Tensor:
 
 
 def bin_of(values: torch.Tensor) -> torch.Tensor:
-    """Fixed symmetric log bins: ``|x| < 1e-4`` is the zero bin, then 4 bins per decade up to
-    ``1e4`` on each side (beyond that, the outermost bins); bin order is value order."""
-    magnitude = values.abs().to(torch.float32)
-    j = torch.floor((torch.log10(magnitude.clamp_min(1e-30)) - LOW_DECADE) * BINS_PER_DECADE)
-    j = j.clamp(0, MAGNITUDE_BINS - 1).to(torch.int64)
-    signed = torch.where(values > 0, ZERO_BIN + 1 + j, ZERO_BIN - 1 - j)
-    return torch.where(magnitude < 10.0**LOW_DECADE, torch.full_like(j, ZERO_BIN), signed)
+    """Fixed symmetric log bins, one per octave: ``|x| < 2⁻¹⁴`` is the zero bin, then
+    ``[2ʲ, 2ʲ⁺¹)`` for ``j`` from -14 to 13 on each side (larger magnitudes in the outermost
+    bins); bin order is value order.  Read from the float32 exponent bits: no logarithm."""
+    bits = values.to(torch.float32).view(torch.int32)
+    exponent = ((bits & 0x7FFFFFFF) >> 23).to(torch.int64)  # |x| in [2^(e-127), 2^(e-126))
+    j = (exponent - (127 + LOW_OCTAVE)).clamp(0, MAGNITUDE_BINS - 1)
+    signed = torch.where(bits < 0, ZERO_BIN - 1 - j, ZERO_BIN + 1 + j)
+    return torch.where(exponent < 127 + LOW_OCTAVE, ZERO_BIN, signed)
 
 
 def bin_edges() -> list[float]:
     """The ``N_BINS + 1`` edges (the outermost are ±inf: those bins also hold overflows)."""
-    mags = [10.0 ** (LOW_DECADE + i / BINS_PER_DECADE) for i in range(1, MAGNITUDE_BINS)]
-    low = 10.0**LOW_DECADE
+    mags = [2.0 ** (LOW_OCTAVE + i) for i in range(1, MAGNITUDE_BINS)]
+    low = 2.0**LOW_OCTAVE
     return [-math.inf, *(-m for m in reversed(mags)), -low, low, *mags, math.inf]
 
 
@@ -129,6 +130,32 @@ def merge_slots(
     first = perm[:, :m]
     for target, source in zip(out, both, strict=True):
         target[touched] = source[rows, first]
+    return out
+
+
+def absorb(
+    tables: Sequence[torch.Tensor],
+    group: torch.Tensor,
+    fields: Sequence[torch.Tensor],
+    order: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]],
+    empty: Sequence[float],
+) -> list[torch.Tensor]:
+    """Slot tables (``groups × m (× extra)``, keys first) with candidate entries added: each
+    touched group keeps its first ``m`` of old and new entries under ``order``."""
+    m = tables[0].shape[1]
+    out = [t.clone() for t in tables]
+    if group.numel() == 0:
+        return out
+    touched, local = torch.unique(group, return_inverse=True)
+    old = [t[touched] for t in tables]
+    g, s = (old[0] != KEY_SENTINEL).nonzero(as_tuple=True)
+    every = torch.cat([g, local])
+    merged = [torch.cat([o[g, s], f]) for o, f in zip(old, fields, strict=True)]
+    kept, rank = first_per_group(every, order(merged), m)
+    for target, source, fill in zip(out, merged, empty, strict=True):
+        block = torch.full((touched.numel(), *target.shape[1:]), fill, dtype=target.dtype)
+        block[every[kept], rank] = source[kept]
+        target[touched] = block
     return out
 
 
@@ -224,8 +251,9 @@ class ComponentStats:
     # --- one batch ------------------------------------------------------------------------
 
     @classmethod
-    def of_rows(cls, rows: Rows, settings: SweepSettings) -> ComponentStats:
-        """The statistics of one batch alone (merged into a running state by ``merge``)."""
+    def of_rows(cls, rows: Rows, settings: SweepSettings, *, tables: bool = True) -> ComponentStats:
+        """The statistics of one batch alone (merged into a running state by ``merge``);
+        ``tables=False`` leaves the top-k and per-bin tables empty (``update`` fills them)."""
         values = rows.values
         n_rows, n = values.shape
         finite = torch.isfinite(values)
@@ -252,9 +280,18 @@ class ComponentStats:
         flat = bins + torch.arange(n) * N_BINS
         flat = flat.reshape(-1) if all_finite else flat[finite]
         t["hist"] = torch.bincount(flat, minlength=n * N_BINS).reshape(n, N_BINS)
-        out._top_of_batch(rows, finite)
-        out._samples_of_batch(rows, finite, bins)
+        out._uniform_sample(rows)
+        if tables:
+            out._top_of_batch(rows, finite)
+            out._samples_of_batch(rows, finite, bins)
         return out
+
+    def _uniform_sample(self, rows: Rows) -> None:
+        priority = priority_of(rows.keys)
+        take = torch.argsort(priority, stable=True)[: self.settings.samples]
+        self.t["sample_key"][: take.numel()] = rows.keys[take]
+        self.t["sample_priority"][: take.numel()] = priority[take]
+        self.t["sample_value"][: take.numel()] = rows.values[take]
 
     def _top_of_batch(self, rows: Rows, finite: torch.Tensor) -> None:
         s, (n_rows, n) = self.settings, rows.values.shape
@@ -287,10 +324,6 @@ class ComponentStats:
         s, (n_rows, n) = self.settings, rows.values.shape
         priority = priority_of(rows.keys)
         order = torch.argsort(priority, stable=True)
-        take = order[: s.samples]
-        self.t["sample_key"][: take.numel()] = rows.keys[take]
-        self.t["sample_priority"][: take.numel()] = priority[take]
-        self.t["sample_value"][: take.numel()] = rows.values[take]
         # Per (component, bin): the lowest priorities.  Rows are visited in priority order, in
         # chunks of growing size; an entry is kept while its (component, bin) has fewer than
         # ``m`` entries from earlier rows, its slot being that count.  After the first chunks
@@ -323,6 +356,79 @@ class ComponentStats:
 
     def merge(self, other: ComponentStats) -> ComponentStats:
         """The statistics of both inputs together (neither is modified)."""
+        out = self._merge_scalars(other)
+        out.update(self._merge_top(other))
+        out.update(self._merge_samples(other))
+        out.update(self._merge_bins(other))
+        return ComponentStats(out, self.settings)
+
+    def update(self, rows: Rows) -> ComponentStats:
+        """``self.merge(ComponentStats.of_rows(rows))``, computed the cheap way.
+
+        The batch's own top-k and per-bin tables are never built: an entry can enter a table
+        only if it beats the table's current last slot (the k-th value of its component, the
+        m-th priority of its component and bin), so one comparison per entry finds the few
+        candidates, and only the groups they touch are re-sorted.  Same result as ``merge``:
+        each table is the first slots of the union under a total order.
+        """
+        if bool((self.t["top_key"] == KEY_SENTINEL).all()):
+            return self.merge(ComponentStats.of_rows(rows, self.settings))
+        batch = ComponentStats.of_rows(rows, self.settings, tables=False)
+        out = self._merge_scalars(batch)
+        out.update(self._merge_samples(batch))
+        values = rows.values
+        finite = torch.isfinite(values)
+        all_finite = bool(finite.all())
+        # top-k: entries at or above their component's k-th value
+        threshold = self.t["top_value"][:, -1]
+        row, column = (values >= threshold).nonzero(as_tuple=True)
+        if not all_finite:
+            real = finite[row, column]
+            row, column = row[real], column[real]
+        value = values[row, column]
+        neighbours = rows.window[row]
+        context = torch.where(
+            neighbours >= 0, values[neighbours.clamp_min(0), column[:, None]], math.nan
+        )
+        names = ("top_key", "top_value", "top_context")
+        out.update(
+            zip(
+                names,
+                absorb(
+                    [self.t[n] for n in names],
+                    column,
+                    [rows.keys[row], value, context],
+                    lambda f: [-f[1].to(torch.float64), f[0]],
+                    [KEY_SENTINEL, -math.inf, math.nan],
+                ),
+                strict=True,
+            )
+        )
+        # per-bin samples: entries whose priority beats their (component, bin)'s m-th
+        m = self.settings.bin_samples
+        n = self.n
+        bins = bin_of(values)
+        group = bins + torch.arange(n) * N_BINS
+        priority = priority_of(rows.keys)
+        last = self.t["bin_priority"].reshape(-1, m)[:, -1]
+        beats = priority[:, None] <= last[group]
+        if not all_finite:
+            beats &= finite
+        row, column = beats.nonzero(as_tuple=True)
+        flat_group = group[row, column]
+        names = ("bin_key", "bin_priority", "bin_value")
+        tables = [self.t[n_].reshape(-1, m) for n_ in names]
+        merged = absorb(
+            tables,
+            flat_group,
+            [rows.keys[row], priority[row], values[row, column]],
+            lambda f: [f[1]],  # real priorities are distinct
+            [KEY_SENTINEL, KEY_SENTINEL, math.nan],
+        )
+        out.update({n_: f.reshape(self.t[n_].shape) for n_, f in zip(names, merged, strict=True)})
+        return ComponentStats(out, self.settings)
+
+    def _merge_scalars(self, other: ComponentStats) -> dict[str, torch.Tensor]:
         a, b = self.t, other.t
         out: dict[str, torch.Tensor] = {}
         na, nb = a["count"].to(torch.float64), b["count"].to(torch.float64)
@@ -350,10 +456,7 @@ class ComponentStats:
         out["min"] = torch.minimum(a["min"], b["min"])
         out["max"] = torch.maximum(a["max"], b["max"])
         out["hist"] = a["hist"] + b["hist"]
-        out.update(self._merge_top(other))
-        out.update(self._merge_samples(other))
-        out.update(self._merge_bins(other))
-        return ComponentStats(out, self.settings)
+        return out
 
     def _merge_top(self, other: ComponentStats) -> dict[str, torch.Tensor]:
         names = ("top_key", "top_value", "top_context")
