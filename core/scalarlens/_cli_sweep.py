@@ -41,7 +41,9 @@ def cmd_sweep(args: argparse.Namespace, reg: Registry) -> int:
             shard_size=args.shard_size,
             engine=args.engine,
             objective=objective,
-            config=DstConfig(derive_gradients=args.derive_gradients),
+            config=DstConfig(
+                derive_gradients=args.derive_gradients, options=_options(args.options)
+            ),
             layers=args.layers,
             overwrite=args.overwrite,
             ray_address=args.ray_address,
@@ -59,6 +61,19 @@ def cmd_sweep(args: argparse.Namespace, reg: Registry) -> int:
     )
     print(f"next: scalarlens show {args.out} --dst {args.dst[0]} --layer ... --index ...")
     return 0
+
+
+def _options(text: str | None) -> Any:
+    from .exceptions import ModelInputError
+
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelInputError(
+            f"--options must be JSON, e.g. '{{\"sae\": {{...}}}}': {exc}"
+        ) from None
 
 
 def _one_line_warning(message: Any, category: Any, *_: Any, **__: Any) -> None:
@@ -142,6 +157,7 @@ def add_sweep_commands(sub: Any) -> None:
         help="objective of gradient DSTs: each prompt's next-token log-likelihood",
     )
     p.add_argument("--derive-gradients", action="store_true", help="also sweep backward passes")
+    p.add_argument("--options", help='plugin options as JSON, e.g. \'{"sae": {"path": "..."}}\'')
     p.add_argument("--overwrite", action="store_true", help="replace another sweep in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)

@@ -131,3 +131,20 @@ def test_cli_sweep_show_and_export(tmp_path: Path, capsys: pytest.CaptureFixture
     assert first["dataIndex"] == top.prompt and top.value in first["values"]
     assert set(first) >= {"modelId", "layer", "index", "tokens", "values", "maxValue"}
     assert first["maxValue"] == max(first["values"])
+
+
+def test_plugin_dst_sae_latents_are_swept_like_any_other(tmp_path: Path, model) -> None:
+    sae = pytest.importorskip("scalarlens_sae")
+    path = Path(sae.__file__).parent / "data" / "tiny-induction-l1-topk"
+    config = scalarlens.DstConfig(
+        options={"sae": {"path": str(path), "location": "mlp.post_act", "layer": 1}}
+    )
+    texts = [text for text, _ in synthetic_corpus(4, seed=9).items()]
+    result = sweep(model, texts, "sae.latents", out=tmp_path / "sae", config=config, top_k=2)
+    store = scalarlens.derive(model, texts, "sae.latents", config=config)
+    latents = torch.cat([store.get("sae.latents", 1, prompt=p) for p in range(len(texts))])
+    assert result.component_shape("sae.latents", 1) == [latents.shape[1]]
+    active = int(latents.amax(0).argmax())
+    assert result.top("sae.latents", 1, active)[0].value == pytest.approx(float(latents.max()))
+    stats = result.stats("sae.latents", 1)
+    assert torch.allclose(stats["fraction_nonzero"], (latents != 0).double().mean(0))
