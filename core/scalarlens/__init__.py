@@ -92,6 +92,7 @@ from .hookspecs import PLUGIN_API_VERSION, hookimpl
 
 if TYPE_CHECKING:
     from ._activations import ActivationsAndMetadata, RawActivationStore
+    from ._compare import Comparison, compare
     from ._derive import derive
     from ._model import (
         CallableObjective,
@@ -126,6 +127,7 @@ if TYPE_CHECKING:
 # `import scalarlens` keeps the startup budget (see benchmarks/bench_startup.py).
 _LAZY = {
     "._activations": ("ActivationsAndMetadata", "RawActivationStore"),
+    "._compare": ("Comparison", "compare"),
     "._model": (
         "CallableObjective",
         "CaptureRequest",
@@ -191,6 +193,7 @@ __all__ = [
     "CaptureRequest",
     "CausalDirectionIndexer",
     "CheckpointError",
+    "Comparison",
     "ConfigError",
     "DeriveContext",
     "DerivedScalarSource",
@@ -262,6 +265,7 @@ __all__ = [
     "WeightLocationType",
     "__version__",
     "act_times_grad",
+    "compare",
     "derive",
     "derive_from_raw",
     "direction_source",

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._vocab import PassType
+from ._vocab import Dimension, PassType
 from .exceptions import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
+    from ._dst import DerivedScalarType
     from ._output_files import Writer
     from ._store import DerivedScalarStore, NodeRecord
 
@@ -62,10 +63,16 @@ def compare(
         )
     ref = store.activations(exact, PassType.FORWARD, prompt)
     layers = [layer for layer in est.layer_indices if layer in ref.layer_indices]
-    a = torch.cat([est[layer].reshape(-1) for layer in layers]).to(torch.float64)
-    b = torch.cat([ref[layer].reshape(-1) for layer in layers]).to(torch.float64)
+    config = store.metadata.get("config", {})
+    group, positions = config.get("patch_group", 1), config.get("patch_positions")
+    pairs = [_aligned(est[layer], est.dst, positions, group) for layer in layers]
+    keep = torch.cat([k.reshape(-1) for _, k in pairs])
+    a_all = torch.cat([e.reshape(-1) for e, _ in pairs])
+    b_all = torch.cat([ref[layer].reshape(-1) for layer in layers]).to(torch.float64)
+    kept = keep.nonzero().flatten()
+    a, b = a_all[kept], b_all[kept]
     gap = (a - b).abs()
-    order = torch.argsort(gap, descending=True, stable=True)[:top].tolist()
+    order = kept[torch.argsort(gap, descending=True, stable=True)[:top]].tolist()
     sizes = [est[layer].numel() for layer in layers]
     worst = []
     for flat in order:
@@ -73,7 +80,7 @@ def compare(
         layer = layers[layer_pos]
         key = store._key(exact, PassType.FORWARD)
         record = store._record(key, layer, prompt, ref[layer], offset)
-        worst.append((record, float(a[flat])))
+        worst.append((record, float(a_all[flat])))
     return Comparison(
         estimate,
         exact,
@@ -84,6 +91,42 @@ def compare(
         tuple(a.tolist()),
         tuple(b.tolist()),
     )
+
+
+def _aligned(
+    estimate: torch.Tensor, dst: DerivedScalarType, positions: Sequence[int] | None, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The estimate in the exact DST's terms, and which entries were actually patched.
+
+    Patched in groups, every member of a group holds the group's effect: the estimate is
+    summed over the group to match and only the group's first member is compared.  Patched at
+    some positions only, the other positions hold 0, not an effect: they are left out.
+    """
+    import torch
+
+    from ._model import resolve_position
+
+    e = estimate.to(torch.float64)
+    keep = torch.ones(e.shape, dtype=torch.bool)
+    last = len(dst.shape) - 1 - (dst.shape[-1] is Dimension.SINGLETON)
+    if group > 1:
+        if positions is not None and last == 0:
+            raise ConfigError(
+                f"cannot compare {dst.name} patched with both patch_positions and patch_group "
+                "along its token axis; patch with one of them"
+            )
+        n = e.shape[last]
+        member = torch.arange(n) // group
+        sums = torch.zeros((*e.shape[:last], -(-n // group), *e.shape[last + 1 :]), dtype=e.dtype)
+        e = sums.index_add_(last, member, e).index_select(last, member)
+        first = (torch.arange(n) % group == 0).reshape(-1, *([1] * (e.dim() - last - 1)))
+        keep &= first
+    if positions is not None and dst.shape[0] is Dimension.TOKENS:
+        n_tokens = e.shape[0]
+        rows = torch.zeros(n_tokens, dtype=torch.bool)
+        rows[[resolve_position(p, n_tokens, "patch position") for p in positions]] = True
+        keep &= rows.reshape(-1, *([1] * (e.dim() - 1)))
+    return e, keep
 
 
 def _locate(flat: int, sizes: Sequence[int]) -> tuple[int, int]:

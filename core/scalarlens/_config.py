@@ -155,10 +155,7 @@ def _to_positions(value: Any) -> tuple[int, ...] | None:
 
 def _check_positive_int(inst: object, attribute: attrs.Attribute[int], value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(
-            f"DstConfig.{attribute.name} must be an integer >= 1, got {value!r}"
-            + (" (CLI: --steps)" if attribute.name == "steps" else "")
-        )
+        raise ConfigError(f"DstConfig.{attribute.name} must be an integer >= 1, got {value!r}")
 
 
 @attrs.frozen(cache_hash=True)  # part of every plan node key

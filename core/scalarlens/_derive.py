@@ -74,25 +74,18 @@ def derive(
 ) -> DerivedScalarStore:
     """Derive ``dsts`` for each prompt.
 
-    ``baseline`` is the corrupted prompt of each main prompt (one for all, or one per prompt;
-    the same token length as its main prompt, so positions align) for DSTs that compare two
-    prompts (attribution patching, integrated gradients, activation patching).
-    ``progress(what, done, total)`` hears about the batched passes of those runs (they can be
-    thousands of rows: one per patched component).
+    ``baseline``: the corrupted prompt of each main prompt (one for all, or one per prompt,
+    of the same token length so positions align) for DSTs that compare two prompts;
+    ``progress(what, done, total)`` hears about the batched passes of their runs.
 
     A DST whose value needs gradients requires a backward objective: ``target`` and
     ``distractor`` give the logit difference at the last token (the direction of interest);
     ``objective=`` takes any ``Objective``.  ``interventions`` are spliced into the forward
     pass (ablations, patching); plugins' DSTs that read spliced locations (e.g. SAE latents)
-    bring their own interventions.
-
-    When the only gradient needed is the one at the final residual stream (direct effects with
-    a logit objective), it is computed locally through the final norm and unembedding.
+    bring their own interventions.  When the only gradient needed is the one at the final
+    residual stream, it is computed locally through the final norm and unembedding.
     """
-    if registry is None:
-        from ._registry import registry as default_registry
-
-        registry = default_registry
+    registry = _default_registry() if registry is None else registry
     prepared = prepare(dsts, config, registry, layers=layers)
     adapter = model if not isinstance(model, (str, Path)) else load_model(model, registry)
     check_model_support(prepared.requests, adapter)
@@ -105,11 +98,7 @@ def derive(
     interventions = [*interventions, *plugin_interventions(plan, adapter, registry)]
     config = prepared.config
     runs = _run(adapter, plan, tokens, objective, interventions, config)
-    base_runs = []
-    if baseline_tokens is not None:
-        base_runs = _run(
-            adapter, plan, baseline_tokens, objective, interventions, config, PromptCombo.BASELINE
-        )
+    base_runs = _run_baselines(adapter, plan, baseline_tokens, objective, interventions, config)
     results = [
         execute_plan(
             plan,
@@ -123,6 +112,19 @@ def derive(
         )
         for i, run in enumerate(runs)
     ]
+    return DerivedScalarStore(
+        results, tokens, _metadata(adapter, config, objective, runs, base_runs)
+    )
+
+
+def _metadata(
+    adapter: ModelAdapter,
+    config: DstConfig,
+    objective: Objective | None,
+    runs: Sequence[RunResult],
+    base_runs: Sequence[RunResult],
+) -> dict[str, Any]:
+    """What a store records about its derivation (model, config, objective values)."""
     metadata: dict[str, Any] = {
         "model": adapter.config_dict(),
         "config": config.to_dict(),
@@ -133,7 +135,27 @@ def derive(
     if base_runs:
         metadata["baseline_tokens"] = [list(run.tokens) for run in base_runs]
         metadata["baseline_objective_values"] = [run.objective_value for run in base_runs]
-    return DerivedScalarStore(results, tokens, metadata)
+    return metadata
+
+
+def _default_registry() -> Registry:
+    from ._registry import registry
+
+    return registry
+
+
+def _run_baselines(
+    adapter: ModelAdapter,
+    plan: Plan,
+    tokens: list[list[int]] | None,
+    objective: Objective | None,
+    interventions: Sequence[Intervention],
+    config: DstConfig,
+) -> list[RunResult]:
+    """The baseline prompts' batched run (none without baselines)."""
+    if tokens is None:
+        return []
+    return _run(adapter, plan, tokens, objective, interventions, config, PromptCombo.BASELINE)
 
 
 def _other_runs(

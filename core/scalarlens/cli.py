@@ -431,9 +431,8 @@ def _print_results(
             from ._compare import compare, format_comparison
 
             for name in _estimates(args, store):
-                print(
-                    "\n" + format_comparison(compare(store, name, prompt=r["prompt"]), r["words"])
-                )
+                found = compare(store, name, prompt=r["prompt"], top=args.top)
+                print("\n" + format_comparison(found, r["words"]))
         print()
     if args.out:
         print(f"store written to {args.out}")
@@ -541,8 +540,8 @@ def _add_derive(sub: Any) -> None:
     src.add_argument("--tokens", help="token ids, comma or space separated")
     src.add_argument(
         "--prompts-file",
-        help="one prompt per line, or JSONL records with "
-        "prompt/tokens and optional target/distractor",
+        help="one prompt per line, or JSONL records with prompt/tokens and optional "
+        "target/distractor and baseline/baseline_tokens",
     )
     p.add_argument("--target", help="token whose logit difference to explain (word or id)")
     p.add_argument("--distractor", help="the competing token (word or id)")
@@ -556,8 +555,18 @@ def _add_derive(sub: Any) -> None:
         "each record with its dst and its rank within that DST)",
     )
     p.add_argument("--out", help="write the store to this .safetensors file")
-    p.add_argument("--plot", help="write a PNG of the first DST")
+    p.add_argument(
+        "--plot",
+        help="write a figure of the first DST (with --compare: estimate-vs-exact scatter plots)",
+    )
     p.add_argument("--json", action="store_true", help="print records as JSON")
+    _add_engine_flags(p)
+    _add_contrast_flags(p)
+    p.set_defaults(func=cmd_derive)
+
+
+def _add_engine_flags(p: Any) -> None:
+    """How the DSTs are derived: gradients, the LayerNorm detach, memory, options, direction."""
     p.add_argument(
         "--derive-gradients",
         action="store_true",
@@ -585,8 +594,6 @@ def _add_derive(sub: Any) -> None:
         help='where direct effects are measured, as JSON: \'{"location": "resid.post_attn", '
         '"layer": 1}\' (default: before the final LayerNorm)',
     )
-    _add_contrast_flags(p)
-    p.set_defaults(func=cmd_derive)
 
 
 def _add_contrast_flags(p: Any) -> None:

@@ -313,3 +313,20 @@ def test_progress_reports_every_pass_and_skips_what_cannot_change(adapter: Any) 
     # heads at tokens before the corrupted one (2) hold identical values: never run
     (patched_total,) = {t for w, _, t in calls if w == "activation patching"}
     assert patched_total == N_LAYERS * N_HEADS * (len(TOKENS) - 2)
+
+
+def test_compare_reads_only_what_was_patched(adapter: Any) -> None:
+    """With patch_positions and patch_group, compare pairs each group's summed estimate with
+    the group's exact effect at the patched positions only."""
+    from scalarlens import compare
+
+    names = ["attn.attribution_patching", "attn.activation_patching"]
+    config = DstConfig(patch_positions=[-1, 3], patch_group=2)
+    store = derive(adapter, names, config=config)
+    c = compare(store, "attn.attribution_patching")
+    assert c.n == N_LAYERS * 2 * (N_HEADS // 2)
+    estimate = store.get("attn.attribution_patching", 1)
+    exact = store.get("attn.activation_patching", 1)
+    summed = float(estimate[3, 2:4].sum())
+    assert any(e == pytest.approx(summed) for e in c.estimates)
+    assert float(exact[3, 2]) in c.exacts and float(exact[3, 3]) == float(exact[3, 2])
