@@ -42,6 +42,10 @@ class Comparison:
     estimates: tuple[float, ...] = attrs.field(repr=False)
     exacts: tuple[float, ...] = attrs.field(repr=False)
 
+    def report(self, words: Sequence[str] | None = None) -> str:
+        """The correlations and the worst disagreements as text (``words``: the prompt's)."""
+        return format_comparison(self, words)
+
 
 def compare(
     store: DerivedScalarStore, estimate: str, *, prompt: int = 0, top: int = 5
