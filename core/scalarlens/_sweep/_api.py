@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .._config import DstConfig
     from .._dst import DerivedScalarType
     from .._model import ModelAdapter, Objective
+    from .._prepare import Preparation
     from .._registry import Registry
     from ._results import SweepResult
 
@@ -83,37 +84,49 @@ def sweep(
     DSTs that need one).  A rerun into the same ``out`` resumes; a different sweep there is
     refused unless ``overwrite=True``.  ``engine="ray"`` needs ``scalarlens[ray]``.
     """
-    from .._config import DstConfig
-    from .._prepare import check_model_support, prepare
-    from ..models._loading import load_model
-    from ._results import load_sweep
-
     if registry is None:
         from .._registry import registry as default_registry
 
         registry = default_registry
-    check_top_k(top_k, "sweep: top_k")
-    for value, what in ((batch_size, "batch_size"), (shard_size, "shard_size")):
-        _positive(value, f"sweep: {what}")
-    for value, what in ((samples, "samples"), (bin_samples, "bin_samples"), (workers, "workers")):
-        _positive(value, f"sweep: {what}")
+    _check_sizes(top_k, batch_size, shard_size, samples, bin_samples, workers, window)
     if engine not in ENGINES:
         raise ConfigError(f"sweep: engine must be one of {ENGINES}, got {engine!r}")
-    before, after = window
-    if min(before, after) < 0:
-        raise ConfigError(f"sweep: window must be two non-negative counts, got {window!r}")
-    requested = [dsts] if isinstance(dsts, str) or not isinstance(dsts, Sequence) else dsts
-    names = [d if isinstance(d, str) else d.name for d in requested]
-    prepared = prepare(names, config or DstConfig(), registry, layers=layers)
-    if prepared.needs_objective and objective is None:
-        raise ModelInputError(
-            f"{', '.join(prepared.needs_objective)} need(s) an objective (a backward pass); "
-            "sweep it with objective='next_token' (--objective next-token: each prompt's "
-            "log-likelihood) or pass an Objective"
-        )
-    custom = objective if objective is not None and not isinstance(objective, str) else None
-    if isinstance(objective, str) and objective != NEXT_TOKEN:
-        raise ConfigError(f"sweep: objective must be {NEXT_TOKEN!r}, None or an Objective")
+    prepared, custom = _prepare_dsts(dsts, objective, config, layers, registry)
+    adapter, spec = _model_and_spec(
+        model, _names(dsts), prepared, custom, engine, context, registry,
+        SweepSettings(top_k, samples, bin_samples, *window), batch_size, shard_size,
+    )  # fmt: skip
+    runner = ShardRunner(spec, adapter, registry, custom) if engine == "local" else None
+    return _run(
+        spec,
+        adapter,
+        as_corpus(corpus),
+        Path(out),
+        runner,
+        custom,
+        overwrite,
+        progress,
+        ray_address,
+        workers,
+    )
+
+
+def _model_and_spec(
+    model: ModelAdapter | str | Path,
+    names: tuple[str, ...],
+    prepared: Preparation,
+    custom: Objective | None,
+    engine: str,
+    context: int | None,
+    registry: Registry,
+    settings: SweepSettings,
+    batch_size: int,
+    shard_size: int,
+) -> tuple[ModelAdapter, SweepSpec]:
+    """The loaded model (checked against the DSTs) and the spec shipped to workers."""
+    from .._prepare import check_model_support
+    from ..models._loading import load_model
+
     spec_name = str(model) if isinstance(model, (str, Path)) else None
     if engine == "ray" and (spec_name is None or custom is not None):
         raise ConfigError(
@@ -127,10 +140,9 @@ def sweep(
     context = n_ctx if context is None else _positive(context, "sweep: context")
     if context > n_ctx:
         raise ConfigError(f"sweep: context {context} exceeds the model's {n_ctx} positions")
-    settings = SweepSettings(top_k, samples, bin_samples, before, after)
-    spec = SweepSpec(
+    return adapter, SweepSpec(
         spec_name or adapter.name,
-        tuple(names),
+        names,
         prepared.config.to_dict(),
         settings,
         context,
@@ -138,19 +150,82 @@ def sweep(
         shard_size,
         NEXT_TOKEN if prepared.needs_objective and custom is None else None,
     )
-    source = as_corpus(corpus)
-    summary = summarize(source, adapter, context)
-    manifest = _manifest(adapter, summary, spec, custom)
-    directory = Path(out)
-    prepare_directory(directory, manifest, overwrite=overwrite)
-    n_shards = -(-summary.n_prompts // shard_size)
+
+
+def _check_sizes(
+    top_k: int,
+    batch_size: int,
+    shard_size: int,
+    samples: int,
+    bin_samples: int,
+    workers: int,
+    window: tuple[int, int],
+) -> None:
+    check_top_k(top_k, "sweep: top_k")
+    for value, what in (
+        (batch_size, "batch_size"),
+        (shard_size, "shard_size"),
+        (samples, "samples"),
+        (bin_samples, "bin_samples"),
+        (workers, "workers"),
+    ):
+        _positive(value, f"sweep: {what}")
+    if len(window) != 2 or min(window) < 0:
+        raise ConfigError(f"sweep: window must be two non-negative counts, got {window!r}")
+
+
+def _names(dsts: str | DerivedScalarType | Sequence[str | DerivedScalarType]) -> tuple[str, ...]:
+    requested = [dsts] if isinstance(dsts, str) or not isinstance(dsts, Sequence) else dsts
+    return tuple(d if isinstance(d, str) else d.name for d in requested)
+
+
+def _prepare_dsts(
+    dsts: str | DerivedScalarType | Sequence[str | DerivedScalarType],
+    objective: str | Objective | None,
+    config: DstConfig | None,
+    layers: Sequence[int] | None,
+    registry: Registry,
+) -> tuple[Preparation, Objective | None]:
+    """Resolve the DSTs (unknown names fail here, before the model loads) and the objective."""
+    from .._config import DstConfig
+    from .._prepare import prepare
+
+    prepared = prepare(list(_names(dsts)), config or DstConfig(), registry, layers=layers)
+    if prepared.needs_objective and objective is None:
+        raise ModelInputError(
+            f"{', '.join(prepared.needs_objective)} need(s) an objective (a backward pass); "
+            "sweep it with objective='next_token' (--objective next-token: each prompt's "
+            "log-likelihood) or pass an Objective"
+        )
+    if isinstance(objective, str) and objective != NEXT_TOKEN:
+        raise ConfigError(f"sweep: objective must be {NEXT_TOKEN!r}, None or an Objective")
+    custom = objective if objective is not None and not isinstance(objective, str) else None
+    return prepared, custom
+
+
+def _run(
+    spec: SweepSpec,
+    adapter: ModelAdapter,
+    source: Corpus,
+    directory: Path,
+    runner: ShardRunner | None,
+    custom: Objective | None,
+    overwrite: bool,
+    progress: bool,
+    ray_address: str | None,
+    workers: int,
+) -> SweepResult:
+    """Summarise the corpus, prepare the directory, run the missing shards, merge."""
+    from ._results import load_sweep
+
+    summary = summarize(source, adapter, spec.context)
+    prepare_directory(directory, _manifest(adapter, summary, spec, custom), overwrite=overwrite)
+    n_shards = -(-summary.n_prompts // spec.shard_size)
     done = {i for i in range(n_shards) if shard_path(directory, i).is_file()}
-    done_tokens = _tokens_in(directory, done)
-    bar = Progress(summary.n_tokens, done_tokens, enabled=progress)
-    todo = _todo(prompts(source, adapter, context), shard_size, done)
+    bar = Progress(summary.n_tokens, _tokens_in(directory, done), enabled=progress)
+    todo = _todo(prompts(source, adapter, spec.context), spec.shard_size, done)
     infos: list[dict[str, int]] = []
-    if engine == "local":
-        runner = ShardRunner(spec, adapter, registry, custom)
+    if runner is not None:
         ran = run_local(runner, todo, directory, bar)
     else:
         from ._ray import run_ray
@@ -158,8 +233,9 @@ def sweep(
         infos = run_ray(spec, todo, directory, bar, address=ray_address, workers=workers)
         ran = sum(i["shards"] for i in infos)
     bar.close()
-    merge_shards(directory, n_shards, settings)
+    merge_shards(directory, n_shards, spec.settings)
     result = load_sweep(directory)
+    engine = "local" if runner is not None else "ray"
     return attrs.evolve(result, run=RunInfo(engine, n_shards, ran, tuple(infos)))
 
 

@@ -376,13 +376,17 @@ class ComponentStats:
         batch = ComponentStats.of_rows(rows, self.settings, tables=False)
         out = self._merge_scalars(batch)
         out.update(self._merge_samples(batch))
+        finite = torch.isfinite(rows.values)
+        out.update(self._absorb_top(rows, finite))
+        out.update(self._absorb_bins(rows, finite))
+        return ComponentStats(out, self.settings)
+
+    def _absorb_top(self, rows: Rows, finite: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Top-k tables with the batch's entries at or above each component's k-th value."""
         values = rows.values
-        finite = torch.isfinite(values)
-        all_finite = bool(finite.all())
-        # top-k: entries at or above their component's k-th value
         threshold = self.t["top_value"][:, -1]
         row, column = (values >= threshold).nonzero(as_tuple=True)
-        if not all_finite:
+        if not bool(finite.all()):
             real = finite[row, column]
             row, column = row[real], column[real]
         value = values[row, column]
@@ -391,20 +395,19 @@ class ComponentStats:
             neighbours >= 0, values[neighbours.clamp_min(0), column[:, None]], math.nan
         )
         names = ("top_key", "top_value", "top_context")
-        out.update(
-            zip(
-                names,
-                absorb(
-                    [self.t[n] for n in names],
-                    column,
-                    [rows.keys[row], value, context],
-                    lambda f: [-f[1].to(torch.float64), f[0]],
-                    [KEY_SENTINEL, -math.inf, math.nan],
-                ),
-                strict=True,
-            )
+        merged = absorb(
+            [self.t[n] for n in names],
+            column,
+            [rows.keys[row], value, context],
+            lambda f: [-f[1].to(torch.float64), f[0]],
+            [KEY_SENTINEL, -math.inf, math.nan],
         )
-        # per-bin samples: entries whose priority beats their (component, bin)'s m-th
+        return dict(zip(names, merged, strict=True))
+
+    def _absorb_bins(self, rows: Rows, finite: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-bin tables with the batch's entries whose priority beats their (component,
+        bin)'s m-th."""
+        values = rows.values
         m = self.settings.bin_samples
         n = self.n
         bins = bin_of(values)
@@ -412,7 +415,7 @@ class ComponentStats:
         priority = priority_of(rows.keys)
         last = self.t["bin_priority"].reshape(-1, m)[:, -1]
         beats = priority[:, None] <= last[group]
-        if not all_finite:
+        if not bool(finite.all()):
             beats &= finite
         row, column = beats.nonzero(as_tuple=True)
         flat_group = group[row, column]
@@ -425,8 +428,7 @@ class ComponentStats:
             lambda f: [f[1]],  # real priorities are distinct
             [KEY_SENTINEL, KEY_SENTINEL, math.nan],
         )
-        out.update({n_: f.reshape(self.t[n_].shape) for n_, f in zip(names, merged, strict=True)})
-        return ComponentStats(out, self.settings)
+        return {n_: f.reshape(self.t[n_].shape) for n_, f in zip(names, merged, strict=True)}
 
     def _merge_scalars(self, other: ComponentStats) -> dict[str, torch.Tensor]:
         a, b = self.t, other.t
