@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import subprocess
@@ -33,33 +34,53 @@ def header() -> str:
     )
 
 
-def peers() -> str:
-    """bench_peers.py runs in the TransformerLens venv (made by setup_tl_venv.sh if absent)."""
-    title = "### Peers: TransformerLens and hand-written torch (bench_peers.py)\n\n"
+@functools.cache
+def tl_python() -> tuple[str | None, str]:
+    """The TransformerLens venv's python (made by setup_tl_venv.sh if absent), or why not."""
     python = os.environ.get("SCALARLENS_TL_PYTHON")  # an existing venv's python, if given
-    if not python:
-        setup = subprocess.run(
-            ["bash", str(HERE / "setup_tl_venv.sh")], capture_output=True, text=True
+    if python:
+        return python, ""
+    setup = subprocess.run(["bash", str(HERE / "setup_tl_venv.sh")], capture_output=True, text=True)
+    if setup.returncode:
+        return None, (setup.stderr.strip().splitlines() or ["no output"])[-1]
+    return setup.stdout.strip().splitlines()[-1], ""
+
+
+def in_tl_venv(script: str, title: str, skipped: str) -> str:
+    """Run ``script --out FILE`` in the TransformerLens venv and return its section."""
+    python, reason = tl_python()
+    if python is None:
+        return (
+            title + "**Skipped**: the TransformerLens venv could not be created "
+            f"(`benchmarks/setup_tl_venv.sh` failed: `{reason}`), so {skipped} in this run.\n"
         )
-        if setup.returncode:
-            reason = (setup.stderr.strip().splitlines() or ["no output"])[-1]
-            return (
-                title + "**Skipped**: the TransformerLens venv could not be created "
-                f"(`benchmarks/setup_tl_venv.sh` failed: `{reason}`), so workloads 1, 2 "
-                "and 6 have no TransformerLens baseline in this run.\n"
-            )
-        python = setup.stdout.strip().splitlines()[-1]
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "peers.md"
+        out = Path(tmp) / "section.md"
         run = subprocess.run(
-            [python, str(HERE / "bench_peers.py"), "--out", str(out)],
-            capture_output=True,
-            text=True,
+            [python, str(HERE / script), "--out", str(out)], capture_output=True, text=True
         )
         if run.returncode or not out.is_file():
             reason = (run.stderr.strip().splitlines() or ["no output"])[-1]
             return title + f"**Failed** in the TransformerLens venv (`{python}`): `{reason}`\n"
         return out.read_text()
+
+
+def peers() -> str:
+    """bench_peers.py runs in the TransformerLens venv (made by setup_tl_venv.sh if absent)."""
+    return in_tl_venv(
+        "bench_peers.py",
+        "### Peers: TransformerLens and hand-written torch (bench_peers.py)\n\n",
+        "workloads 1, 2 and 6 have no TransformerLens baseline",
+    )
+
+
+def patching() -> str:
+    """bench_patching.py (clean vs corrupted, issue 12), also in the TransformerLens venv."""
+    return in_tl_venv(
+        "bench_patching.py",
+        "### Clean vs corrupted: activation and attribution patching (bench_patching.py)\n\n",
+        "this section (every row needs the TransformerLens venv) was not measured",
+    )
 
 
 def families() -> str:
@@ -96,6 +117,7 @@ def main() -> None:
         bench_dedup.main(),
         bench_sweep.main(),
         peers(),
+        patching(),
         families(),
     ]
     text = "\n".join(sections)
