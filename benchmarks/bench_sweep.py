@@ -9,7 +9,8 @@
    included; the model is a saved checkpoint each worker loads once) against the local engine.
 3. Peak memory (resident set above the loaded model, sampled every millisecond in a fresh
    process) of a sweep of ``mlp.post_act`` on the bundled model over 40 and 400 synthetic
-   prompts (10×): it should stay flat, since nothing is kept per token.
+   prompts (10×), 10 prompts a shard so that both runs fold several shards: it should stay
+   flat, since nothing is kept per token.
 
 ``python benchmarks/bench_sweep.py`` prints this module's section of RESULTS.md.
 """
@@ -121,7 +122,7 @@ def worker_memory(n_prompts: int) -> dict[str, float]:
         scalarlens.sweep(model, scalarlens.synthetic_corpus(4), "mlp.post_act", out=tmp + "/w")
         corpus = scalarlens.synthetic_corpus(n_prompts, seed=7)
         with PeakSampler() as sampler:
-            scalarlens.sweep(model, corpus, "mlp.post_act", out=tmp + "/m", shard_size=40)
+            scalarlens.sweep(model, corpus, "mlp.post_act", out=tmp + "/m", shard_size=10)
     return {"bytes": float(sampler.above_baseline)}
 
 
@@ -162,7 +163,8 @@ def main() -> str:
         f"the local engine | {engines['ray']:.1f} s | {engines['local']:.1f} s | "
         f"{engines['ray'] / engines['local']:.2f}× | reported |",
         f"| peak memory above the model, sweep of `mlp.post_act` on tiny-induction, "
-        f"{MEMORY_PROMPTS[1]} vs {MEMORY_PROMPTS[0]} synthetic prompts (10× the corpus) | "
+        f"{MEMORY_PROMPTS[1]} vs {MEMORY_PROMPTS[0]} synthetic prompts (10× the corpus; 10 "
+        f"prompts a shard) | "
         f"{large / 2**20:.1f} MiB | {small / 2**20:.1f} MiB | {large / small:.2f}× | flat |",
         "",
         "Ray and local outputs were "
