@@ -19,7 +19,7 @@ Two facts of causal transformers cut the work, both exact:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from ._contrast import (
@@ -29,7 +29,6 @@ from ._contrast import (
     Site,
     Values,
     Wanted,
-    _chunks,
     _interventions,
     _replace,
     _sorted,
@@ -226,7 +225,7 @@ def activation_patching(
     done = 0
     if progress is not None:
         progress("activation patching", 0, len(jobs))
-    for chunk in _chunks(jobs, max(batch_rows - 1, 1)):
+    for chunk in _passes(jobs, max(batch_rows - 1, 1), len(tokens)):
         values = run(chunk)
         for job, patched in zip(chunk, values[1:], strict=True):
             target = out[(job.location, PassType.FORWARD)][job.layer]
@@ -235,6 +234,28 @@ def activation_patching(
         if progress is not None:
             progress("activation patching", done, len(jobs))
     return out
+
+
+def _passes(jobs: Sequence[_Patch], size: int, n_tokens: int) -> Iterator[list[_Patch]]:
+    """Jobs grouped into passes of at most ``size``, each at one location and layer and over
+    nearby tokens: a resumed pass runs from its earliest layer and token for every row, so a
+    pass mixing layers, or tokens far apart, would redo work for its later rows.  A pass is cut
+    when the next job's token would add more than a quarter of the remaining tokens."""
+    chunk: list[_Patch] = []
+    for job in jobs:
+        if chunk:
+            first = chunk[0]
+            spread = job.token - first.token
+            if (
+                len(chunk) == size
+                or (job.location, job.layer) != (first.location, first.layer)
+                or spread * 4 > max(n_tokens - first.token, 4)
+            ):
+                yield chunk
+                chunk = []
+        chunk.append(job)
+    if chunk:
+        yield chunk
 
 
 PassRunner = Callable[[Sequence[_Patch]], list[float]]

@@ -330,3 +330,24 @@ def test_compare_reads_only_what_was_patched(adapter: Any) -> None:
     summed = float(estimate[3, 2:4].sum())
     assert any(e == pytest.approx(summed) for e in c.estimates)
     assert float(exact[3, 2]) in c.exacts and float(exact[3, 3]) == float(exact[3, 2])
+
+
+def test_passes_stay_at_one_layer_and_nearby_tokens() -> None:
+    """A resumed pass runs from its earliest layer and token for every row: passes never mix
+    layers, never hold tokens more than a quarter of the remaining prompt apart, never exceed
+    their size."""
+    from scalarlens._patching import _passes, _Patch
+
+    site = ALT.ATTN_WEIGHTED_SUM_OF_VALUES
+    jobs = [
+        _Patch(site, layer, (t,), h)
+        for layer in (0, 1)
+        for t in (10, 11, 30, 100)
+        for h in range(4)
+    ]
+    passes = list(_passes(jobs, 6, 128))
+    assert [j for p in passes for j in p] == jobs
+    for p in passes:
+        assert len(p) <= 6 and len({j.layer for j in p}) == 1
+        assert (p[-1].token - p[0].token) * 4 <= 128 - p[0].token
+    assert any({j.token for j in p} == {10, 11} for p in passes)  # neighbours share a pass

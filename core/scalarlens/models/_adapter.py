@@ -217,10 +217,18 @@ class GPT2Adapter(HookedAdapter):
             for i in range(start_layer, self._dims.n_layers)
         ]
         x = resid[offset:].to(self.dtype).unsqueeze(0).expand(n_rows, -1, -1)
+        # A logit difference reads two unembedding rows, not all V of them.
+        columns = (
+            [objective.target, objective.distractor]
+            if isinstance(objective, LogitDiffObjective)
+            else None
+        )
         with torch.no_grad():
-            logits = self._model.resume(x, start_layer, past, hook, row)
-        at_zero = attrs.evolve(objective, position=0)
+            logits = self._model.resume(x, start_layer, past, hook, row, columns)
         logits = logits.to(self.accumulation_dtype)
+        if columns is not None:
+            return (logits[:, 0] - logits[:, 1]).tolist()
+        at_zero = attrs.evolve(objective, position=0)
         return [float(logits_objective(at_zero, logits[b : b + 1])) for b in range(n_rows)]
 
     def _read_weight(self, location: WeightLocationType, layer: LayerIndex) -> torch.Tensor:

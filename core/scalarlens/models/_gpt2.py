@@ -305,9 +305,11 @@ class GPT2Model(nn.Module):
         past: Sequence[tuple[torch.Tensor, torch.Tensor]],
         hook: HookFn,
         row: int,
+        columns: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Logits ``B×V`` at suffix position ``row``, running only layers ``start_layer…`` on
-        only the tokens after a prefix whose keys and values are known.
+        """Logits ``B×V`` at suffix position ``row`` (only ``columns`` of them if given),
+        running only layers ``start_layer…`` on only the tokens after a prefix whose keys and
+        values are known.
 
         ``resid`` (``B×T'×D``) is the residual entering ``start_layer`` at the last ``T'``
         tokens; ``past[i]`` holds the prefix's keys and values (``P×H×dk``) at layer
@@ -326,5 +328,8 @@ class GPT2Model(nn.Module):
         for i in range(start_layer, self.config.n_layer):
             resid = self.block(i)(resid, allowed, hook, i, past[i - start_layer] if p else None)
         x = self.ln_f(resid, hook, ALT.RESID_FINAL_LAYER_NORM_SCALE.value, None)
-        out: torch.Tensor = x[:, row] @ self.unembedding().T
+        unembedding = self.unembedding()
+        if columns is not None:
+            unembedding = unembedding[list(columns)]
+        out: torch.Tensor = x[:, row] @ unembedding.T
         return out
