@@ -208,7 +208,7 @@ def test_every_registered_dst_derives_with_its_declared_shape(model_type: str, r
     adapter = adapter_for(model_type, root)
     registry = scalarlens.registry
     examples = registry.dst_examples()
-    refused = []
+    refused, parallel = [], []
     for name in sorted(registry.names()):
         dst = registry.dst(name)
         options = examples[name].options.to_dict() if name in examples else {}
@@ -219,9 +219,24 @@ def test_every_registered_dst_derives_with_its_declared_shape(model_type: str, r
                 scalarlens.derive(adapter, [PROMPT], name, config=config)
             refused.append(name)
             continue
-        store = scalarlens.derive(
-            adapter, [PROMPT], name, target=TARGET, distractor=DISTRACTOR, config=config
-        )
+        # DSTs comparing two prompts get a baseline: PROMPT with its third token changed.
+        baseline = [[*PROMPT[:2], PROMPT[2] + 1, *PROMPT[3:]]] if deriver.reads_baseline() else None
+        try:
+            store = scalarlens.derive(
+                adapter,
+                [PROMPT],
+                name,
+                target=TARGET,
+                distractor=DISTRACTOR,
+                config=config,
+                baseline=baseline,
+            )
+        except scalarlens.ScalarLensError as exc:
+            # The SAE plugin's transcoder splice refuses parallel-residual models by name.
+            if adapter.dims.parallel_residual and "parallel residual" in str(exc):
+                parallel.append(name)
+                continue
+            raise
         expected = scalarlens.resolve_shape(
             dst.shape,
             n_tokens=len(PROMPT),
@@ -238,6 +253,7 @@ def test_every_registered_dst_derives_with_its_declared_shape(model_type: str, r
                 assert torch.isfinite(tensor).all() or dst.allows_non_finite, (name, layer)
     # Only the gated MLP's up projection is missing, and only where the MLP is not gated.
     assert refused == ([] if adapter.dims.gated_mlp else ["mlp.up"]), refused
+    assert all(name.startswith("transcoder.") for name in parallel), parallel
 
 
 def test_gated_mlp_neuron_is_act_of_gate_times_up(root: str) -> None:

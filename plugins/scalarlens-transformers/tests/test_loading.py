@@ -394,8 +394,13 @@ def test_gpt2_through_hf_equals_the_core_adapter_on_every_builtin(
     }
     assert refused == {"mlp.up"}  # GPT-2's MLP is not gated
     names = [n for n in names if n not in refused]
+    # The two-prompt DSTs too: the HF adapter patches with full forwards, the core one resumes
+    # mid-model, so this also checks one against the other.
+    baseline = [*prompt[:-2], (prompt[-2] + 1) % hf.dims.n_vocab, prompt[-1]]
     stores = [
-        scalarlens.derive(m, [prompt], names, target=3, distractor=7, config=config)
+        scalarlens.derive(
+            m, [prompt], names, target=3, distractor=7, config=config, baseline=[baseline]
+        )
         for m in (hf, core)
     ]
     assert set(stores[0].keys()) == set(stores[1].keys())
