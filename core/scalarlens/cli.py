@@ -415,6 +415,8 @@ def _print_results(
                 for ranking in r["top"].values()
                 for rank, record in enumerate(ranking, 1)
             ]
+            if args.compare:
+                r["comparisons"] = _comparisons_json(args, store, r["prompt"])
         payload = {"model": model.name, "dsts": dsts, "top_per_dst": args.top, "results": results}
         print(json.dumps(payload, indent=2))
         return
@@ -438,6 +440,31 @@ def _print_results(
         print(f"store written to {args.out}")
     if args.plot:
         print(f"plot written to {args.plot}")
+
+
+def _comparisons_json(
+    args: argparse.Namespace, store: DerivedScalarStore, prompt: int
+) -> list[dict[str, Any]]:
+    """``--compare --json``: each estimate against its exact DST, as plain data."""
+    from ._compare import compare
+
+    out = []
+    for name in _estimates(args, store):
+        c = compare(store, name, prompt=prompt, top=args.top)
+        out.append(
+            {
+                "estimate": c.estimate,
+                "exact": c.exact,
+                "n": c.n,
+                "pearson": c.pearson,
+                "spearman": c.spearman,
+                "disagreements": [
+                    {**record.to_dict(), "estimate": estimate}
+                    for record, estimate in c.disagreements
+                ],
+            }
+        )
+    return out
 
 
 def _print_objective(

@@ -154,3 +154,31 @@ def test_vocab_lists_ids_with_words(
     assert main(["vocab", "--json"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert records == [{"id": i, "word": w} for i, w in enumerate(vocab)]
+
+
+CLEAN = "the old king saw a red fox the old king saw a red"
+CORRUPTED = "the old king saw a red cat the old king saw a red"
+
+
+def test_derive_compare_prints_writes_json_and_draws(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    args = ["derive", "--prompt", CLEAN, "--baseline", CORRUPTED, "--target", "fox"]
+    args += ["--distractor", "cat", "--dst", "attn.attribution_patching", "--compare"]
+    assert main([*args, "--top", "3", "--plot", str(tmp_path / "c.png")]) == 0
+    text = capsys.readouterr().out
+    assert "baseline: the old king saw a red cat" in text
+    assert "attn.activation_patching: top 3" in text  # --compare added the exact DST
+    found = re.search(r"Pearson r = ([0-9.]+)", text)
+    assert found and float(found.group(1)) > 0.9
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert main([*args, "--top", "2", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    (comparison,) = result["comparisons"]
+    assert comparison["exact"] == "attn.activation_patching" and comparison["n"] == 104
+    assert len(comparison["disagreements"]) == 2
+    worst = comparison["disagreements"][0]
+    assert abs(worst["estimate"] - worst["value"]) >= abs(
+        comparison["disagreements"][1]["estimate"] - comparison["disagreements"][1]["value"]
+    )
