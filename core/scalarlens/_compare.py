@@ -145,13 +145,12 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     """Average ranks (ties share their mean rank), for Spearman's correlation."""
     import torch
 
-    order = torch.argsort(x, stable=True)
+    ordered, order = torch.sort(x, stable=True)
+    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # rank of each run of ties' first member
+    mean_rank = first.to(x.dtype) + (counts.to(x.dtype) - 1) / 2
     ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=x.dtype)
-    for value in torch.unique(x):
-        tied = x == value
-        if int(tied.sum()) > 1:
-            ranks[tied] = ranks[tied].mean()
+    ranks[order] = mean_rank[group]
     return ranks
 
 

@@ -21,6 +21,7 @@ import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+from ._activations import _layer_sort_key
 from ._layers import LayerIndex
 from ._locations import CaptureLocation
 from ._model import CaptureRequest, Intervention, ModelAdapter, Objective, RunResult
@@ -101,7 +102,7 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
 
 
 def _sorted(layers: frozenset[LayerIndex]) -> list[LayerIndex]:
-    return sorted(layers, key=lambda x: -1 if x is None else x)
+    return sorted(layers, key=_layer_sort_key)
 
 
 def _replace(

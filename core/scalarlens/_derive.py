@@ -99,6 +99,7 @@ def derive(
     config = prepared.config
     runs = _run(adapter, plan, tokens, objective, interventions, config)
     base_runs = _run_baselines(adapter, plan, baseline_tokens, objective, interventions, config)
+    bases: list[RunResult | None] = [*base_runs] if base_runs else [None] * len(runs)
     results = [
         execute_plan(
             plan,
@@ -106,11 +107,9 @@ def derive(
             model=adapter,
             counter=counter,
             objective=objective,
-            runs=_other_runs(
-                plan, adapter, run, base_runs, i, objective, interventions, config, progress
-            ),
+            runs=_other_runs(plan, adapter, run, base, objective, interventions, config, progress),
         )
-        for i, run in enumerate(runs)
+        for run, base in zip(runs, bases, strict=True)
     ]
     return DerivedScalarStore(
         results, tokens, _metadata(adapter, config, objective, runs, base_runs)
@@ -162,19 +161,17 @@ def _other_runs(
     plan: Plan,
     adapter: ModelAdapter,
     run: RunResult,
-    base_runs: Sequence[RunResult],
-    i: int,
+    base: RunResult | None,
     objective: Objective | None,
     interventions: Sequence[Intervention],
     config: DstConfig,
     progress: Progress | None = None,
 ) -> dict[PromptCombo, RawActivationStore]:
-    """Prompt ``i``'s baseline captures and the engine's runs for the pair (if any)."""
-    if not base_runs:
+    """A prompt's baseline captures and the engine's runs for the pair (none without one)."""
+    if base is None:
         return {}
     from ._contrast import engine_runs
 
-    base = base_runs[i]
     out = {PromptCombo.BASELINE: RawActivationStore.from_nested_dict(base.captured)}
     if plan.engine_runs:
         assert objective is not None

@@ -291,8 +291,12 @@ def _pass_runner(
                 ],
                 return_logits=False,
             )
-            values = [r.objective_value for r in results]
-            return [float(v) for v in values if v is not None]
+            values: list[float] = []
+            for r in results:
+                if r.objective_value is None:
+                    raise AssertionError(f"{type(adapter).__name__}.run evaluated no objective")
+                values.append(r.objective_value)
+            return values
 
         return full
     assert isinstance(adapter, ResumableModel)

@@ -69,10 +69,6 @@ class NodeEdge:
     source: DerivedScalarSource
     producers: tuple[NodeKey, ...]
 
-    @property
-    def producer(self) -> NodeKey:
-        return self.producers[0]
-
 
 Edge = RawEdge | NodeEdge
 

@@ -351,3 +351,13 @@ def test_passes_stay_at_one_layer_and_nearby_tokens() -> None:
         assert len(p) <= 6 and len({j.layer for j in p}) == 1
         assert (p[-1].token - p[0].token) * 4 <= 128 - p[0].token
     assert any({j.token for j in p} == {10, 11} for p in passes)  # neighbours share a pass
+
+
+def test_spearman_ranks_average_ties() -> None:
+    """Tied values share their mean rank (vectorised; checked against a direct count)."""
+    from scalarlens._compare import _ranks
+
+    x = torch.tensor([3.0, 1.0, 3.0, 2.0, 1.0, 5.0, 3.0], dtype=torch.float64)
+    below = (x[None, :] < x[:, None]).sum(1).to(torch.float64)
+    tied = (x[None, :] == x[:, None]).sum(1).to(torch.float64)
+    assert torch.equal(_ranks(x), below + (tied - 1) / 2)
