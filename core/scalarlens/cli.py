@@ -157,29 +157,26 @@ def _progress(done: int, total: int) -> None:
     )
 
 
-def _run_progress(what: str, done: int, total: int) -> None:
-    """A progress bar with an ETA for the engine's long runs (activation patching can be
-    thousands of patched copies); only on a terminal, so logs and pipes stay clean."""
-    import time
+class _RunBars:
+    """``derive(progress=)`` as progress bars (rows, rows/s, ETA), one per engine run, for
+    activation patching's thousands of patched copies; only on a terminal, so logs and pipes
+    stay clean."""
 
-    if not sys.stderr.isatty() or not total:
-        return
-    now = time.monotonic()
-    started = _RUN_STARTED.setdefault(what, now)
-    eta = (now - started) / done * (total - done) if done else 0.0
-    width = 30
-    filled = width * done // total
-    print(
-        f"\r{what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total} rows, ETA {eta:.0f} s ",
-        end="\n" if done == total else "",
-        file=sys.stderr,
-        flush=True,
-    )
-    if done == total:
-        del _RUN_STARTED[what]
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}  # what -> _progress.Progress (imported on first use)
 
+    def __call__(self, what: str, done: int, total: int) -> None:
+        from ._progress import Progress
 
-_RUN_STARTED: dict[str, float] = {}
+        if not sys.stderr.isatty() or not total:
+            return
+        if done == 0:
+            self.bars[what] = Progress(total, unit="rows", rate_unit="rows/s", label=what)
+            return
+        bar = self.bars[what]
+        bar.advance(done - bar.done)
+        if done == total:
+            bar.close()
 
 
 def _jobs(args: argparse.Namespace) -> list[Job]:
@@ -296,7 +293,7 @@ def _derive_jobs(
     from ._derive import derive
     from ._store import DerivedScalarStore
 
-    stores = []
+    stores, bars = [], _RunBars()
     for done, job in enumerate(jobs, 1):
         try:
             stores.append(
@@ -309,7 +306,7 @@ def _derive_jobs(
                     baseline=job.baseline,
                     config=config,
                     registry=reg,
-                    progress=_run_progress,
+                    progress=bars,
                 )
             )
         except ScalarLensError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from scalarlens._sweep._progress import Progress
+from scalarlens._progress import Progress
 
 
 def test_progress_line_counts_tokens_and_shows_rate_and_eta() -> None:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from .._inputs import check_top_k
+from .._progress import Progress
 from ..exceptions import ConfigError, ModelInputError
 from ._corpus import Corpus, Prompt, Text, as_corpus, prompts, shards, summarize
 from ._local import ShardInput, merge_shards, run_local
-from ._progress import Progress
 from ._shard import NEXT_TOKEN, ShardRunner, SweepSpec
 from ._stats import N_BINS, QUANTILES, SweepSettings
 from ._storage import FORMAT, prepare_directory, shard_path

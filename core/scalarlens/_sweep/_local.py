@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._progress import Progress
+from .._progress import Progress
 from ._shard import ShardRunner
 from ._stats import QUANTILES, ComponentStats, SweepSettings, bin_edges
 from ._storage import RESULTS, load_tensors, save_tensors, shard_path, stats_of

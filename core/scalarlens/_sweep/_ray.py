@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .._progress import Progress
 from ..exceptions import ConfigError
 from ._local import ShardInput
-from ._progress import Progress
 from ._shard import ShardRunner, SweepSpec
 from ._storage import shard_bytes, shard_path, write_bytes
 

@@ -1,4 +1,6 @@
-"""A one-line progress bar on stderr: tokens done, tokens per second, time left."""
+"""A one-line progress bar on stderr: units done, units per second, time left.
+
+Shared by corpus sweeps (tokens) and the engine's long runs (patched or interpolated rows)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,22 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts tokens; the rate counts only tokens run now (not shards a resumed run reuses)."""
+    """Counts units; the rate counts only units run now (not shards a resumed run reuses)."""
 
     def __init__(
-        self, total: int, done: int = 0, *, enabled: bool = True, stream: TextIO | None = None
+        self,
+        total: int,
+        done: int = 0,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        unit: str = "tokens",
+        rate_unit: str = "tok/s",
+        label: str = "",
     ) -> None:
         self.total, self.done, self.enabled = total, done, enabled
         self.stream = stream or sys.stderr
+        self.unit, self.rate_unit, self.label = unit, rate_unit, label
         self.start, self.ran = time.perf_counter(), 0
 
     def advance(self, tokens: int) -> None:
@@ -37,9 +48,10 @@ class Progress:
         width = 24
         filled = width * self.done // max(self.total, 1)
         eta = _duration(left) if left != float("inf") else "?"
+        label = f"{self.label}: " if self.label else ""
         return (
-            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} tokens  "
-            f"{rate:,.0f} tok/s  ETA {eta}"
+            f"{label}[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+            f"{self.unit}  {rate:,.0f} {self.rate_unit}  ETA {eta}"
         )
 
     def close(self) -> None:
