@@ -314,17 +314,27 @@ def _unpad(tensor: torch.Tensor, dst: DerivedScalarType, n_tokens: int) -> torch
     return tensor[tuple(index)].clone()
 
 
-def _read_store_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_tagged_safetensors(
+    path: Path, key: str, what: str = "safetensors file"
+) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """A safetensors file's tensors and its JSON header stored under metadata ``key`` (``None``
+    when absent); unreadable files are a ``StoreError`` naming the path.  Stores and sweep
+    shards both keep their description in such a header."""
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        raise StoreError(f"{path}: no such store file (write one with store.save or --out)")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            text = (fh.metadata() or {}).get("scalarlens")
-            raw = {name: fh.get_tensor(name) for name in fh.keys()}
+            text = (fh.metadata() or {}).get(key)
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     except (SafetensorError, OSError) as exc:
-        raise StoreError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise StoreError(f"{path}: not a readable {what} ({exc})") from None
+    return text, tensors
+
+
+def _read_store_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise StoreError(f"{path}: no such store file (write one with store.save or --out)")
+    text, raw = read_tagged_safetensors(path, "scalarlens")
     if text is None:
         raise StoreError(
             f"{path}: a safetensors file without ScalarLens metadata; load only files written "

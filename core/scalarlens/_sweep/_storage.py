@@ -144,14 +144,9 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
+    from .._store import read_tagged_safetensors
 
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            text = (fh.metadata() or {}).get("scalarlens_sweep")
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise StoreError(f"{path}: not a readable sweep file ({exc})") from None
+    text, tensors = read_tagged_safetensors(path, "scalarlens_sweep", "sweep file")
     if text is None:
         raise StoreError(f"{path}: a safetensors file that is not part of a ScalarLens sweep")
     meta: dict[str, Any] = json.loads(text)
