@@ -218,8 +218,9 @@ def prepare_baseline(
 
 
 def check_aligned(
-    model: ModelAdapter, main: Sequence[int], baseline: Sequence[int], i: int
+    model: ModelAdapter, main: Sequence[int], baseline: Sequence[int], i: int | None = None
 ) -> None:
+    """Refuse a baseline whose tokens do not align with its prompt's (``i``: which prompt)."""
     if len(main) == len(baseline):
         return
     decode = getattr(getattr(model, "tokenizer", None), "decode_tokens", None)
@@ -227,8 +228,9 @@ def check_aligned(
     def show(ids: Sequence[int]) -> str:
         return " ".join(repr(p) for p in decode(list(ids))) if decode else str(list(ids))
 
+    which = "the prompt" if i is None else f"prompt {i}"
     raise ModelInputError(
-        f"prompt {i} has {len(main)} tokens but its baseline has {len(baseline)}: positions "
+        f"{which} has {len(main)} tokens but its baseline has {len(baseline)}: positions "
         "must align, because each comparison pairs token t of the prompt with token t of the "
         "baseline. Change words for words of the same token count (the usual corruption swaps "
         "one name or word for another single-token one), or pad the shorter prompt. "

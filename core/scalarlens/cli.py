@@ -277,7 +277,7 @@ def _check_jobs(model: ModelAdapter, jobs: Sequence[Job]) -> None:
             (tokens,) = prepare_tokens(model, job.prompt)
             if job.baseline is not None:
                 (baseline,) = prepare_tokens(model, job.baseline)
-                check_aligned(model, tokens, baseline, 0)
+                check_aligned(model, tokens, baseline)
             prepare_objective(model, job.target, job.distractor)
         except ScalarLensError as exc:
             raise located(exc, job.where) from None

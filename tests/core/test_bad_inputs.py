@@ -283,7 +283,7 @@ CASES = [
       _file("p.jsonl", b'{"prompt": "a red fox a red", "baseline": "a red cat a red"}\n'
             b'{"prompt": "a red fox a red", "baseline": "a red cat"}\n'),
       _contrast("--prompts-file", "{d}/p.jsonl"),
-      ("p.jsonl:2: prompt 0 has 5 tokens but its baseline has 3",),
+      ("p.jsonl:2: the prompt has 5 tokens but its baseline has 3",),
       _contrast_api(baseline=["a red cat"]), ModelInputError, ("baseline has 3",)),
     C("baseline_nobody_uses", _nothing, _derive("--prompt", PROMPT, "--baseline", CORRUPTED),
       ("a baseline prompt was given but none of the requested DSTs (mlp.post_act)",),
