@@ -213,7 +213,7 @@ def prepare_baseline(
             "all prompts or one per prompt"
         )
     for i, (main, other) in enumerate(zip(tokens, base, strict=True)):
-        check_aligned(model, main, other, i)
+        check_aligned(model, main, other, i if len(tokens) > 1 else None)
     return base
 
 
