@@ -112,6 +112,14 @@ if TYPE_CHECKING:
     )
     from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
     from ._prepare import Preparation, prepare, unsupported_reason
+    from ._reconstitute import (
+        AttentionParts,
+        Reconstitutable,
+        attention_on_path,
+        reconstitute_gradient,
+        reconstitute_jvp,
+        residual_read_by,
+    )
     from ._store import DerivedScalarStore, NodeRecord
     from ._sweep import (
         SweepRecord,
@@ -147,6 +155,14 @@ _LAZY = {
     "._plan": ("EvaluationCounter", "Plan", "derive_from_raw", "execute_plan", "make_plan"),
     "._derive": ("derive",),
     "._prepare": ("Preparation", "prepare", "unsupported_reason"),
+    "._reconstitute": (
+        "AttentionParts",
+        "Reconstitutable",
+        "attention_on_path",
+        "reconstitute_gradient",
+        "reconstitute_jvp",
+        "residual_read_by",
+    ),
     ".models._loading": ("load_model",),
     "._store": ("DerivedScalarStore", "NodeRecord"),
     "._sweep": (
@@ -189,6 +205,7 @@ __all__ = [
     "PREVIOUS_LAYER",
     "ActivationLocationType",
     "ActivationsAndMetadata",
+    "AttentionParts",
     "CallableObjective",
     "CaptureRequest",
     "CausalDirectionIndexer",
@@ -245,6 +262,7 @@ __all__ = [
     "RawActivationStore",
     "RawScalarSource",
     "Recipe",
+    "Reconstitutable",
     "RegistrationError",
     "Registry",
     "RunResult",
@@ -265,6 +283,7 @@ __all__ = [
     "WeightLocationType",
     "__version__",
     "act_times_grad",
+    "attention_on_path",
     "compare",
     "derive",
     "derive_from_raw",
@@ -284,7 +303,10 @@ __all__ = [
     "raw_dst",
     "raw_source",
     "recipe_factories",
+    "reconstitute_gradient",
+    "reconstitute_jvp",
     "registry",
+    "residual_read_by",
     "resolve_shape",
     "row_norm",
     "sweep",

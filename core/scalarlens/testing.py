@@ -33,6 +33,7 @@ from ._dst import DstAndPass
 from ._model import Intervention, LogitDiffObjective, ModelAdapter, Objective, RunResult
 from ._plan import Plan, execute_plan, make_plan
 from ._prepare import unsupported_reason
+from ._reconstitute_check import check_reconstitution
 from ._registry import Registry
 from ._sources import PromptCombo
 from ._vocab import PassType, resolve_shape
@@ -287,6 +288,7 @@ def scalarlens_bundled_model() -> ModelAdapter:
 
 __all__ = [
     "check_dst",
+    "check_reconstitution",
     "conformance_tests",
     "isolated_registry",
     "scalarlens_bundled_model",

@@ -7,6 +7,7 @@ weights live and how to run it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from .._model import (
     logits_objective,
     resolve_position,
 )
+from .._reconstitute import AttentionParts
 from .._vocab import ActivationLocationType as ALT
 from .._vocab import PassType, WeightLocationType
 from ..exceptions import ModelInputError
@@ -166,6 +168,62 @@ class GPT2Adapter(HookedAdapter):
             resid, scale_hook, ALT.RESID_FINAL_LAYER_NORM_SCALE.value, None
         )
         return normed
+
+    # --- reconstitution (scalarlens.Reconstitutable) ------------------------------------
+
+    def sublayer_input(
+        self, resid: torch.Tensor, layer: int, sublayer: str, *, detach_scale: bool = False
+    ) -> torch.Tensor:
+        """``ln_1`` (attention) or ``ln_2`` (MLP) of ``resid``, differentiably."""
+        block = self._model.block(layer)
+        norm, name = (
+            (block.ln_1, ALT.ATTN_INPUT_LAYER_NORM_SCALE)
+            if sublayer == "attn"
+            else (block.ln_2, ALT.MLP_INPUT_LAYER_NORM_SCALE)
+        )
+
+        def scale_hook(_: str, __: LayerIndex, scale: torch.Tensor) -> torch.Tensor:
+            return scale.detach() if detach_scale else scale
+
+        normed: torch.Tensor = norm(resid, scale_hook, name.value, layer)
+        return normed
+
+    def reconstitute_attention(
+        self,
+        resid_q: torch.Tensor,
+        resid_k: torch.Tensor,
+        resid_v: torch.Tensor,
+        layer: int,
+        *,
+        detach_scale: bool = False,
+    ) -> AttentionParts:
+        """GPT-2 attention with q, k and v read from separate residuals (``T×D`` / ``S×D``)."""
+        attn = self._model.block(layer).attn
+        d, h, dk = self._dims.d_model, self._dims.n_heads, self._dims.d_head
+
+        def project(resid: torch.Tensor, which: int) -> torch.Tensor:
+            u = self.sublayer_input(resid, layer, "attn", detach_scale=detach_scale)
+            w = attn.c_attn.weight[:, which * d : (which + 1) * d]
+            out: torch.Tensor = u @ w + attn.c_attn.bias[which * d : (which + 1) * d]
+            return out.reshape(resid.shape[0], h, dk)
+
+        q, k, v = project(resid_q, 0), project(resid_k, 1), project(resid_v, 2)
+        t, s = q.shape[0], k.shape[0]
+        logits = torch.einsum("thd,shd->tsh", q, k) / math.sqrt(dk)
+        allowed = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        logits = logits.masked_fill(~allowed[..., None], float("-inf"))
+        probs = torch.softmax(logits, dim=1)
+        mixed = torch.einsum("tsh,shd->thd", probs, v)
+        return AttentionParts(logits=logits, probs=probs, values=v, mixed=mixed)
+
+    def reconstitute_mlp(
+        self, resid: torch.Tensor, layer: int, *, detach_scale: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pre, post)`` of layer ``layer``'s MLP from ``resid.post_attn``."""
+        mlp = self._model.block(layer).mlp
+        x = self.sublayer_input(resid, layer, "mlp", detach_scale=detach_scale)
+        pre: torch.Tensor = x @ mlp.c_fc.weight + mlp.c_fc.bias
+        return pre, mlp.act(pre)
 
     def logits_from_final_residual(
         self, resid: torch.Tensor, *, detach_ln_scale: bool = False
