@@ -112,6 +112,7 @@ class Contributions:
         self.loaders = OfferTable("model loader")
         self.examples = OfferTable("DST example")
         self.interventions = OfferTable("intervention provider")
+        self.commands = OfferTable("CLI command")
 
     def named(self) -> tuple[OfferTable, ...]:
         """The tables whose names can conflict (and be settled by a preference)."""
@@ -127,11 +128,12 @@ class Contributions:
             "scalarlens_model_loaders": self.loaders,
             "scalarlens_dst_examples": self.examples,
             "scalarlens_interventions": self.interventions,
+            "scalarlens_cli_commands": self.commands,
         }[hook]
         for name, value in result.items():
             table.add(name, value, plugin)
         return []
 
     def drop(self, plugin: str) -> None:
-        for table in (self.dsts, self.loaders, self.examples, self.interventions):
+        for table in (self.dsts, self.loaders, self.examples, self.interventions, self.commands):
             table.drop(plugin)

@@ -277,6 +277,14 @@ class Registry:
         factory: InterventionFactory = self._resolve_offer(self._interventions, provider).value
         return factory
 
+    def cli_commands(self) -> dict[str, tuple[str, Any]]:
+        """Plugin subcommands: name -> (plugin, ``configure``); the first plugin wins a clash."""
+        self._ensure_loaded()
+        return {
+            name: (offers[0].plugin, offers[0].value)
+            for name, offers in self._set.contributions.commands.items()
+        }
+
     def dst_examples(self) -> dict[str, DstConfig]:
         """Example configs plugins declared for DSTs that need options."""
         self._ensure_loaded()

@@ -706,13 +706,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_word(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def add_plugin_commands(parser: argparse.ArgumentParser, registry: Registry) -> None:
+    """Add the subcommands plugins offer (hook ``scalarlens_cli_commands``).
+
+    Built-in names win; a plugin whose ``configure`` raises is reported on stderr, naming it,
+    and its command is left out — the other commands keep working.
+    """
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, (plugin, configure) in sorted(registry.cli_commands().items()):
+        if name in sub.choices:
+            continue
+        help_text = (configure.__doc__ or "").strip().splitlines()[:1]
+        p = sub.add_parser(name, help=(help_text[0] if help_text else f"(from plugin {plugin})"))
+        try:
+            run = configure(p)
+        except Exception as exc:  # a broken plugin must not take the CLI down
+            print(
+                f"scalarlens: warning: plugin {plugin!r} failed to set up its command {name!r}: "
+                f"{type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
+            sub.choices.pop(name, None)
+            continue
+        p.set_defaults(func=run)
+
+
 def main(argv: Sequence[str] | None = None, registry: Registry | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     if registry is None:
         from ._registry import registry as default_registry
 
         registry = default_registry
+    parser = build_parser()
+    word = _command_word(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if word is None or word not in sub.choices:  # a plugin's command, or --help listing them
+        add_plugin_commands(parser, registry)
+    args = parser.parse_args(argv)
     try:
         result: int = args.func(args, registry)
         return result

@@ -17,10 +17,15 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     from ._config import DstConfig
     from ._deriver import ScalarDeriver
     from ._dst import DerivedScalarType
     from ._model import Intervention, ModelAdapter
+
+CliCommand = Callable[["argparse.ArgumentParser"], Callable[["argparse.Namespace", Any], int]]
+"""``configure(parser) -> run``: add the command's arguments, return ``run(args, registry)``."""
 
 PROJECT_NAME = "scalarlens"
 PLUGIN_API_VERSION = 1
@@ -69,5 +74,17 @@ def scalarlens_interventions() -> Mapping[
     names its provider; before the model runs, ``derive`` calls
     ``factory(location.params, model)`` once per distinct (provider, params) and splices the
     returned ``Intervention`` objects in.  Ablation or patching plugins use the same hook.
+    """
+    return {}
+
+
+@hookspec
+def scalarlens_cli_commands() -> Mapping[str, CliCommand]:
+    """Return ``scalarlens`` subcommands keyed by name (``scalarlens graph …``).
+
+    Each value is ``configure(parser) -> run``: it adds its arguments to the subcommand's
+    ``argparse`` parser and returns ``run(args, registry) -> exit code``.  The first line of
+    ``configure``'s docstring is the command's help.  Built-in command names are reserved; a
+    ``configure`` that raises is reported (naming the plugin) and the other commands still work.
     """
     return {}
