@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 from scalarlens import ActivationLocationType as ALT
-from scalarlens import ModelDims, WeightLocationType
+from scalarlens import AttentionParts, ModelDims, WeightLocationType
 from scalarlens.models import HookedAdapter, HookFn
 
 from ._attention import IMPLEMENTATION, register
 from ._families import Family
 from ._hooks import HookedRun, hooked_norm, norm_eps, resolve
+from ._reconstitute import Reconstitution
 from ._weights import read_weight
 
 __all__ = ["HFAdapter", "dims_of"]
@@ -64,6 +65,7 @@ class HFAdapter(HookedAdapter):
     The model is put in eval mode with frozen parameters and switched to the ``"scalarlens"``
     attention implementation (fused SDPA unless a run reads attention internals).  Supports
     ``memory="low"``: each decoder layer is checkpointed and recomputed in the backward pass.
+    Implements :class:`scalarlens.Reconstitutable` (:mod:`._reconstitute`).
     """
 
     recomputes_layers = True
@@ -87,6 +89,9 @@ class HFAdapter(HookedAdapter):
         )
         self._final = resolve(resolve(model, family.base), family.final_norm)
         self._lm_head = resolve(model, family.lm_head)
+        self._reconstitution = Reconstitution(
+            model, family, eps=self.dims.norm_eps, out_dtype=self.accumulation_dtype
+        )
 
     @property
     def model(self) -> Any:
@@ -178,6 +183,35 @@ class HFAdapter(HookedAdapter):
         # Residuals arrive in the accumulation dtype (float32 for a bf16 model).
         logits = self._lm_head(normed.to(self.dtype)).to(resid.dtype)
         return self._cap(logits)
+
+    # --- reconstitution (scalarlens.Reconstitutable) -----------------------------------------
+
+    def sublayer_input(
+        self, resid: torch.Tensor, layer: int, sublayer: str, *, detach_scale: bool = False
+    ) -> torch.Tensor:
+        """The pre-attention or pre-MLP norm of ``resid`` (``T×D``), differentiably."""
+        rec = self._reconstitution
+        return rec.out(rec.normed(resid, layer, sublayer, detach_scale=detach_scale))
+
+    def reconstitute_attention(
+        self,
+        resid_q: torch.Tensor,
+        resid_k: torch.Tensor,
+        resid_v: torch.Tensor,
+        layer: int,
+        *,
+        detach_scale: bool = False,
+    ) -> AttentionParts:
+        """The layer's attention module on the normed residuals (each ``T×D``)."""
+        return self._reconstitution.attention(
+            resid_q, resid_k, resid_v, layer, detach_scale=detach_scale
+        )
+
+    def reconstitute_mlp(
+        self, resid: torch.Tensor, layer: int, *, detach_scale: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp.pre_act, mlp.post_act)`` of the layer's MLP module on the normed residual."""
+        return self._reconstitution.mlp(resid, layer, detach_scale=detach_scale)
 
     # --- weights --------------------------------------------------------------------------
 

@@ -176,8 +176,9 @@ class HookedRun:
             self._patch_norm(resolve(layer, fam.input_norm), patched, scale)
         post_attn = wanted(ALT.RESID_POST_ATTN, i)
         self._install_writes(i, layer, handles, patched, post_attn)
-        if wanted(ALT.MLP_INPUT_LAYER_NORM_SCALE, i) or (post_attn and not self.parallel):
-            self._install_pre_mlp_norm(i, layer, patched)
+        mlp_scale = wanted(ALT.MLP_INPUT_LAYER_NORM_SCALE, i)
+        if mlp_scale or (post_attn and not self.parallel):
+            self._install_pre_mlp_norm(i, layer, patched, hook_scale=mlp_scale)
         mlp = resolve(layer, fam.mlp)
         if wanted(ALT.MLP_PRE_ACT, i):
             hook = self._output(ALT.MLP_PRE_ACT, i)
@@ -225,10 +226,19 @@ class HookedRun:
                 target = resolve(layer, module_path if post_path is None else post_path)
                 handles.append(target.register_forward_hook(write))
 
-    def _install_pre_mlp_norm(self, i: int, layer: Any, patched: list[Any]) -> None:
+    def _install_pre_mlp_norm(
+        self, i: int, layer: Any, patched: list[Any], *, hook_scale: bool
+    ) -> None:
+        """Hooks ``resid.post_attn`` (the norm's input) and, if ``hook_scale``, the norm's ``σ``.
+
+        Without ``σ`` the module's own forward runs, so capturing ``resid.post_attn`` leaves the
+        numbers bit for bit as Hugging Face's (an RMSNorm rounds in float32 even in a float64
+        model; ours and theirs differ in the last bit) — which reconstitution relies on.
+        """
         module = resolve(layer, self.family.pre_mlp_norm)
         eps = norm_eps(module, self.eps)
         kind, scale_hook = self.family.norm, self._scale(ALT.MLP_INPUT_LAYER_NORM_SCALE, i)
+        own_forward = module.forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if not self.parallel:  # its input is resid.post_attn, the residual stream itself
@@ -236,6 +246,9 @@ class HookedRun:
                 if seen is not x:  # an intervention: carry the change into the residual too
                     self._post_attn_change[i] = seen - x
                 x = seen
+            if not hook_scale:
+                normed: torch.Tensor = own_forward(x)
+                return normed
             return norm_output(kind, module, x, scale_hook(norm_scale(kind, x, eps)))
 
         module.forward = forward
