@@ -1,17 +1,17 @@
 """Reconstitution (``scalarlens.Reconstitutable``): one layer recomputed from the residual it reads.
 
-Nothing here knows a family.  The norms are the plugin's own (:func:`._hooks.hooked_norm`, the
-maths every run uses, with the scale ``σ`` optionally detached); attention and the MLP are the
-unmodified Hugging Face modules, called on the normed input with hooks at the same points a run
-captures, so rotary embeddings, q/k norms, grouped-query heads, soft-caps and activations stay
-Hugging Face's business:
+Nothing here knows a family, and every step runs the code a run runs, so reconstituted values
+and gradients equal captured ones to the last bit:
 
-* attention — the module is called with the arguments its decoder layer gave it in a real
-  forward (rotary ``cos``/``sin``, the causal or sliding-window mask, recorded once per prompt
-  length), with our attention implementation eager at that layer.  Keys and values read from
-  their own residuals come from a call on those, stopped once ``attn.v`` is seen; the call on
-  the query residual substitutes them at ``attn.k``/``attn.v`` and stops at ``attn.v_out``.
-  When the residuals are one tensor, that one call is all;
+* norms — the module itself, or, with ``σ`` detached, the plugin's :func:`._hooks.hooked_norm`
+  with a hook that detaches it (what a run that detaches ``σ`` installs);
+* attention — the unmodified Hugging Face module (rotary embeddings, q/k norms, grouped-query
+  heads and soft-caps stay its business), called with the arguments its decoder layer gave it
+  in a real forward (rotary ``cos``/``sin``, the causal or sliding-window mask, recorded once
+  per prompt length) and our attention implementation eager at that layer.  Keys and values
+  read from their own residuals come from a call on those, stopped once ``attn.v`` is seen;
+  the call on the query residual substitutes them at ``attn.k``/``attn.v`` and stops at
+  ``attn.v_out``.  When the residuals are one tensor, that one call is all;
 * MLP — the module is called and stopped at its down projection, reading ``mlp.pre_act`` (the
   ``mlp_in`` output) and ``mlp.post_act`` (the ``mlp_out`` input) as a run does.
 """
