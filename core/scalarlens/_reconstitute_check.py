@@ -181,10 +181,11 @@ def _check_attention_gradient(
         def pick(r: torch.Tensor) -> torch.Tensor:
             return attention_on_path(model, r, layer, path, detach_scale=detach).mixed[t, head, 0]
     else:
-        location, index = ALT.ATTN_QK_PROBS, (t, 0, head)
+        # The token's weight on itself: a key no causal or sliding-window mask ever hides.
+        location, index = ALT.ATTN_QK_PROBS, (t, t, head)
 
         def pick(r: torch.Tensor) -> torch.Tensor:
-            return attention_on_path(model, r, layer, path, detach_scale=detach).probs[t, 0, head]
+            return attention_on_path(model, r, layer, path, detach_scale=detach).probs[t, t, head]
 
     got = reconstitute_gradient(pick, resid)
     detached = list(_OTHER_PATHS[path]) if path else []
