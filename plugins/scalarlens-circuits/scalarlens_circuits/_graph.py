@@ -1,0 +1,622 @@
+"""Attribution graphs: which components' writes drive which, for one prompt and one prediction.
+
+The graph is the model *linearised* around the prompt, the way circuit-tracer and Neuronpedia
+build theirs: every norm's scale ``σ`` and every attention pattern are frozen at their values
+on the prompt, so the residual stream a component reads is a sum of earlier writes, and each
+component's pre-activation is a linear function of that sum.  An edge ``U → N`` is U's write
+times N's read vector; a node's incoming edges plus a constant (biases, norm offsets) equal its
+pre-activation exactly.
+
+Nodes
+    * one **embedding** node per token (token plus position embedding);
+    * **MLP neurons** (value: pre-activation; for a gated MLP, ``act(gate)`` is frozen too and
+      the value is ``act(gate)·up``, the activation itself);
+    * **attention heads** at a query token (value: the head's write at that token projected on
+      the objective's gradient there — a head writes a vector, and the gradient is the
+      direction that matters for this objective; its edges come through the value path, with
+      the pattern frozen; edges into its query and key paths are gradient attributions kept
+      apart in ``AttributionGraph.qk_edges``);
+    * **error** nodes, one per (sublayer, layer, token): the summed write of the components not
+      kept as nodes, so every residual stream is still decomposed exactly;
+    * the **objective** (a logit difference, or a logit).
+Neurons and heads become nodes by their attribution to the objective (``|activation × gradient|``)
+up to ``max_nodes``; the rest are in the error nodes.  A dense ``nodes × nodes`` matrix is never
+formed: edges are computed in blocks of targets sized by ``block_bytes`` and kept sparse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import torch
+from scalarlens import (
+    ActivationLocationType,
+    CallableObjective,
+    CaptureRequest,
+    LogitDiffObjective,
+    ModelAdapter,
+    PassType,
+    WeightLocationType,
+)
+from scalarlens.exceptions import ModelInputError
+
+ALT = ActivationLocationType
+W = WeightLocationType
+FWD, BWD = PassType.FORWARD, PassType.BACKWARD
+
+__all__ = ["AttributionGraph", "Node", "attribution_graph", "estimate_memory"]
+
+KINDS = ("embedding", "neuron", "head", "attn_error", "mlp_error", "objective")
+
+
+@attrs.define
+class Node:
+    """One graph node.  ``stage`` orders writes: 0 embeddings, ``2l+1`` attention at layer
+    ``layer``, ``2l+2`` its MLP, ``2L+1`` the objective.  ``index`` is the neuron, the head, the
+    token id (embeddings) or the target token (objective).  ``value`` is what the incoming
+    edges plus ``bias`` add up to; ``activation`` is what the node outputs (a neuron's
+    post-activation; the value elsewhere)."""
+
+    kind: str
+    layer: int | None
+    index: int
+    position: int
+    stage: int
+    value: float
+    bias: float
+    activation: float
+
+
+@attrs.define
+class AttributionGraph:
+    """Nodes, sparse edges ``A[target, source]`` and the prompt they describe.
+
+    ``edges`` is a coalesced ``n×n`` sparse COO tensor (float64); ``qk_edges`` maps a head
+    node to ``{"q": {source: weight}, "k": {...}}`` for the heads traced there.
+    """
+
+    model: str
+    tokens: list[int]
+    token_strings: list[str]
+    nodes: list[Node]
+    edges: torch.Tensor
+    objective: int
+    n_layers: int
+    d_mlp: int
+    settings: dict[str, Any]
+    qk_edges: dict[int, dict[str, dict[int, float]]] = attrs.Factory(dict)
+    influence: torch.Tensor | None = None
+    kept_nodes: list[int] | None = None
+    kept_edges: torch.Tensor | None = None
+
+    def incoming(self, target: int) -> dict[int, float]:
+        """``{source: weight}`` of every edge into ``target`` (the full graph, unpruned)."""
+        a = self.edges
+        rows = a.indices()[0] == target
+        return dict(zip(a.indices()[1][rows].tolist(), a.values()[rows].tolist(), strict=True))
+
+    def top_path(self, start: int | None = None) -> list[int]:
+        """From ``start`` (default: the objective) down the strongest incoming edge each step,
+        to a node with no incoming edges (an embedding or error node)."""
+        path = [self.objective if start is None else start]
+        while True:
+            incoming = self.incoming(path[-1])
+            if not incoming:
+                return path
+            path.append(max(incoming, key=lambda s: abs(incoming[s])))
+
+    def find(self, kind: str, layer: int | None, index: int, position: int) -> int:
+        """The node id of ``(kind, layer, index, position)``; ``KeyError`` if it is not a node."""
+        for i, n in enumerate(self.nodes):
+            if (n.kind, n.layer, n.index, n.position) == (kind, layer, index, position):
+                return i
+        raise KeyError((kind, layer, index, position))
+
+    def label(self, i: int) -> str:
+        n = self.nodes[i]
+        word = self.token_strings[n.position] if n.position < len(self.token_strings) else "?"
+        what = {
+            "embedding": f"emb {word!r}",
+            "neuron": f"L{n.layer} N{n.index}",
+            "head": f"L{n.layer} H{n.index}",
+            "attn_error": f"L{n.layer} attn (other heads)",
+            "mlp_error": f"L{n.layer} mlp (other neurons)",
+            "objective": "objective",
+        }[n.kind]
+        return f"{what} @{n.position}"
+
+
+def estimate_memory(
+    dims: Any, n_tokens: int, *, max_nodes: int, block_bytes: int, bytes_per_value: int = 8
+) -> int:
+    """Bytes the graph needs beyond the model, worst case: captures, sources, one edge block,
+    and the sparse edges (every source reading every target at earlier positions)."""
+    t, layers = n_tokens, dims.n_layers
+    captures = layers * t * (2 * dims.d_mlp + dims.n_heads * (t + dims.d_head) + 8 * dims.d_model)
+    n_src = t + max_nodes + 2 * layers * t
+    sources = n_src * dims.d_model
+    avg_src_per_target = min(n_src, max(1, n_src // max(1, t)) * max(1, t // 2))
+    sparse = (max_nodes + 1) * avg_src_per_target * 3  # values + two int64 indices
+    return int((captures + sources + sparse) * bytes_per_value + block_bytes)
+
+
+@attrs.frozen
+class _Targets:
+    """A block of same-kind targets: their read directions and how to place each edge."""
+
+    ids: list[int]
+    directions: torch.Tensor  # k×D
+    factor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (src rows, ids) -> N×k
+    read_stage: torch.Tensor  # k
+    last_position: int  # no source after it can reach these targets
+    only_position: int | None = None  # MLP neurons and logits read one token
+
+
+def _center(v: torch.Tensor, layernorm: bool) -> torch.Tensor:
+    return v - v.mean(dim=-1, keepdim=True) if layernorm else v
+
+
+def attribution_graph(
+    model: ModelAdapter,
+    prompt: str | Sequence[int],
+    *,
+    target: str | int,
+    distractor: str | int | None = None,
+    max_nodes: int = 2048,
+    block_bytes: int = 256 * 2**20,
+    qk_heads: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> AttributionGraph:
+    """The attribution graph of ``target`` (minus ``distractor``) at the prompt's last token.
+
+    ``max_nodes`` neurons and heads are kept as nodes (by ``|activation × gradient|``), the
+    rest go into error nodes.  ``qk_heads``: how many of the strongest head nodes also get
+    their query- and key-path edges (gradient attributions through reconstitution; 0 for none,
+    and only on models that implement ``scalarlens.Reconstitutable``).  Prune with
+    :func:`scalarlens_circuits.prune` and export with :func:`to_neuronpedia`.
+    """
+    from scalarlens._prepare import _encode, prepare_tokens
+
+    say = progress or (lambda _: None)
+    if max_nodes < 0:
+        raise ModelInputError(f"attribution_graph: max_nodes must be ≥ 0, got {max_nodes}")
+    (tokens,) = prepare_tokens(model, prompt)
+    tgt = _encode(model, target, "target")
+    dst = None if distractor is None else _encode(model, distractor, "distractor")
+    if dst == tgt:
+        raise ModelInputError(
+            f"target and distractor are the same token (id {tgt}); their logit difference is "
+            "always zero — pick the token the model might predict instead"
+        )
+    objective: Any = (
+        LogitDiffObjective(tgt, dst)
+        if dst is not None
+        else CallableObjective(lambda logits: logits[-1, tgt], name=f"logit[{tgt}]")
+    )
+    say(f"running the prompt ({len(tokens)} tokens) forward and backward")
+    run = _capture(model, tokens, objective)
+    builder = _Builder(model, tokens, run, tgt, dst, max_nodes, block_bytes, say)
+    graph = builder.build()
+    if qk_heads and _reconstitutable(model):
+        from ._qk import trace_qk
+
+        say(f"tracing query and key paths of the {qk_heads} strongest heads")
+        trace_qk(graph, builder, model, qk_heads)
+    return graph
+
+
+def _reconstitutable(model: Any) -> bool:
+    from scalarlens import Reconstitutable
+
+    return isinstance(model, Reconstitutable)
+
+
+_FORWARD = (
+    ALT.RESID_POST_EMBEDDING,
+    ALT.RESID_POST_ATTN,
+    ALT.RESID_POST_MLP,
+    ALT.RESID_DELTA_ATTN,
+    ALT.RESID_DELTA_MLP,
+    ALT.ATTN_QK_PROBS,
+    ALT.ATTN_WEIGHTED_SUM_OF_VALUES,
+    ALT.MLP_PRE_ACT,
+    ALT.MLP_POST_ACT,
+    ALT.ATTN_INPUT_LAYER_NORM_SCALE,
+    ALT.MLP_INPUT_LAYER_NORM_SCALE,
+    ALT.RESID_FINAL_LAYER_NORM_SCALE,
+    ALT.ATTN_POST_NORM_SCALE,
+    ALT.MLP_POST_NORM_SCALE,
+)
+_BACKWARD = (ALT.RESID_DELTA_ATTN, ALT.MLP_POST_ACT)
+
+
+def _capture(model: ModelAdapter, tokens: list[int], objective: Any) -> Any:
+    every = frozenset(range(model.dims.n_layers))
+    captures = [
+        CaptureRequest(loc, FWD, None if loc.has_no_layers else every) for loc in _FORWARD
+    ] + [CaptureRequest(loc, BWD, every) for loc in _BACKWARD]
+    (run,) = model.run([tokens], captures, objective, return_logits=True)
+    return run
+
+
+class _Builder:
+    """Turns one captured run into nodes and sparse edges (one instance per graph)."""
+
+    def __init__(
+        self,
+        model: ModelAdapter,
+        tokens: list[int],
+        run: Any,
+        tgt: int,
+        dst: int | None,
+        max_nodes: int,
+        block_bytes: int,
+        say: Callable[[str], None],
+    ) -> None:
+        self.model, self.dims, self.tokens, self.run = model, model.dims, tokens, run
+        self.tgt, self.dst, self.max_nodes, self.block_bytes, self.say = (
+            tgt,
+            dst,
+            max_nodes,
+            block_bytes,
+            say,
+        )
+        self.t = len(tokens)
+        self.layernorm = self.dims.norm_kind == "layernorm"
+        self.dtype = torch.float64
+        self._caps: dict[Any, torch.Tensor] = {}
+        self._weights: dict[Any, torch.Tensor] = {}
+
+    # --- small accessors --------------------------------------------------------------------
+
+    def cap(self, loc: ALT, layer: int | None = None, pass_type: PassType = FWD) -> torch.Tensor:
+        """A captured tensor in float64 (converted once, then cached)."""
+        key = (loc, layer, pass_type)
+        if key not in self._caps:
+            self._caps[key] = self.run.captured[(loc, pass_type)][layer].to(self.dtype)
+        return self._caps[key]
+
+    def weight(self, loc: W, layer: int | None = None) -> torch.Tensor:
+        """A model weight in float64 (read once, then cached)."""
+        key = (loc, layer)
+        if key not in self._weights:
+            self._weights[key] = self.model.weight(loc, layer).to(self.dtype)
+        return self._weights[key]
+
+    def post_factor(self, layer: int, sublayer: str) -> torch.Tensor:
+        """``γ/σ`` of a sublayer's post-norm per token (``T×D``), or ones without post-norms."""
+        if not self.dims.post_norms:
+            return torch.ones(self.t, self.dims.d_model, dtype=self.dtype)
+        scale = ALT.ATTN_POST_NORM_SCALE if sublayer == "attn" else ALT.MLP_POST_NORM_SCALE
+        gain = W.ATTN_POST_NORM_GAIN if sublayer == "attn" else W.MLP_POST_NORM_GAIN
+        return self.weight(gain, layer)[None, :] / self.cap(scale, layer)
+
+    def values_weight(self, layer: int) -> torch.Tensor:
+        """``W_V`` per query head, ``H×D×dv`` (grouped heads share their group's)."""
+        w = self.weight(W.ATTN_TO_VALUE, layer)
+        return (
+            w.repeat_interleave(self.dims.kv_group_size, dim=0)
+            if w.shape[0] != self.dims.n_heads
+            else w
+        )
+
+    def values_bias(self, layer: int) -> torch.Tensor:
+        b = self.weight(W.ATTN_BIAS_VALUE, layer)
+        return (
+            b.repeat_interleave(self.dims.kv_group_size, dim=0)
+            if b.shape[0] != self.dims.n_heads
+            else b
+        )
+
+    def mlp_read_stage(self, layer: int) -> int:
+        return 2 * layer if self.dims.parallel_residual else 2 * layer + 1
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    def build(self) -> AttributionGraph:
+        dims, t = self.dims, self.t
+        n_layers = dims.n_layers
+        self.head_writes: dict[int, torch.Tensor] = {}  # layer -> T×H×D
+        self.grad_attn = {
+            layer: self.cap(ALT.RESID_DELTA_ATTN, layer, BWD) for layer in range(n_layers)
+        }
+        scores = []
+        for layer in range(n_layers):
+            mixed = self.cap(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, layer)  # T×H×dv
+            w_o = self.weight(W.ATTN_TO_RESIDUAL, layer)  # H×dv×D
+            per_head = torch.einsum("thv,hvd->thd", mixed, w_o)
+            per_head = per_head * self.post_factor(layer, "attn")[:, None]
+            self.head_writes[layer] = per_head
+            head_value = torch.einsum("thd,td->th", per_head, self.grad_attn[layer])
+            post = self.cap(ALT.MLP_POST_ACT, layer)
+            grad = self.cap(ALT.MLP_POST_ACT, layer, BWD)
+            scores.append((layer, head_value.abs(), (post * grad).abs()))
+        nodes: list[Node] = []
+        # Candidates: (score, kind, layer, index, position), every position up to the last.
+        flat_scores, keys = [], []
+        for layer, heads, neurons in scores:
+            flat_scores += [heads.reshape(-1), neurons.reshape(-1)]
+            keys += [("head", layer, heads.shape), ("neuron", layer, neurons.shape)]
+        all_scores = torch.cat(flat_scores)
+        k = min(self.max_nodes, all_scores.numel())
+        chosen = (
+            torch.topk(all_scores, k).indices.sort().values
+            if k
+            else torch.zeros(0, dtype=torch.long)
+        )
+        offsets, start = [], 0
+        for chunk in flat_scores:
+            offsets.append(start)
+            start += chunk.numel()
+        selected: list[tuple[str, int, int, int]] = []
+        bounds = torch.tensor([*offsets, start])
+        which = torch.searchsorted(bounds, chosen, right=True) - 1
+        for c, idx in zip(which.tolist(), chosen.tolist(), strict=True):
+            kind, layer, shape = keys[c]
+            local = idx - offsets[c]
+            position, index = divmod(local, shape[1])
+            selected.append((kind, layer, index, position))
+        self.say(f"{len(selected)} component nodes kept out of {all_scores.numel():,}")
+
+        # Embeddings.
+        emb = self.cap(ALT.RESID_POST_EMBEDDING)
+        for p in range(t):
+            nodes.append(Node("embedding", None, self.tokens[p], p, 0, 0.0, 0.0, 0.0))
+        writes: list[torch.Tensor] = [emb]
+        src_pos: list[torch.Tensor] = [torch.arange(t)]
+        src_ids: list[torch.Tensor] = [torch.arange(t)]
+        # Selected components.
+        chosen_at: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
+        for kind, layer, index, p in selected:
+            chosen_at.setdefault((kind, layer), []).append((index, p, len(nodes)))
+            stage = 2 * layer + 1 if kind == "head" else 2 * layer + 2
+            nodes.append(Node(kind, layer, index, p, stage, float("nan"), float("nan"), 0.0))
+        comp_writes: dict[tuple[str, int], torch.Tensor] = {}
+        for (kind, layer), members in chosen_at.items():
+            index = torch.tensor([m[0] for m in members])
+            pos = torch.tensor([m[1] for m in members])
+            if kind == "head":
+                comp = self.head_writes[layer][pos, index]
+                acts = (comp * self.grad_attn[layer][pos]).sum(-1)
+            else:
+                acts = self.cap(ALT.MLP_POST_ACT, layer)[pos, index]
+                w_out = self.weight(W.MLP_TO_RESIDUAL, layer)[index]
+                comp = acts[:, None] * w_out * self.post_factor(layer, "mlp")[pos]
+            comp_writes[(kind, layer)] = comp
+            for (_, _, node_id), a in zip(members, acts.tolist(), strict=True):
+                nodes[node_id].activation = a
+            writes.append(comp)
+            src_pos.append(pos)
+            src_ids.append(torch.tensor([m[2] for m in members]))
+        # Error nodes: each sublayer's write minus its bias and its kept components.
+        bias_rows, bias_pos, bias_stage = [], [], []
+        for layer in range(n_layers):
+            for sub, delta_loc, bias_loc, kind in (
+                ("attn", ALT.RESID_DELTA_ATTN, W.ATTN_BIAS_RESIDUAL, "attn_error"),
+                ("mlp", ALT.RESID_DELTA_MLP, W.MLP_BIAS_RESIDUAL, "mlp_error"),
+            ):
+                stage = 2 * layer + 1 if sub == "attn" else 2 * layer + 2
+                bias = self.weight(bias_loc, layer)[None, :] * self.post_factor(layer, sub)
+                rest = self.cap(delta_loc, layer) - bias
+                key = ("head" if sub == "attn" else "neuron", layer)
+                if key in comp_writes:
+                    pos = torch.tensor([m[1] for m in chosen_at[key]])
+                    rest = rest.index_add(0, pos, comp_writes[key], alpha=-1.0)
+                first = len(nodes)
+                norms = rest.norm(dim=-1).tolist()
+                nodes.extend(Node(kind, layer, 0, p, stage, 0.0, 0.0, norms[p]) for p in range(t))
+                writes.append(rest)
+                src_pos.append(torch.arange(t))
+                src_ids.append(torch.arange(first, first + t))
+                bias_rows.append(bias)
+                bias_pos.append(torch.arange(t))
+                bias_stage.append(torch.full((t,), stage))
+        objective_id = len(nodes)
+        nodes.append(Node("objective", None, self.tgt, t - 1, 2 * n_layers + 1, 0.0, 0.0, 0.0))
+
+        self.nodes = nodes
+        self.src_w = torch.cat(writes)
+        self.src_pos = torch.cat(src_pos)
+        self.src_ids = torch.cat(src_ids)
+        self.src_stage = torch.tensor([nodes[i].stage for i in self.src_ids.tolist()])
+        self.bias_w = torch.cat(bias_rows)
+        self.bias_pos = torch.cat(bias_pos)
+        self.bias_stage = torch.cat(bias_stage)
+        self.objective_id = objective_id
+
+        rows, cols, vals = [], [], []
+        for block in self._target_blocks(chosen_at):
+            r, c, v = self._edges(block)
+            rows.append(r)
+            cols.append(c)
+            vals.append(v)
+        n = len(nodes)
+        index = (
+            torch.stack([torch.cat(rows), torch.cat(cols)])
+            if rows
+            else torch.zeros(2, 0, dtype=torch.long)
+        )
+        values = torch.cat(vals) if vals else torch.zeros(0, dtype=self.dtype)
+        edges = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
+        return AttributionGraph(
+            model=self.model.name,
+            tokens=list(self.tokens),
+            token_strings=_token_strings(self.model, self.tokens),
+            nodes=self.nodes,
+            edges=edges,
+            objective=objective_id,
+            n_layers=n_layers,
+            d_mlp=self.dims.d_mlp,
+            settings={
+                "max_nodes": self.max_nodes,
+                "target": self.tgt,
+                "distractor": self.dst if self.dst is not None else "",
+                "target_prob": float(
+                    torch.softmax(self.run.logits.to(self.dtype)[-1], dim=-1)[self.tgt]
+                ),
+            },
+        )
+
+    # --- targets ----------------------------------------------------------------------------
+
+    def _target_blocks(self, chosen_at: dict[tuple[str, int], list[tuple[int, int, int]]]) -> Any:
+        """Target blocks sized so one dense ``sources × block`` edge matrix fits the budget.
+
+        Neurons are grouped by token (they read only their own token's residual), heads by
+        layer; each block multiplies only the sources that can reach it.
+        """
+        per_target = max(1, self.src_w.shape[0]) * 8 * 6
+        size = max(1, self.block_bytes // per_target)
+        for (kind, layer), members in sorted(
+            chosen_at.items(), key=lambda kv: (kv[0][1], kv[0][0])
+        ):
+            if kind == "head":
+                members = sorted(members, key=lambda m: m[1])
+                for i in range(0, len(members), size):
+                    yield self._head_block(layer, members[i : i + size])
+                continue
+            by_position: dict[int, list[tuple[int, int, int]]] = {}
+            for m in members:
+                by_position.setdefault(m[1], []).append(m)
+            for _, group in sorted(by_position.items()):
+                for i in range(0, len(group), size):
+                    yield self._neuron_block(layer, group[i : i + size])
+        yield self._objective_block()
+
+    def _neuron_block(self, layer: int, members: list[tuple[int, int, int]]) -> _Targets:
+        gain = self.weight(W.LAYER_NORM_GAIN_PRE_MLP, layer)
+        beta = self.weight(W.LAYER_NORM_BIAS_PRE_MLP, layer)
+        sigma = self.cap(ALT.MLP_INPUT_LAYER_NORM_SCALE, layer)[:, 0]
+        index = torch.tensor([m[0] for m in members])
+        pos = torch.tensor([m[1] for m in members])
+        gated = self.dims.gated_mlp
+        w_in = self.weight(W.MLP_TO_UP if gated else W.MLP_TO_HIDDEN, layer)[:, index].T  # k×D
+        b_in = self.weight(W.MLP_BIAS_UP if gated else W.MLP_BIAS_HIDDEN, layer)[index]
+        if gated:  # act(gate) frozen: post = a·up, a = post / up
+            post = self.cap(ALT.MLP_POST_ACT, layer)[pos, index]
+            resid = self._mlp_input(layer)[pos]  # k×D normalised input
+            up = (resid * w_in).sum(-1) + b_in
+            scale = torch.where(up.abs() > 1e-30, post / up, torch.zeros_like(up))
+            value = post
+        else:
+            scale = torch.ones(len(members), dtype=self.dtype)
+            value = self.cap(ALT.MLP_PRE_ACT, layer)[pos, index]
+        directions = _center(gain * w_in, self.layernorm) * scale[:, None]
+        constant = scale * ((beta * w_in).sum(-1) + b_in)
+
+        def factor(src_pos: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            same = src_pos[:, None] == pos[None, :]
+            return same.to(self.dtype) / sigma[pos][None, :]
+
+        self._record(members, value, constant)
+        stage = torch.full((len(members),), self.mlp_read_stage(layer))
+        p0 = members[0][1]
+        return _Targets([m[2] for m in members], directions, factor, stage, p0, p0)
+
+    def _mlp_input(self, layer: int) -> torch.Tensor:
+        loc = ALT.RESID_POST_ATTN if not self.dims.parallel_residual else None
+        if loc is None:
+            resid = (
+                self.cap(ALT.RESID_POST_EMBEDDING)
+                if layer == 0
+                else self.cap(ALT.RESID_POST_MLP, layer - 1)
+            )
+        else:
+            resid = self.cap(loc, layer)
+        gain = self.weight(W.LAYER_NORM_GAIN_PRE_MLP, layer)
+        beta = self.weight(W.LAYER_NORM_BIAS_PRE_MLP, layer)
+        sigma = self.cap(ALT.MLP_INPUT_LAYER_NORM_SCALE, layer)
+        return _center(resid, self.layernorm) / sigma * gain + beta
+
+    def _head_block(self, layer: int, members: list[tuple[int, int, int]]) -> _Targets:
+        gain = self.weight(W.LAYER_NORM_GAIN_PRE_ATTN, layer)
+        beta = self.weight(W.LAYER_NORM_BIAS_PRE_ATTN, layer)
+        sigma = self.cap(ALT.ATTN_INPUT_LAYER_NORM_SCALE, layer)[:, 0]
+        probs = self.cap(ALT.ATTN_QK_PROBS, layer)  # T×S×H
+        heads = torch.tensor([m[0] for m in members])
+        pos = torch.tensor([m[1] for m in members])
+        w_o = self.weight(W.ATTN_TO_RESIDUAL, layer)[heads]  # k×dv×D
+        g = self.grad_attn[layer][pos] * self.post_factor(layer, "attn")[pos]  # k×D
+        c = torch.einsum("kvd,kd->kv", w_o, g)  # k×dv
+        w = torch.einsum("kdv,kv->kd", self.values_weight(layer)[heads], c)  # k×D
+        directions = _center(gain * w, self.layernorm)
+        p_row = probs[pos, :, heads]  # k×S: each target's pattern
+        per_source = (beta * w).sum(-1) + (self.values_bias(layer)[heads] * c).sum(-1)  # k
+        constant = p_row.sum(-1) * per_source
+        value = torch.einsum(
+            "kd,kd->k", self.head_writes[layer][pos, heads], self.grad_attn[layer][pos]
+        )
+
+        def factor(src_pos: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            return p_row[:, src_pos].T / sigma[src_pos][:, None]
+
+        self._record(members, value, constant)
+        stage = torch.full((len(members),), 2 * layer)
+        last = max(m[1] for m in members)
+        return _Targets([m[2] for m in members], directions, factor, stage, last)
+
+    def _objective_block(self) -> _Targets:
+        last = self.t - 1
+        unembed = self.weight(W.UNEMBEDDING)
+        u = unembed[:, self.tgt] - (unembed[:, self.dst] if self.dst is not None else 0.0)
+        gain, beta = self.weight(W.LAYER_NORM_GAIN_FINAL), self.weight(W.LAYER_NORM_BIAS_FINAL)
+        sigma = self.cap(ALT.RESID_FINAL_LAYER_NORM_SCALE)[:, 0]
+        directions = _center(gain * u, self.layernorm)[None, :]
+        constant = (beta * u).sum()[None]
+        logits = self.run.logits.to(self.dtype)[last]
+        value = logits[self.tgt] - (logits[self.dst] if self.dst is not None else 0.0)
+        target = [(self.tgt, last, self.objective_id)]
+
+        def factor(src_pos: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            return ((src_pos == last).to(self.dtype) / sigma[last])[:, None]
+
+        self._record(target, value.reshape(1), constant)
+        stage = torch.tensor([2 * self.dims.n_layers])
+        return _Targets([self.objective_id], directions, factor, stage, last, last)
+
+    def _record(
+        self, members: list[tuple[int, int, int]], value: torch.Tensor, constant: torch.Tensor
+    ) -> None:
+        """Store each target's value now; its bias is completed by ``_edges``."""
+        for (_, _, node_id), v, c in zip(members, value.tolist(), constant.tolist(), strict=True):
+            node = self.nodes[node_id]
+            node.value, node.bias = v, c
+            if node.kind == "objective":
+                node.activation = v
+
+    # --- edges ------------------------------------------------------------------------------
+
+    def _edges(self, block: _Targets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = torch.tensor(block.ids)
+        stage = block.read_stage
+
+        def reachable(pos: torch.Tensor, src_stage: torch.Tensor) -> torch.Tensor:
+            ok = (src_stage <= int(stage.max())) & (pos <= block.last_position)
+            if block.only_position is not None:
+                ok &= pos == block.only_position
+            return torch.nonzero(ok)[:, 0]
+
+        rows = reachable(self.src_pos, self.src_stage)
+        pos = self.src_pos[rows]
+        e = (self.src_w[rows] @ block.directions.T) * block.factor(pos, ids)
+        e = e * (self.src_stage[rows][:, None] <= stage[None, :])
+        # Bias writes (b_O, b_out) are in the residual too: they join each target's constant.
+        brows = reachable(self.bias_pos, self.bias_stage)
+        b = (self.bias_w[brows] @ block.directions.T) * block.factor(self.bias_pos[brows], ids)
+        b = (b * (self.bias_stage[brows][:, None] <= stage[None, :])).sum(0)
+        for node_id, extra in zip(block.ids, b.tolist(), strict=True):
+            self.nodes[node_id].bias += extra
+        src, tgt = e.nonzero(as_tuple=True)
+        return ids[tgt], self.src_ids[rows[src]], e[src, tgt]
+
+
+def _token_strings(model: Any, tokens: list[int]) -> list[str]:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "decode_tokens"):
+        try:
+            return list(tokenizer.decode_tokens(tokens))
+        except Exception:  # a tokenizer that cannot show a token: fall back to its id
+            pass
+    return [str(t) for t in tokens]

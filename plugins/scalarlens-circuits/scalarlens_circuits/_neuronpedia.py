@@ -1,0 +1,134 @@
+"""Neuronpedia's attribution-graph JSON (the format circuit-tracer writes and Neuronpedia reads).
+
+Ids follow circuit-tracer's conventions: ``E_{token}_{pos}`` for embeddings, ``{layer}_{feature}_
+{pos}`` for components, ``0_{layer}_{pos}`` for MLP error nodes and ``{n_layers+1}_{token}_{pos}``
+for the target logit.  Two kinds circuit-tracer has no convention for: attention heads are
+features numbered after the MLP's neurons (``feature = d_mlp + head``), and attention error
+nodes are ``0a_{layer}_{pos}``.  Query/key-path edges are exported beside the links, under
+``qk_links`` (``{source, target, weight, path}``), because they are not part of the linear graph.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ._graph import AttributionGraph
+
+__all__ = ["FEATURE_TYPES", "node_id", "to_neuronpedia", "write_neuronpedia"]
+
+FEATURE_TYPES = {
+    "embedding": "embedding",
+    "neuron": "mlp neuron",
+    "head": "attention head",
+    "mlp_error": "mlp reconstruction error",
+    "attn_error": "attention reconstruction error",
+    "objective": "logit",
+}
+
+
+def node_id(graph: AttributionGraph, i: int) -> str:
+    n = graph.nodes[i]
+    if n.kind == "embedding":
+        return f"E_{n.index}_{n.position}"
+    if n.kind == "neuron":
+        return f"{n.layer}_{n.index}_{n.position}"
+    if n.kind == "head":
+        return f"{n.layer}_{graph.d_mlp + n.index}_{n.position}"
+    if n.kind == "mlp_error":
+        return f"0_{n.layer}_{n.position}"
+    if n.kind == "attn_error":
+        return f"0a_{n.layer}_{n.position}"
+    return f"{graph.n_layers + 1}_{n.index}_{n.position}"
+
+
+def _layer(graph: AttributionGraph, i: int) -> str:
+    n = graph.nodes[i]
+    if n.kind == "embedding":
+        return "E"
+    if n.kind == "objective":
+        return str(graph.n_layers + 1)
+    return str(n.layer)
+
+
+def _feature(graph: AttributionGraph, i: int) -> int | None:
+    n = graph.nodes[i]
+    if n.kind == "neuron":
+        return n.index
+    if n.kind == "head":
+        return graph.d_mlp + n.index
+    return None
+
+
+def to_neuronpedia(
+    graph: AttributionGraph, *, slug: str = "scalarlens-graph", prompt: str | None = None
+) -> dict[str, Any]:
+    """The pruned graph (``prune`` must have run) as Neuronpedia's graph JSON object."""
+    if graph.kept_nodes is None or graph.kept_edges is None or graph.influence is None:
+        from scalarlens.exceptions import ConfigError
+
+        raise ConfigError("to_neuronpedia: prune the graph first (scalarlens_circuits.prune)")
+    ids = {i: node_id(graph, i) for i in graph.kept_nodes}
+    nodes = []
+    for i in graph.kept_nodes:
+        n = graph.nodes[i]
+        nodes.append(
+            {
+                "node_id": ids[i],
+                "feature": _feature(graph, i),
+                "layer": _layer(graph, i),
+                "ctx_idx": n.position,
+                "feature_type": FEATURE_TYPES[n.kind],
+                "jsNodeId": f"{ids[i]}-0",
+                "clerp": graph.label(i),
+                "influence": float(graph.influence[i]),
+                "activation": float(n.activation),
+                "is_target_logit": n.kind == "objective",
+                "token_prob": graph.settings.get("target_prob", 0.0)
+                if n.kind == "objective"
+                else 0.0,
+                "value": n.value,
+                "bias": n.bias,
+            }
+        )
+    kept = graph.kept_edges.coalesce()
+    links = [
+        {"source": ids[s], "target": ids[t], "weight": w}
+        for (t, s), w in zip(kept.indices().T.tolist(), kept.values().tolist(), strict=True)
+    ]
+    qk_links = [
+        {"source": ids[s], "target": ids[t], "weight": w, "path": path}
+        for t, paths in graph.qk_edges.items()
+        if t in ids
+        for path, edges in paths.items()
+        for s, w in edges.items()
+        if s in ids
+    ]
+    return {
+        "metadata": {
+            "slug": slug,
+            "scan": graph.model,
+            "prompt_tokens": list(graph.token_strings),
+            "prompt": prompt if prompt is not None else " ".join(graph.token_strings),
+            "schema_version": 1,
+            "info": {"creator_name": "scalarlens-circuits", "generator": "scalarlens_circuits"},
+            "generation_settings": {
+                k: v for k, v in graph.settings.items() if isinstance(v, (int, float, str))
+            },
+            "pruning_settings": {
+                "node_threshold": graph.settings.get("node_threshold"),
+                "edge_threshold": graph.settings.get("edge_threshold"),
+            },
+        },
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": ""},
+        "nodes": nodes,
+        "links": links,
+        "qk_links": qk_links,
+    }
+
+
+def write_neuronpedia(graph: AttributionGraph, path: str | Path, **kwargs: Any) -> Path:
+    out = Path(path)
+    out.write_text(json.dumps(to_neuronpedia(graph, **kwargs)))
+    return out
