@@ -86,6 +86,7 @@ class AttributionGraph:
     n_layers: int
     d_mlp: int
     settings: dict[str, Any]
+    n_heads: int = 0
     qk_edges: dict[int, dict[str, dict[int, float]]] = attrs.Factory(dict)
     influence: torch.Tensor | None = None
     kept_nodes: list[int] | None = None
@@ -449,6 +450,7 @@ class _Builder:
             objective=objective_id,
             n_layers=n_layers,
             d_mlp=self.dims.d_mlp,
+            n_heads=self.dims.n_heads,
             settings={
                 "max_nodes": self.max_nodes,
                 "target": self.tgt,

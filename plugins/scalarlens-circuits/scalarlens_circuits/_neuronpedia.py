@@ -1,11 +1,13 @@
 """Neuronpedia's attribution-graph JSON (the format circuit-tracer writes and Neuronpedia reads).
 
 Ids follow circuit-tracer's conventions: ``E_{token}_{pos}`` for embeddings, ``{layer}_{feature}_
-{pos}`` for components, ``0_{layer}_{pos}`` for MLP error nodes and ``{n_layers+1}_{token}_{pos}``
-for the target logit.  Two kinds circuit-tracer has no convention for: attention heads are
-features numbered after the MLP's neurons (``feature = d_mlp + head``), and attention error
-nodes are ``0a_{layer}_{pos}``.  Query/key-path edges are exported beside the links, under
-``qk_links`` (``{source, target, weight, path}``), because they are not part of the linear graph.
+{pos}`` for components and ``{n_layers+1}_{token}_{pos}`` for the target logit.  Heads and error
+nodes are numbered as features after the MLP's neurons, so every id keeps the
+``{layer}_{feature}_{pos}`` shape and no two collide (circuit-tracer's ``0_{layer}_{pos}`` error
+ids would collide with layer-0 neurons here): head ``h`` is feature ``d_mlp + h``, the
+attention error node ``d_mlp + n_heads``, the MLP error node ``d_mlp + n_heads + 1``.
+Query/key-path edges are exported beside the links, under ``qk_links`` (``{source, target,
+weight, path}``), because they are not part of the linear graph.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ def node_id(graph: AttributionGraph, i: int) -> str:
         return f"{n.layer}_{n.index}_{n.position}"
     if n.kind == "head":
         return f"{n.layer}_{graph.d_mlp + n.index}_{n.position}"
-    if n.kind == "mlp_error":
-        return f"0_{n.layer}_{n.position}"
     if n.kind == "attn_error":
-        return f"0a_{n.layer}_{n.position}"
+        return f"{n.layer}_{graph.d_mlp + graph.n_heads}_{n.position}"
+    if n.kind == "mlp_error":
+        return f"{n.layer}_{graph.d_mlp + graph.n_heads + 1}_{n.position}"
     return f"{graph.n_layers + 1}_{n.index}_{n.position}"
 
 

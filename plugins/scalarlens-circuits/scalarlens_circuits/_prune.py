@@ -89,7 +89,9 @@ def prune(
     a = graph.edges.coalesce()
     rows, cols = a.indices()
     alive = keep[rows] & keep[cols]
-    sub = torch.sparse_coo_tensor(a.indices()[:, alive], a.values()[alive], a.shape).coalesce()
+    sub = torch.sparse_coo_tensor(
+        a.indices()[:, alive], a.values()[alive], a.shape, check_invariants=False
+    ).coalesce()
     sub_influence = influence(sub, start)
     normalised = _normalised(sub)
     score = normalised.values() * (sub_influence + start)[normalised.indices()[0]]
@@ -99,7 +101,9 @@ def prune(
         else torch.zeros(0, dtype=torch.bool)
     )
     kept_index = sub.indices()[:, kept]
-    edges = torch.sparse_coo_tensor(kept_index, sub.values()[kept], a.shape).coalesce()
+    edges = torch.sparse_coo_tensor(
+        kept_index, sub.values()[kept], a.shape, check_invariants=False
+    ).coalesce()
 
     # Nodes still connected to the objective through kept edges.
     reach = torch.zeros(n, dtype=torch.bool)
@@ -113,7 +117,9 @@ def prune(
         reach = grow
     nodes = torch.nonzero(reach)[:, 0].tolist()
     both = reach[kept_index[0]] & reach[kept_index[1]]
-    edges = torch.sparse_coo_tensor(kept_index[:, both], sub.values()[kept][both], a.shape)
+    edges = torch.sparse_coo_tensor(
+        kept_index[:, both], sub.values()[kept][both], a.shape, check_invariants=False
+    )
     edges = edges.coalesce()
     graph.influence, graph.kept_nodes, graph.kept_edges = node_influence, nodes, edges
     graph.settings.update(node_threshold=node_threshold, edge_threshold=edge_threshold)

@@ -1,0 +1,139 @@
+"""The exported JSON against Neuronpedia's graph schema (its required fields and types), and the
+`scalarlens graph` command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from conftest import DISTRACTOR, TARGET, TOKENS, random_gpt2
+from scalarlens.cli import main
+
+from scalarlens_circuits import attribution_graph, prune, to_neuronpedia
+
+# The fields Neuronpedia's attribution-graph schema requires, with their types (metadata,
+# nodes, links); extra fields are allowed there, as here.
+NODE = {
+    "type": "object",
+    "required": [
+        "node_id",
+        "feature",
+        "layer",
+        "ctx_idx",
+        "feature_type",
+        "jsNodeId",
+        "clerp",
+        "influence",
+        "activation",
+    ],
+    "properties": {
+        "node_id": {"type": "string"},
+        "feature": {"type": ["integer", "null"]},
+        "layer": {"type": "string"},
+        "ctx_idx": {"type": "integer", "minimum": 0},
+        "feature_type": {"type": "string"},
+        "jsNodeId": {"type": "string"},
+        "clerp": {"type": "string"},
+        "influence": {"type": ["number", "null"]},
+        "activation": {"type": ["number", "null"]},
+    },
+}
+LINK = {
+    "type": "object",
+    "required": ["source", "target", "weight"],
+    "properties": {
+        "source": {"type": "string"},
+        "target": {"type": "string"},
+        "weight": {"type": "number"},
+    },
+}
+SCHEMA = {
+    "type": "object",
+    "required": ["metadata", "qParams", "nodes", "links"],
+    "properties": {
+        "metadata": {
+            "type": "object",
+            "required": ["slug", "scan", "prompt_tokens", "prompt"],
+            "properties": {
+                "slug": {"type": "string"},
+                "scan": {"type": "string"},
+                "prompt_tokens": {"type": "array", "items": {"type": "string"}},
+                "prompt": {"type": "string"},
+            },
+        },
+        "qParams": {"type": "object"},
+        "nodes": {"type": "array", "items": NODE, "minItems": 1},
+        "links": {"type": "array", "items": LINK},
+    },
+}
+
+
+def test_the_json_passes_the_schema_and_links_name_nodes() -> None:
+    graph = attribution_graph(
+        random_gpt2(), TOKENS, target=TARGET, distractor=DISTRACTOR, max_nodes=40
+    )
+    prune(graph)
+    data = json.loads(json.dumps(to_neuronpedia(graph, slug="tiny")))
+    jsonschema.validate(data, SCHEMA)
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(ids) == len(set(ids))  # ids are unique
+    assert {link["source"] for link in data["links"]} | {
+        link["target"] for link in data["links"]
+    } <= set(ids)
+    kinds = {n["feature_type"] for n in data["nodes"]}
+    assert {"embedding", "logit"} <= kinds
+    logit = next(n for n in data["nodes"] if n["feature_type"] == "logit")
+    assert logit["node_id"] == f"4_{TARGET}_{len(TOKENS) - 1}"  # {n_layers + 1}_{token}_{pos}
+    assert len(data["metadata"]["prompt_tokens"]) == len(TOKENS)
+
+
+def test_the_schema_test_can_fail() -> None:
+    bad = {
+        "metadata": {"slug": "x", "scan": "m", "prompt_tokens": ["a"], "prompt": "a"},
+        "qParams": {},
+        "nodes": [{"node_id": 3}],
+        "links": [],
+    }
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, SCHEMA)
+
+
+def test_exporting_an_unpruned_graph_says_to_prune() -> None:
+    from scalarlens.exceptions import ConfigError
+
+    graph = attribution_graph(random_gpt2(), TOKENS, target=TARGET, max_nodes=10, qk_heads=0)
+    with pytest.raises(ConfigError, match="prune the graph first"):
+        to_neuronpedia(graph)
+
+
+def test_scalarlens_graph_writes_json_and_png(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, png = tmp_path / "g.json", tmp_path / "g.png"
+    assert main(["graph", "--out", str(out), "--plot", str(png), "--max-nodes", "300"]) == 0
+    captured = capsys.readouterr()
+    assert "memory needed beyond the model" in captured.err
+    assert "strongest path: objective" in captured.out
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_scalarlens_graph_rejects_a_bad_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "graph",
+            "--prompt",
+            "the old king",
+            "--target",
+            "notaword",
+            "--out",
+            str(tmp_path / "g.json"),
+        ]
+    )
+    assert rc == 1
+    assert "notaword" in capsys.readouterr().err
