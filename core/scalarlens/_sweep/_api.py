@@ -18,7 +18,7 @@ from .._inputs import check_top_k
 from .._progress import Progress
 from ..exceptions import ConfigError, ModelInputError
 from ._corpus import Corpus, Prompt, Text, as_corpus, prompts, shards, summarize
-from ._local import ShardInput, merge_shards, run_local
+from ._local import ShardFold, ShardInput, merge_shards, run_local
 from ._shard import NEXT_TOKEN, ShardRunner, SweepSpec
 from ._stats import N_BINS, QUANTILES, SweepSettings
 from ._storage import FORMAT, prepare_directory, shard_path
@@ -225,15 +225,16 @@ def _run(
     bar = Progress(summary.n_tokens, _tokens_in(directory, done), enabled=progress)
     todo = _todo(prompts(source, adapter, spec.context), spec.shard_size, done)
     infos: list[dict[str, int]] = []
+    fold = ShardFold(directory, spec.settings)
     if runner is not None:
-        ran = run_local(runner, todo, directory, bar)
+        ran = run_local(runner, todo, directory, bar, fold)
     else:
         from ._ray import run_ray
 
         infos = run_ray(spec, todo, directory, bar, address=ray_address, workers=workers)
         ran = sum(i["shards"] for i in infos)
     bar.close()
-    merge_shards(directory, n_shards, spec.settings)
+    merge_shards(directory, n_shards, spec.settings, fold)
     result = load_sweep(directory)
     engine = "local" if runner is not None else "ray"
     return attrs.evolve(result, run=RunInfo(engine, n_shards, ran, tuple(infos)))

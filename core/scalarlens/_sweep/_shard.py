@@ -174,6 +174,16 @@ class ShardRunner:
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """A shard file's tensors and header: the statistics, plus the prompts' tokens (so
         results can show any example's words without the corpus)."""
+        return self.shard_state(index, prompts, on_batch)[1:]
+
+    def shard_state(
+        self,
+        index: int,
+        prompts: Sequence[tuple[int, Sequence[int]]],
+        on_batch: Callable[[int], None] | None = None,
+    ) -> tuple[dict[str, ComponentStats], dict[str, torch.Tensor], dict[str, Any]]:
+        """``shard``'s tensors and header, and the statistics they hold (as ``stats_of``
+        reads them back)."""
         state = self.run(prompts, on_batch)
         tensors: dict[str, torch.Tensor] = {}
         for prefix in sorted(state):
@@ -188,7 +198,7 @@ class ShardRunner:
             "n_tokens": sum(lengths),
             "components": {p: self.layout[p] for p in sorted(state)},
         }
-        return tensors, meta
+        return state, tensors, meta
 
     def _batch(self, batch: Sequence[tuple[int, Sequence[int]]]) -> dict[str, Rows]:
         from .._derive import derive

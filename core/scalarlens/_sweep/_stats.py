@@ -17,6 +17,14 @@ split and the order:
   from which the per-quantile samples are drawn at the end (``finalize``).
 
 Rows of a batch are examples (a token, or a causal (query, key) pair), columns components.
+
+Every table is kept *sorted* in its order (top-k: value descending, then key; per-bin samples:
+priority), empty slots last, so two tables merge by a merge path (each entry's place in the
+union is its own index plus how many of the other table's entries precede it: a few dense
+comparisons, no sort).  A batch is summarised the cheap way: one pass computes the moments,
+the histogram bin of every value and the few *candidates* that could enter a table (a value at
+or above its component's current k-th; a priority below its (component, bin)'s current m-th),
+and only those are sorted — see ``_absorb_top`` and ``_absorb_bins``.
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ MAGNITUDE_BINS = HIGH_OCTAVE - LOW_OCTAVE
 N_BINS = 2 * MAGNITUDE_BINS + 1
 ZERO_BIN = MAGNITUDE_BINS
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
-_CHUNK = 64
 
 
 def make_key(prompt: torch.Tensor, token: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -69,15 +76,30 @@ def priority_of(key: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy((z >> np.uint64(2)).astype(np.int64))
 
 
+def _bin_table() -> torch.Tensor:
+    """The bin of every float32 sign-and-exponent pattern (``bits >> 23``, plus 256)."""
+    codes = torch.arange(-256, 256, dtype=torch.int32)
+    exponent = codes & 0xFF  # |x| in [2^(e-127), 2^(e-126))
+    j = (exponent - (127 + LOW_OCTAVE)).clamp(0, MAGNITUDE_BINS - 1)
+    signed = torch.where(codes < 0, ZERO_BIN - 1 - j, ZERO_BIN + 1 + j)
+    return torch.where(exponent < 127 + LOW_OCTAVE, ZERO_BIN, signed).to(torch.int32)
+
+
+_BIN_TABLE = _bin_table()
+
+
+def bin_codes(values: torch.Tensor) -> torch.Tensor:
+    """``bin_of`` as int32, by one table look-up of the float32 sign and exponent bits."""
+    bits = values.to(torch.float32).contiguous().view(torch.int32)
+    code = torch.bitwise_right_shift(bits, 23).add_(256)  # arithmetic shift: sign and exponent
+    return _BIN_TABLE.index_select(0, code.view(-1)).view(code.shape)
+
+
 def bin_of(values: torch.Tensor) -> torch.Tensor:
     """Fixed symmetric log bins, one per octave: ``|x| < 2⁻¹⁴`` is the zero bin, then
     ``[2ʲ, 2ʲ⁺¹)`` for ``j`` from -14 to 13 on each side (larger magnitudes in the outermost
     bins); bin order is value order.  Read from the float32 exponent bits: no logarithm."""
-    bits = values.to(torch.float32).view(torch.int32)
-    exponent = ((bits & 0x7FFFFFFF) >> 23).to(torch.int64)  # |x| in [2^(e-127), 2^(e-126))
-    j = (exponent - (127 + LOW_OCTAVE)).clamp(0, MAGNITUDE_BINS - 1)
-    signed = torch.where(bits < 0, ZERO_BIN - 1 - j, ZERO_BIN + 1 + j)
-    return torch.where(exponent < 127 + LOW_OCTAVE, ZERO_BIN, signed)
+    return bin_codes(values).to(torch.int64)
 
 
 def bin_edges() -> list[float]:
@@ -101,62 +123,59 @@ def first_per_group(
     return perm[keep], rank[keep]
 
 
-def merge_slots(
+def merge_sorted(
     mine: Sequence[torch.Tensor],
     theirs: Sequence[torch.Tensor],
-    entering: torch.Tensor,
-    order: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]],
+    before: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor],
 ) -> list[torch.Tensor]:
-    """Per group (row), the first ``m`` slots of the union of two slot tables under ``order``.
+    """Per row, the first ``m`` of the union of two sorted slot tables (a merge path).
 
-    Fields are ``groups × m (× extra)`` tensors, the first holding keys (``KEY_SENTINEL``:
-    empty slot, which ``order`` must put last).  Only groups where some entry of ``theirs``
-    could enter (``entering``: it beats the last slot of ``mine``) are recomputed, by a stable
-    sort of each touched row of ``2m`` slots; the rest are ``mine`` unchanged.  The result is
-    the first ``m`` of the union under a total order, whatever the order of the operands.
+    Fields are ``rows × m (× extra)`` tensors, each row sorted under a total order with empty
+    slots last; ``before(mine, theirs)[r, i, j]`` says that ``theirs[r, j]`` strictly precedes
+    ``mine[r, i]`` (empty slots precede nothing).  ``mine[i]`` lands at ``i`` plus the number
+    of ``theirs`` before it, ``theirs[j]`` at ``j`` plus the number of ``mine`` not after it:
+    the places are a permutation of the union's positions, the same whichever table is
+    ``mine`` (equal entries are identical empty slots).
     """
-    m = mine[0].shape[1]
-    if bool((mine[0] == KEY_SENTINEL).all()):
-        return [f.clone() for f in theirs]
-    touched = entering.any(1).nonzero(as_tuple=True)[0]
-    out = [f.clone() for f in mine]
-    if touched.numel() == 0:
-        return out
-    both = [torch.cat([a[touched], b[touched]], 1) for a, b in zip(mine, theirs, strict=True)]
-    rows = torch.arange(touched.numel())[:, None]
-    perm = torch.arange(2 * m).expand(touched.numel(), 2 * m)
-    for key in reversed(order(both)):  # least significant first: a stable lexicographic sort
-        perm = perm.gather(1, torch.argsort(key.gather(1, perm), dim=1, stable=True))
-    first = perm[:, :m]
-    for target, source in zip(out, both, strict=True):
-        target[touched] = source[rows, first]
+    rows, m = mine[0].shape[:2]
+    earlier = before(mine, theirs)  # rows × m (mine) × m (theirs)
+    mine_at = torch.arange(m) + earlier.sum(2)
+    theirs_at = torch.arange(m) + (~earlier).sum(1)
+    out = []
+    for a, b in zip(mine, theirs, strict=True):
+        merged = torch.empty((rows, 2 * m, *a.shape[2:]), dtype=a.dtype)
+        for source, at in ((a, mine_at), (b, theirs_at)):
+            index = at.view(rows, m, *([1] * (a.ndim - 2))).expand_as(source)
+            merged.scatter_(1, index, source)
+        out.append(merged[:, :m].contiguous())
     return out
 
 
-def absorb(
-    tables: Sequence[torch.Tensor],
-    group: torch.Tensor,
-    fields: Sequence[torch.Tensor],
-    order: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]],
-    empty: Sequence[float],
-) -> list[torch.Tensor]:
-    """Slot tables (``groups × m (× extra)``, keys first) with candidate entries added: each
-    touched group keeps its first ``m`` of old and new entries under ``order``."""
-    m = tables[0].shape[1]
-    out = [t.clone() for t in tables]
-    if group.numel() == 0:
-        return out
-    touched, local = torch.unique(group, return_inverse=True)
-    old = [t[touched] for t in tables]
-    g, s = (old[0] != KEY_SENTINEL).nonzero(as_tuple=True)
-    every = torch.cat([g, local])
-    merged = [torch.cat([o[g, s], f]) for o, f in zip(old, fields, strict=True)]
-    kept, rank = first_per_group(every, order(merged), m)
-    for target, source, fill in zip(out, merged, empty, strict=True):
-        block = torch.full((touched.numel(), *target.shape[1:]), fill, dtype=target.dtype)
-        block[every[kept], rank] = source[kept]
-        target[touched] = block
-    return out
+def _top_before(mine: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Top-k order (fields ``value, key, ...``): larger value first, then smaller key."""
+    a_value, b_value = mine[0][:, :, None], theirs[0][:, None, :]
+    a_key, b_key = mine[1][:, :, None], theirs[1][:, None, :]
+    return (b_value > a_value) | ((b_value == a_value) & (b_key < a_key))
+
+
+def _priority_before(mine: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sample order (fields ``key, priority, ...``): lower priority first (real priorities are
+    distinct hashes; empty slots hold ``KEY_SENTINEL``)."""
+    return theirs[1][:, None, :] < mine[1][:, :, None]
+
+
+def _descending_bits(values: torch.Tensor) -> torch.Tensor:
+    """int64 in ``[0, 2³²)`` ordered like ``-values`` (float32, no NaN; ``-0.0`` is ``0.0``)."""
+    bits = (values.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+    ascending = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (2**31 - 1) - ascending
+
+
+def _slots(group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Each entry's place within its group, for entries sorted by group."""
+    counts = torch.bincount(group, minlength=n_groups)
+    start = torch.cumsum(counts, 0) - counts
+    return torch.arange(group.numel()) - start[group]
 
 
 @attrs.frozen
@@ -185,6 +204,87 @@ class Rows:
     window: torch.Tensor
 
 
+class _Batch:
+    """What one pass over a batch yields: its scalar statistics (count, moments, extremes,
+    histogram), each value's (component, bin) group (``n·N_BINS`` for non-finite values), and
+    the rows' priorities and their order."""
+
+    def __init__(self, rows: Rows) -> None:
+        values = rows.values.to(torch.float32).contiguous()
+        self.values = values
+        n_rows, n = values.shape
+        x = values.to(torch.float64)
+        total = x.sum(0)
+        self.all_finite = bool(torch.isfinite(total).all())  # the usual case: no masking
+        self.finite: torch.Tensor | None = None
+        self.scalars = self._moments(x, total) if self.all_finite else self._masked_moments()
+        del x
+        codes = bin_codes(values)
+        codes += (torch.arange(n, dtype=torch.int32) * N_BINS)[None, :]
+        if self.finite is not None:
+            codes.masked_fill_(~self.finite, n * N_BINS)
+        self.group = codes
+        counts = torch.bincount(codes.view(-1), minlength=n * N_BINS + 1)
+        self.scalars["hist"] = counts[: n * N_BINS].view(n, N_BINS)
+        self.priority = priority_of(rows.keys)
+        self.order = torch.argsort(self.priority)  # real priorities are distinct
+        self.rank = torch.empty_like(self.order)
+        self.rank[self.order] = torch.arange(n_rows)
+
+    def _moments(self, x: torch.Tensor, total: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every value finite: two passes in float64, in place on ``x``."""
+        values = self.values
+        n_rows, n = values.shape
+        count = torch.full((n,), n_rows, dtype=torch.int64)
+        mean = total / count.clamp_min(1).to(torch.float64)
+        x -= mean
+        d2 = x * x
+        m2 = d2.sum(0)
+        x *= d2
+        m3 = x.sum(0)
+        d2 *= d2
+        return {
+            "count": count,
+            "nonfinite": torch.zeros(n, dtype=torch.int64),
+            "nonzero": torch.count_nonzero(values, 0),
+            "mean": mean,
+            "m2": m2,
+            "m3": m3,
+            "m4": d2.sum(0),
+            "min": values.amin(0).to(torch.float64),
+            "max": values.amax(0).to(torch.float64),
+        }
+
+    def _masked_moments(self) -> dict[str, torch.Tensor]:
+        """Some values NaN or infinite: those are counted in ``nonfinite`` and skipped."""
+        values = self.values
+        n_rows = values.shape[0]
+        finite = torch.isfinite(values)
+        self.finite = finite
+        x = torch.where(finite, values, 0.0).to(torch.float64)
+        count = finite.sum(0)
+        mean = x.sum(0) / count.clamp_min(1).to(torch.float64)
+        d = torch.where(finite, x - mean, 0.0)
+        d2 = d * d
+        return {
+            "count": count,
+            "nonfinite": n_rows - count,
+            "nonzero": (finite & (values != 0)).sum(0),
+            "mean": torch.where(count > 0, mean, 0.0),
+            "m2": d2.sum(0),
+            "m3": (d2 * d).sum(0),
+            "m4": (d2 * d2).sum(0),
+            "min": torch.where(finite, x, math.inf).amin(0),
+            "max": torch.where(finite, x, -math.inf).amax(0),
+        }
+
+    def scored(self) -> torch.Tensor:
+        """Values with non-finite ones as ``-inf`` (never above a top-k threshold)."""
+        if self.finite is None:
+            return self.values
+        return torch.where(self.finite, self.values, -math.inf)
+
+
 FIELDS = (
     "count",
     "nonfinite",
@@ -206,6 +306,15 @@ FIELDS = (
     "bin_priority",
     "bin_value",
 )
+SHARD_FIELDS = tuple(f for f in FIELDS if f != "bin_priority")
+"""What a shard file holds: ``bin_priority`` is a hash of ``bin_key``, recomputed on load."""
+RESULT_FIELDS = tuple(f for f in FIELDS if not f.startswith("bin_"))
+"""What the results file holds of the merged state: the per-bin tables only serve merging and
+``finalize`` (whose per-quantile samples the results file holds)."""
+_TOP = ("top_value", "top_key", "top_context")
+_TOP_EMPTY = (-math.inf, KEY_SENTINEL, math.nan)
+_BINS = ("bin_key", "bin_priority", "bin_value")
+_BINS_EMPTY = (KEY_SENTINEL, KEY_SENTINEL, math.nan)
 
 
 class ComponentStats:
@@ -251,116 +360,15 @@ class ComponentStats:
     # --- one batch ------------------------------------------------------------------------
 
     @classmethod
-    def of_rows(cls, rows: Rows, settings: SweepSettings, *, tables: bool = True) -> ComponentStats:
-        """The statistics of one batch alone (merged into a running state by ``merge``);
-        ``tables=False`` leaves the top-k and per-bin tables empty (``update`` fills them)."""
-        values = rows.values
-        n_rows, n = values.shape
-        finite = torch.isfinite(values)
-        all_finite = bool(finite.all())  # the usual case: skip the masking passes
-        x = (values if all_finite else torch.where(finite, values, 0.0)).to(torch.float64)
-        count = finite.sum(0)
-        safe = count.clamp_min(1).to(torch.float64)
-        mean = x.sum(0) / safe
-        d = x - mean if all_finite else torch.where(finite, x - mean, 0.0)
-        d2 = d * d
-        out = cls.empty(n, settings)
-        t = out.t
-        t["count"] = count
-        t["nonfinite"] = n_rows - count
-        t["nonzero"] = ((values != 0) if all_finite else finite & (values != 0)).sum(0)
-        t["mean"] = torch.where(count > 0, mean, 0.0)
-        t["m2"], t["m3"], t["m4"] = d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)
-        if all_finite:
-            t["min"], t["max"] = x.amin(0), x.amax(0)
-        else:
-            t["min"] = torch.where(finite, x, math.inf).amin(0)
-            t["max"] = torch.where(finite, x, -math.inf).amax(0)
-        bins = bin_of(values)
-        flat = bins + torch.arange(n) * N_BINS
-        flat = flat.reshape(-1) if all_finite else flat[finite]
-        t["hist"] = torch.bincount(flat, minlength=n * N_BINS).reshape(n, N_BINS)
-        out._uniform_sample(rows)
-        if tables:
-            out._top_of_batch(rows, finite)
-            out._samples_of_batch(rows, finite, bins)
+    def of_rows(cls, rows: Rows, settings: SweepSettings) -> ComponentStats:
+        """The statistics of one batch alone (merged into a running state by ``merge``)."""
+        batch = _Batch(rows)
+        out = cls.empty(rows.values.shape[1], settings)
+        out.t.update(batch.scalars)
+        out.t.update(out._batch_sample(rows, batch))
+        out._absorb_top(rows, batch)
+        out._absorb_bins(rows, batch)
         return out
-
-    def _uniform_sample(self, rows: Rows) -> None:
-        priority = priority_of(rows.keys)
-        take = torch.argsort(priority, stable=True)[: self.settings.samples]
-        self.t["sample_key"][: take.numel()] = rows.keys[take]
-        self.t["sample_priority"][: take.numel()] = priority[take]
-        self.t["sample_value"][: take.numel()] = rows.values[take]
-
-    def _top_of_batch(self, rows: Rows, finite: torch.Tensor) -> None:
-        s, (n_rows, n) = self.settings, rows.values.shape
-        scored = rows.values if bool(finite.all()) else torch.where(finite, rows.values, -math.inf)
-        k = min(s.top_k, n_rows)
-        top = torch.topk(scored.T.contiguous(), k, dim=1)  # components × k
-        threshold = top.values[:, -1]
-        # ``topk`` picks arbitrarily among values tied at the threshold; where more than ``k``
-        # reach it, take every entry that does and let the key decide.
-        tied = ((scored >= threshold).sum(0) > k).nonzero(as_tuple=True)[0]
-        row = top.indices.reshape(-1)
-        column = torch.arange(n).repeat_interleave(k)
-        if tied.numel():
-            clear = ~torch.isin(column, tied)
-            extra_row, extra_column = (scored[:, tied] >= threshold[tied]).nonzero(as_tuple=True)
-            row = torch.cat([row[clear], extra_row])
-            column = torch.cat([column[clear], tied[extra_column]])
-        real = finite[row, column]
-        row, column = row[real], column[real]
-        value = rows.values[row, column]
-        kept, rank = first_per_group(column, [-value.to(torch.float64), rows.keys[row]], k)
-        row, column = row[kept], column[kept]
-        self.t["top_value"][column, rank] = rows.values[row, column]
-        self.t["top_key"][column, rank] = rows.keys[row]
-        neighbours = rows.window[row]  # kept × window
-        context = rows.values[neighbours.clamp_min(0), column[:, None]]
-        self.t["top_context"][column, rank] = torch.where(neighbours >= 0, context, math.nan)
-
-    def _samples_of_batch(self, rows: Rows, finite: torch.Tensor, bins: torch.Tensor) -> None:
-        s, (n_rows, n) = self.settings, rows.values.shape
-        priority = priority_of(rows.keys)
-        order = torch.argsort(priority, stable=True)
-        # Per (component, bin): the lowest priorities.  Rows are visited in priority order, in
-        # chunks of growing size; an entry is kept while its (component, bin) has fewer than
-        # ``m`` entries from earlier rows, its slot being that count.  After the first chunks
-        # the dense bins are full and only rare values are looked at again.  No sort of the
-        # batch: within a chunk, candidates sorted by group (stable) keep priority order.
-        m = s.bin_samples
-        width = N_BINS + 1  # an extra bin per component for non-finite values
-        grouped = torch.where(finite, bins, N_BINS) + torch.arange(n) * width
-        seen = torch.zeros(n * width, dtype=torch.int64)
-        start, size = 0, 8
-        while start < n_rows:
-            chunk = order[start : start + size]
-            groups = grouped[chunk]
-            open_ = seen[groups] < m
-            at, column = open_.nonzero(as_tuple=True)  # row-major: ascending priority
-            group = groups[at, column]
-            by_group = torch.argsort(group, stable=True)
-            at, column, group = at[by_group], column[by_group], group[by_group]
-            slot = seen[group] + torch.arange(group.numel()) - torch.searchsorted(group, group)
-            keep = (slot < m) & finite[chunk[at], column]
-            row, column, slot = chunk[at[keep]], column[keep], slot[keep]
-            bin_ = bins[row, column]
-            self.t["bin_key"][column, bin_, slot] = rows.keys[row]
-            self.t["bin_priority"][column, bin_, slot] = priority[row]
-            self.t["bin_value"][column, bin_, slot] = rows.values[row, column]
-            seen += torch.bincount(groups.reshape(-1), minlength=seen.numel())
-            start, size = start + size, min(2 * size, 128)
-
-    # --- merging --------------------------------------------------------------------------
-
-    def merge(self, other: ComponentStats) -> ComponentStats:
-        """The statistics of both inputs together (neither is modified)."""
-        out = self._merge_scalars(other)
-        out.update(self._merge_top(other))
-        out.update(self._merge_samples(other))
-        out.update(self._merge_bins(other))
-        return ComponentStats(out, self.settings)
 
     def update(self, rows: Rows) -> ComponentStats:
         """``self.merge(ComponentStats.of_rows(rows))``, computed the cheap way.
@@ -368,67 +376,185 @@ class ComponentStats:
         The batch's own top-k and per-bin tables are never built: an entry can enter a table
         only if it beats the table's current last slot (the k-th value of its component, the
         m-th priority of its component and bin), so one comparison per entry finds the few
-        candidates, and only the groups they touch are re-sorted.  Same result as ``merge``:
-        each table is the first slots of the union under a total order.
+        candidates, and only those are sorted and merged in.  Same result as ``merge``: each
+        table is the first slots of the union under a total order.  Nothing is modified in
+        place: the result shares this state's unchanged tensors.
         """
-        if bool((self.t["top_key"] == KEY_SENTINEL).all()):
-            return self.merge(ComponentStats.of_rows(rows, self.settings))
-        batch = ComponentStats.of_rows(rows, self.settings, tables=False)
-        out = self._merge_scalars(batch)
-        out.update(self._merge_samples(batch))
-        finite = torch.isfinite(rows.values)
-        out.update(self._absorb_top(rows, finite))
-        out.update(self._absorb_bins(rows, finite))
-        return ComponentStats(out, self.settings)
+        batch = _Batch(rows)
+        own = ComponentStats({**batch.scalars, **self._batch_sample(rows, batch)}, self.settings)
+        out = ComponentStats(dict(self.t), self.settings)
+        out.t.update(self._merge_scalars(own))
+        out.t.update(self._merge_samples(own))
+        out._absorb_top(rows, batch)
+        out._absorb_bins(rows, batch)
+        return out
 
-    def _absorb_top(self, rows: Rows, finite: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Top-k tables with the batch's entries at or above each component's k-th value."""
-        values = rows.values
-        threshold = self.t["top_value"][:, -1]
-        row, column = (values >= threshold).nonzero(as_tuple=True)
-        if not bool(finite.all()):
-            real = finite[row, column]
+    def _batch_sample(self, rows: Rows, batch: _Batch) -> dict[str, torch.Tensor]:
+        """The uniform sample of the batch alone: its rows of lowest priority, in order."""
+        size = self.settings.samples
+        take = batch.order[:size]
+        key = torch.full((size,), KEY_SENTINEL)
+        priority = torch.full((size,), KEY_SENTINEL)
+        value = torch.full((size, batch.values.shape[1]), math.nan)
+        key[: take.numel()] = rows.keys[take]
+        priority[: take.numel()] = batch.priority[take]
+        value[: take.numel()] = batch.values[take]
+        return {"sample_key": key, "sample_priority": priority, "sample_value": value}
+
+    def _absorb_top(self, rows: Rows, batch: _Batch) -> None:
+        """Top-k tables with the batch's entries at or above each component's k-th value.
+
+        Until a component's table is full its threshold is a lower bound of the batch's own
+        k-th value: the k-th largest maximum of row groups (k groups reach it)."""
+        values, k = batch.values, self.settings.top_k
+        n_rows, n = values.shape
+        threshold = self.t["top_value"][:, -1]  # -inf until full
+        if n_rows > k and bool(torch.isinf(threshold).any()):
+            threshold = torch.maximum(threshold, self._batch_bound(batch, k))
+        row, column = (values >= threshold).nonzero(as_tuple=True)  # rows ascending
+        if batch.finite is not None:
+            real = batch.finite[row, column]
             row, column = row[real], column[real]
+        if not bool((rows.keys[1:] > rows.keys[:-1]).all()):
+            by_key = torch.argsort(rows.keys[row], stable=True)
+            row, column = row[by_key], column[by_key]
         value = values[row, column]
+        # Stable sort by (component, value descending): ties keep key order.
+        order = torch.argsort((column << 32) | _descending_bits(value), stable=True)
+        row, column, value = row[order], column[order], value[order]
+        slot = _slots(column, n)
+        keep = slot < k
+        row, column, value, slot = row[keep], column[keep], value[keep], slot[keep]
+        theirs = [
+            torch.full(self.t[f].shape, fill, dtype=self.t[f].dtype)
+            for f, fill in zip(_TOP, _TOP_EMPTY, strict=True)
+        ]
+        theirs[0][column, slot] = value
+        theirs[1][column, slot] = rows.keys[row]
         neighbours = rows.window[row]
-        context = torch.where(
-            neighbours >= 0, values[neighbours.clamp_min(0), column[:, None]], math.nan
-        )
-        names = ("top_key", "top_value", "top_context")
-        merged = absorb(
-            [self.t[n] for n in names],
-            column,
-            [rows.keys[row], value, context],
-            lambda f: [-f[1].to(torch.float64), f[0]],
-            [KEY_SENTINEL, -math.inf, math.nan],
-        )
-        return dict(zip(names, merged, strict=True))
+        context = values[neighbours.clamp_min(0), column[:, None]]
+        theirs[2][column, slot] = torch.where(neighbours >= 0, context, math.nan)
+        merged = merge_sorted([self.t[f] for f in _TOP], theirs, _top_before)
+        self.t.update(zip(_TOP, merged, strict=True))
 
-    def _absorb_bins(self, rows: Rows, finite: torch.Tensor) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _batch_bound(batch: _Batch, k: int) -> torch.Tensor:
+        """Per component, a value at or below the batch's k-th largest."""
+        scored = batch.scored()
+        n_rows = scored.shape[0]
+        groups = 4 * k
+        size = n_rows // groups
+        if size < 2:
+            return torch.topk(scored, k, dim=0).values[-1]
+        maxima = scored[: groups * size].view(groups, size, -1).amax(1)
+        return torch.topk(maxima, k, dim=0).values[-1]
+
+    def _absorb_bins(self, rows: Rows, batch: _Batch) -> None:
         """Per-bin tables with the batch's entries whose priority beats their (component,
-        bin)'s m-th."""
-        values = rows.values
+        bin)'s m-th.
+
+        Rows are taken in priority order, in stages while many entries could still enter (a
+        shard's first batch: the lowest-priority rows fill the dense bins, after which later
+        rows offer only their rare values).  A stage's candidates are found by one comparison
+        per entry; their first ``m`` per group (by priority, i.e. by rank in the batch) come
+        from ``m`` rounds of a scatter-minimum, not a sort, and are merged into the tables.
+        """
+        n_rows, n = batch.values.shape
+        n_groups = n * N_BINS
         m = self.settings.bin_samples
-        n = self.n
-        bins = bin_of(values)
-        group = bins + torch.arange(n) * N_BINS
-        priority = priority_of(rows.keys)
-        last = self.t["bin_priority"].reshape(-1, m)[:, -1]
-        beats = priority[:, None] <= last[group]
-        if not bool(finite.all()):
-            beats &= finite
-        row, column = beats.nonzero(as_tuple=True)
-        flat_group = group[row, column]
-        names = ("bin_key", "bin_priority", "bin_value")
-        tables = [self.t[n_].reshape(-1, m) for n_ in names]
-        merged = absorb(
-            tables,
-            flat_group,
-            [rows.keys[row], priority[row], values[row, column]],
-            lambda f: [f[1]],  # real priorities are distinct
-            [KEY_SENTINEL, KEY_SENTINEL, math.nan],
+        tables = [self.t[f].reshape(n_groups, m).clone() for f in _BINS]  # updated in place
+        hist = batch.scalars["hist"].reshape(-1).to(torch.float64)
+        start, stage = 0, 32
+        while start < n_rows:
+            last = tables[1][:, -1]
+            # expected candidates if every remaining row went in one stage (uniform hashes)
+            share = (last.to(torch.float64) / 2.0**62).clamp(max=1.0)
+            expected = float((hist * share).sum()) * (n_rows - start) / n_rows
+            end = n_rows
+            if expected > n_rows * n / 16 and n_rows - start > 2 * stage:
+                end, stage = start + stage, 2 * stage
+            group, rank = self._bin_candidates(batch, last, start, end)
+            if group.numel():
+                self._enter_bins(tables, rows, batch, group, rank)
+            start = end
+        self.t.update(
+            (f, table.reshape(self.t[f].shape)) for f, table in zip(_BINS, tables, strict=True)
         )
-        return {n_: f.reshape(self.t[n_].shape) for n_, f in zip(names, merged, strict=True)}
+
+    @staticmethod
+    def _bin_candidates(
+        batch: _Batch, last: torch.Tensor, start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group, rank) of the entries of the rows ranked ``start..end-1`` that may beat
+        their group's m-th priority ``last``: compared on the top 29 bits (a superset; the
+        merge is exact)."""
+        n_rows, n = batch.values.shape
+        coarse = torch.cat([last >> 33, torch.tensor([-1])]).to(torch.int32)  # + a never-group
+        if start == 0 and end == n_rows:
+            group, priority = batch.group, batch.priority
+        else:
+            picked = batch.order[start:end]
+            group, priority = batch.group.index_select(0, picked), batch.priority[picked]
+        beats = (priority >> 33).to(torch.int32)[:, None] <= coarse.index_select(
+            0, group.view(-1)
+        ).view(group.shape)
+        flat = beats.view(-1).nonzero().squeeze(1)
+        at = torch.div(flat, n, rounding_mode="floor")
+        rank = batch.rank[at] if start == 0 and end == n_rows else at + start
+        return group.view(-1)[flat].to(torch.int64), rank
+
+    def _enter_bins(
+        self,
+        tables: list[torch.Tensor],
+        rows: Rows,
+        batch: _Batch,
+        group: torch.Tensor,
+        rank: torch.Tensor,
+    ) -> None:
+        """Merge the candidates into ``tables`` (in place): per group, the first ``m`` by
+        rank."""
+        n_rows = batch.values.shape[0]
+        n_groups, m = tables[0].shape
+        first = torch.empty((n_groups, m), dtype=torch.int64)
+        previous = torch.full((n_groups,), -1, dtype=torch.int64)
+        for j in range(m):  # the j-th lowest rank per group: the lowest above the (j-1)-th
+            later = rank > previous.index_select(0, group)
+            low = torch.full((n_groups,), n_rows, dtype=torch.int64)
+            low.scatter_reduce_(0, group, torch.where(later, rank, n_rows), "amin")
+            first[:, j] = low
+            previous = low
+        touched = (first[:, 0] < n_rows).nonzero().squeeze(1)
+        first = first.index_select(0, touched)
+        real = first < n_rows
+        row = batch.order[first.clamp(max=n_rows - 1)]
+        column = torch.div(touched, N_BINS, rounding_mode="floor")[:, None].expand_as(row)
+        theirs = [
+            torch.where(real, rows.keys[row], KEY_SENTINEL),
+            torch.where(real, batch.priority[row], KEY_SENTINEL),
+            torch.where(real, batch.values[row, column], math.nan),
+        ]
+        mine = [t.index_select(0, touched) for t in tables]
+        if not bool((mine[1][:, 0] == KEY_SENTINEL).all()):
+            theirs = merge_sorted(mine, theirs, _priority_before)
+        for table, new in zip(tables, theirs, strict=True):
+            table.index_copy_(0, touched, new)
+
+    # --- merging --------------------------------------------------------------------------
+
+    def merge(self, other: ComponentStats) -> ComponentStats:
+        """The statistics of both inputs together (neither is modified)."""
+        out = self._merge_scalars(other)
+        out.update(self._merge_samples(other))
+        top = merge_sorted([self.t[f] for f in _TOP], [other.t[f] for f in _TOP], _top_before)
+        out.update(zip(_TOP, top, strict=True))
+        m = self.settings.bin_samples
+        bins = merge_sorted(
+            [self.t[f].reshape(-1, m) for f in _BINS],
+            [other.t[f].reshape(-1, m) for f in _BINS],
+            _priority_before,
+        )
+        out.update((f, b.reshape(self.t[f].shape)) for f, b in zip(_BINS, bins, strict=True))
+        return ComponentStats(out, self.settings)
 
     def _merge_scalars(self, other: ComponentStats) -> dict[str, torch.Tensor]:
         a, b = self.t, other.t
@@ -460,19 +586,6 @@ class ComponentStats:
         out["hist"] = a["hist"] + b["hist"]
         return out
 
-    def _merge_top(self, other: ComponentStats) -> dict[str, torch.Tensor]:
-        names = ("top_key", "top_value", "top_context")
-        threshold = self.t["top_value"][:, -1]  # -inf until full
-        theirs = other.t
-        entering = (theirs["top_key"] != KEY_SENTINEL) & (theirs["top_value"] >= threshold[:, None])
-        merged = merge_slots(
-            [self.t[n] for n in names],
-            [theirs[n] for n in names],
-            entering,
-            lambda f: [-f[1].to(torch.float64), f[0]],
-        )
-        return dict(zip(names, merged, strict=True))
-
     def _merge_samples(self, other: ComponentStats) -> dict[str, torch.Tensor]:
         size = self.settings.samples
         key = torch.cat([self.t["sample_key"], other.t["sample_key"]])
@@ -484,17 +597,6 @@ class ComponentStats:
             "sample_priority": priority[order],
             "sample_value": value[order],
         }
-
-    def _merge_bins(self, other: ComponentStats) -> dict[str, torch.Tensor]:
-        names = ("bin_key", "bin_priority", "bin_value")
-        m = self.settings.bin_samples
-        mine = [self.t[n].reshape(-1, m) for n in names]
-        theirs = [other.t[n].reshape(-1, m) for n in names]
-        threshold = mine[1][:, -1]  # KEY_SENTINEL until full
-        entering = (theirs[0] != KEY_SENTINEL) & (theirs[1] <= threshold[:, None])
-        # Priorities of real examples are distinct (a hash of distinct keys): one sort key.
-        merged = merge_slots(mine, theirs, entering, lambda f: [f[1]])
-        return {n: f.reshape(self.t[n].shape) for n, f in zip(names, merged, strict=True)}
 
     # --- results --------------------------------------------------------------------------
 
@@ -525,9 +627,13 @@ class ComponentStats:
         has = torch.stack([(qbin >= j).any(1) for j in range(1, len(QUANTILES) + 1)], 1)
         has = has & (n > 0)[:, None]
         out["quantile_boundaries"] = torch.where(has, edges[first_bin], math.nan)
-        m = self.settings.bin_samples
-        # Per quantile bin, the m lowest priorities among the slots of its histogram bins
-        # (real priorities are distinct, so ``topk`` has no ties to break among them).
+        out["quantile_key"], out["quantile_value"] = self._quantile_samples(qbin)
+        return out
+
+    def _quantile_samples(self, qbin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per quantile bin, the m lowest priorities among the slots of its histogram bins
+        (real priorities are distinct, so ``topk`` has no ties to break among them)."""
+        t, m = self.t, self.settings.bin_samples
         priority = t["bin_priority"].reshape(self.n, -1)
         key, value = t["bin_key"].reshape(self.n, -1), t["bin_value"].reshape(self.n, -1)
         slot_bin = qbin.repeat_interleave(m, dim=1)
@@ -538,18 +644,22 @@ class ComponentStats:
             empty = low == KEY_SENTINEL
             keys.append(torch.where(empty, KEY_SENTINEL, key.gather(1, index)))
             values.append(torch.where(empty, math.nan, value.gather(1, index)))
-        out["quantile_key"] = torch.stack(keys, 1)
-        out["quantile_value"] = torch.stack(values, 1)
-        return out
+        return torch.stack(keys, 1), torch.stack(values, 1)
 
-    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}/{name}": self.t[name].contiguous() for name in FIELDS}
+    def to_tensors(self, prefix: str, fields: Sequence[str] = SHARD_FIELDS) -> dict[str, Any]:
+        return {f"{prefix}/{name}": self.t[name].contiguous() for name in fields}
 
     @classmethod
     def from_tensors(
         cls, tensors: dict[str, torch.Tensor], prefix: str, settings: SweepSettings
     ) -> ComponentStats:
-        return cls({name: tensors[f"{prefix}/{name}"] for name in FIELDS}, settings)
+        """A state from a shard file (``to_tensors``): ``bin_priority`` is recomputed."""
+        t = {name: tensors[f"{prefix}/{name}"] for name in SHARD_FIELDS}
+        key = t["bin_key"]
+        t["bin_priority"] = torch.where(
+            key == KEY_SENTINEL, KEY_SENTINEL, priority_of(key.reshape(-1)).view(key.shape)
+        )
+        return cls(t, settings)
 
     def identical(self, other: ComponentStats, fields: Sequence[str] = FIELDS) -> bool:
         """Bit-for-bit equality of ``fields`` (NaN slots included, unlike ``==``)."""

@@ -24,7 +24,7 @@ import torch
 from ..exceptions import OutputError, StoreError
 from ._stats import ComponentStats, SweepSettings
 
-FORMAT = "scalarlens-sweep/1"
+FORMAT = "scalarlens-sweep/2"
 MANIFEST = "manifest.json"
 RESULTS = "results.safetensors"
 SHARDS = "shards"
