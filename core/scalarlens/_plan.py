@@ -284,7 +284,13 @@ def _propagate_layers(
         for edge in node.edges:
             demanded: set[LayerIndex] = set()
             for layer in node.layers:
-                wanted = edge.source.layer_indexer.source_layer(layer, n_layers)
+                try:
+                    wanted = edge.source.layer_indexer.source_layer(layer, n_layers)
+                except ConfigError as exc:  # say which DST's input, and from which config
+                    raise ConfigError(
+                        f"{node.dst.name}: its input {edge.source.describe()} cannot be read: "
+                        f"{exc} (check the layer options of its DstConfig)"
+                    ) from exc
                 if wanted is not NOT_NEEDED:
                     demanded.add(wanted)
             if not demanded:

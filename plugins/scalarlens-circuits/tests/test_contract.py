@@ -1,0 +1,9 @@
+"""Every DST of this plugin honours the ScalarLens contract (scalarlens.testing).
+
+Examples come from the plugin's ``scalarlens_dst_examples`` hook: node = neuron 0 of layer 0 at
+the last token, valid on whatever model the kit uses.
+"""
+
+from scalarlens.testing import conformance_tests
+
+test_contract = conformance_tests("circuits")
