@@ -54,6 +54,16 @@ def _layer(graph: AttributionGraph, i: int) -> str:
     return str(n.layer)
 
 
+def _js_node_id(graph: AttributionGraph, i: int) -> str:
+    """circuit-tracer's front-end id: one per feature, shared by its positions."""
+    n = graph.nodes[i]
+    if n.kind == "embedding":
+        return f"E_{n.index}-0"
+    if n.kind == "objective":
+        return f"L_{n.index}-0"
+    return node_id(graph, i).rsplit("_", 1)[0] + "-0"
+
+
 def _feature(graph: AttributionGraph, i: int) -> int | None:
     n = graph.nodes[i]
     if n.kind == "neuron":
@@ -82,11 +92,13 @@ def to_neuronpedia(
                 "layer": _layer(graph, i),
                 "ctx_idx": n.position,
                 "feature_type": FEATURE_TYPES[n.kind],
-                "jsNodeId": f"{ids[i]}-0",
+                "jsNodeId": _js_node_id(graph, i),
                 "clerp": graph.label(i),
                 "influence": float(graph.influence[i]),
                 "activation": float(n.activation),
                 "is_target_logit": n.kind == "objective",
+                "run_idx": 0,
+                "reverse_ctx_idx": 0,
                 "token_prob": graph.settings.get("target_prob", 0.0)
                 if n.kind == "objective"
                 else 0.0,
@@ -113,6 +125,8 @@ def to_neuronpedia(
             "scan": graph.model,
             "prompt_tokens": list(graph.token_strings),
             "prompt": prompt if prompt is not None else " ".join(graph.token_strings),
+            "transcoder_list": [],
+            "node_threshold": graph.settings.get("node_threshold"),
             "schema_version": 1,
             "info": {"creator_name": "scalarlens-circuits", "generator": "scalarlens_circuits"},
             "generation_settings": {
@@ -123,7 +137,13 @@ def to_neuronpedia(
                 "edge_threshold": graph.settings.get("edge_threshold"),
             },
         },
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": ""},
+        "qParams": {
+            "pinnedIds": [],
+            "supernodes": [],
+            "linkType": "both",
+            "clickedId": "",
+            "sg_pos": "",
+        },
         "nodes": nodes,
         "links": links,
         "qk_links": qk_links,

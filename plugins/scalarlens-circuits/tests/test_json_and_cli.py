@@ -13,8 +13,9 @@ from scalarlens.cli import main
 
 from scalarlens_circuits import attribution_graph, prune, to_neuronpedia
 
-# The fields Neuronpedia's attribution-graph schema requires, with their types (metadata,
-# nodes, links); extra fields are allowed there, as here.
+# The fields of Neuronpedia's attribution-graph format that circuit-tracer's writer emits and
+# Neuronpedia's graph viewer reads, with their types (metadata, qParams, nodes, links); extra
+# fields are allowed there, as here.
 NODE = {
     "type": "object",
     "required": [
@@ -27,6 +28,10 @@ NODE = {
         "clerp",
         "influence",
         "activation",
+        "token_prob",
+        "is_target_logit",
+        "run_idx",
+        "reverse_ctx_idx",
     ],
     "properties": {
         "node_id": {"type": "string"},
@@ -38,6 +43,10 @@ NODE = {
         "clerp": {"type": "string"},
         "influence": {"type": ["number", "null"]},
         "activation": {"type": ["number", "null"]},
+        "token_prob": {"type": "number"},
+        "is_target_logit": {"type": "boolean"},
+        "run_idx": {"type": "integer"},
+        "reverse_ctx_idx": {"type": "integer"},
     },
 }
 LINK = {
@@ -55,15 +64,26 @@ SCHEMA = {
     "properties": {
         "metadata": {
             "type": "object",
-            "required": ["slug", "scan", "prompt_tokens", "prompt"],
+            "required": ["slug", "scan", "prompt_tokens", "prompt", "schema_version"],
             "properties": {
+                "schema_version": {"type": "integer"},
+                "node_threshold": {"type": ["number", "null"]},
+                "transcoder_list": {"type": "array"},
                 "slug": {"type": "string"},
                 "scan": {"type": "string"},
                 "prompt_tokens": {"type": "array", "items": {"type": "string"}},
                 "prompt": {"type": "string"},
             },
         },
-        "qParams": {"type": "object"},
+        "qParams": {
+            "type": "object",
+            "required": ["pinnedIds", "supernodes", "linkType"],
+            "properties": {
+                "pinnedIds": {"type": "array", "items": {"type": "string"}},
+                "supernodes": {"type": "array"},
+                "linkType": {"type": "string"},
+            },
+        },
         "nodes": {"type": "array", "items": NODE, "minItems": 1},
         "links": {"type": "array", "items": LINK},
     },
