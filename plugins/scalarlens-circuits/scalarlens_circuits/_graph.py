@@ -130,17 +130,36 @@ class AttributionGraph:
 
 
 def estimate_memory(
-    dims: Any, n_tokens: int, *, max_nodes: int, block_bytes: int, bytes_per_value: int = 8
+    dims: Any,
+    n_tokens: int,
+    *,
+    max_nodes: int,
+    block_bytes: int,
+    bytes_per_value: int = 8,
+    model_bytes: int = 8,
 ) -> int:
-    """Bytes the graph needs beyond the model, worst case: captures, sources, one edge block,
-    and the sparse edges (every source reading every target at earlier positions)."""
-    t, layers = n_tokens, dims.n_layers
-    captures = layers * t * (2 * dims.d_mlp + dims.n_heads * (t + dims.d_head) + 8 * dims.d_model)
+    """Bytes the graph needs beyond the model, worst case.
+
+    In the model's dtype (``model_bytes`` per value; 8, float64, is the worst case): the run's
+    activations kept for its backward pass (attention scores and probabilities, MLP and
+    residual vectors, the logits), most of which the allocator still holds afterwards, and its
+    captures.  In float64 (``bytes_per_value``): the captures again (the graph's working
+    copies), every head's write at every token, the attention weights, the sources (and the
+    pieces they are concatenated from), one edge block, and the sparse edges (every source
+    reading every target at earlier positions, with the copies made while they are assembled).
+    """
+    t, layers, d = n_tokens, dims.n_layers, dims.d_model
+    heads, d_head, d_mlp = dims.n_heads, dims.d_head, dims.d_mlp
+    captured = layers * t * (5 * d + heads * (t + d_head) + 3 * d_mlp) + t * d
+    activations = layers * t * (3 * heads * t + 2 * d_mlp + 6 * d) + t * dims.n_vocab
+    head_writes = layers * t * heads * d
+    weights = layers * 2 * heads * d_head * d
     n_src = t + max_nodes + 2 * layers * t
-    sources = n_src * dims.d_model
+    sources = 2 * n_src * d
     avg_src_per_target = min(n_src, max(1, n_src // max(1, t)) * max(1, t // 2))
     sparse = (max_nodes + 1) * avg_src_per_target * 3  # values + two int64 indices
-    return int((captures + sources + sparse) * bytes_per_value + block_bytes)
+    in_float64 = captured + head_writes + weights + sources + sparse
+    return int((captured + activations) * model_bytes + in_float64 * bytes_per_value + block_bytes)
 
 
 @attrs.frozen
@@ -286,6 +305,14 @@ class _Builder:
             self._weights[key] = self.model.weight(loc, layer).to(self.dtype)
         return self._weights[key]
 
+    def weight_slice(
+        self, loc: W, layer: int | None, index: torch.Tensor, dim: int
+    ) -> torch.Tensor:
+        """``weight(loc, layer)`` at ``index`` along ``dim``, converting only that slice to
+        float64 (uncached): whole float64 copies of the unembedding and MLP matrices of a
+        float32 model are most of the model again (GPT-2 small: 835 MiB)."""
+        return self.model.weight(loc, layer).index_select(dim, index).to(self.dtype)
+
     def post_factor(self, layer: int, sublayer: str) -> torch.Tensor:
         """``γ/σ`` of a sublayer's post-norm per token (``T×D``), or ones without post-norms."""
         if not self.dims.post_norms:
@@ -383,7 +410,7 @@ class _Builder:
                 acts = (comp * self.grad_attn[layer][pos]).sum(-1)
             else:
                 acts = self.cap(ALT.MLP_POST_ACT, layer)[pos, index]
-                w_out = self.weight(W.MLP_TO_RESIDUAL, layer)[index]
+                w_out = self.weight_slice(W.MLP_TO_RESIDUAL, layer, index, 0)
                 comp = acts[:, None] * w_out * self.post_factor(layer, "mlp")[pos]
             comp_writes[(kind, layer)] = comp
             for (_, _, node_id), a in zip(members, acts.tolist(), strict=True):
@@ -494,7 +521,7 @@ class _Builder:
         index = torch.tensor([m[0] for m in members])
         pos = torch.tensor([m[1] for m in members])
         gated = self.dims.gated_mlp
-        w_in = self.weight(W.MLP_TO_UP if gated else W.MLP_TO_HIDDEN, layer)[:, index].T  # k×D
+        w_in = self.weight_slice(W.MLP_TO_UP if gated else W.MLP_TO_HIDDEN, layer, index, 1).T
         b_in = self.weight(W.MLP_BIAS_UP if gated else W.MLP_BIAS_HIDDEN, layer)[index]
         if gated:  # act(gate) frozen: post = a·up, a = post / up
             post = self.cap(ALT.MLP_POST_ACT, layer)[pos, index]
@@ -561,8 +588,9 @@ class _Builder:
 
     def _objective_block(self) -> _Targets:
         last = self.t - 1
-        unembed = self.weight(W.UNEMBEDDING)
-        u = unembed[:, self.tgt] - (unembed[:, self.dst] if self.dst is not None else 0.0)
+        columns = torch.tensor([self.tgt] if self.dst is None else [self.tgt, self.dst])
+        unembed = self.weight_slice(W.UNEMBEDDING, None, columns, 1)  # D×1 or D×2
+        u = unembed[:, 0] - (unembed[:, 1] if self.dst is not None else 0.0)
         gain, beta = self.weight(W.LAYER_NORM_GAIN_FINAL), self.weight(W.LAYER_NORM_BIAS_FINAL)
         sigma = self.cap(ALT.RESID_FINAL_LAYER_NORM_SCALE)[:, 0]
         directions = _center(gain * u, self.layernorm)[None, :]
