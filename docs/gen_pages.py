@@ -23,11 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scalarlens import DstConfig, Registry, ScalarLensError, WeightLocationType
-from scalarlens.cli import build_parser
+from scalarlens.cli import add_plugin_commands, build_parser
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PROJECT_PLUGINS = ("builtins", "sae")
+PROJECT_PLUGINS = ("builtins", "sae", "circuits")
 """The catalogue documents this repository's plugins only, whatever else is installed."""
 REGION_PAGES = ("plugins/toolbox.md", "plugins/recipes.md")
 HELP_WIDTH = "100"
@@ -107,6 +107,7 @@ def _help_width() -> Iterator[None]:
 def cli_reference() -> str:
     with _help_width():
         parser = build_parser()
+        add_plugin_commands(parser, project_registry())  # e.g. `scalarlens graph`
         parser.prog = "scalarlens"
         lines = [
             "# CLI reference",
