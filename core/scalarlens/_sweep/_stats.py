@@ -213,12 +213,10 @@ class _Batch:
         values = rows.values.to(torch.float32).contiguous()
         self.values = values
         n_rows, n = values.shape
-        x = values.to(torch.float64)
-        total = x.sum(0)
+        total = values.sum(0, dtype=torch.float64)
         self.all_finite = bool(torch.isfinite(total).all())  # the usual case: no masking
         self.finite: torch.Tensor | None = None
-        self.scalars = self._moments(x, total) if self.all_finite else self._masked_moments()
-        del x
+        self.scalars = self._moments(total) if self.all_finite else self._masked_moments()
         codes = bin_codes(values)
         codes += (torch.arange(n, dtype=torch.int32) * N_BINS)[None, :]
         if self.finite is not None:
@@ -231,18 +229,24 @@ class _Batch:
         self.rank = torch.empty_like(self.order)
         self.rank[self.order] = torch.arange(n_rows)
 
-    def _moments(self, x: torch.Tensor, total: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every value finite: two passes in float64, in place on ``x``."""
+    def _moments(self, total: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every value finite: two passes in float64, the second by blocks of rows that stay
+        in cache."""
         values = self.values
         n_rows, n = values.shape
         count = torch.full((n,), n_rows, dtype=torch.int64)
         mean = total / count.clamp_min(1).to(torch.float64)
-        x -= mean
-        d2 = x * x
-        m2 = d2.sum(0)
-        x *= d2
-        m3 = x.sum(0)
-        d2 *= d2
+        m2, m3, m4 = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
+        block = max(1, 2**17 // max(n, 1))
+        for start in range(0, n_rows, block):
+            d = values[start : start + block].to(torch.float64)
+            d -= mean
+            d2 = d * d
+            m2 += d2.sum(0)
+            d *= d2
+            m3 += d.sum(0)
+            d2 *= d2
+            m4 += d2.sum(0)
         return {
             "count": count,
             "nonfinite": torch.zeros(n, dtype=torch.int64),
@@ -250,7 +254,7 @@ class _Batch:
             "mean": mean,
             "m2": m2,
             "m3": m3,
-            "m4": d2.sum(0),
+            "m4": m4,
             "min": values.amin(0).to(torch.float64),
             "max": values.amax(0).to(torch.float64),
         }
@@ -411,29 +415,35 @@ class ComponentStats:
         threshold = self.t["top_value"][:, -1]  # -inf until full
         if n_rows > k and bool(torch.isinf(threshold).any()):
             threshold = torch.maximum(threshold, self._batch_bound(batch, k))
-        row, column = (values >= threshold).nonzero(as_tuple=True)  # rows ascending
+        flat = (values >= threshold).view(-1).nonzero().squeeze(1)  # rows ascending
         if batch.finite is not None:
-            real = batch.finite[row, column]
-            row, column = row[real], column[real]
+            flat = flat[batch.finite.view(-1)[flat]]
         if not bool((rows.keys[1:] > rows.keys[:-1]).all()):
-            by_key = torch.argsort(rows.keys[row], stable=True)
-            row, column = row[by_key], column[by_key]
-        value = values[row, column]
+            flat = flat[torch.argsort(rows.keys[flat // n], stable=True)]
+        value = values.view(-1).index_select(0, flat)
+        column = flat % n
         # Stable sort by (component, value descending): ties keep key order.
         order = torch.argsort((column << 32) | _descending_bits(value), stable=True)
-        row, column, value = row[order], column[order], value[order]
+        flat, column, value = flat[order], column[order], value[order]
         slot = _slots(column, n)
         keep = slot < k
-        row, column, value, slot = row[keep], column[keep], value[keep], slot[keep]
+        flat, column, value, place = flat[keep], column[keep], value[keep], column[keep] * k
+        place += slot[keep]
+        row = torch.div(flat, n, rounding_mode="floor")
         theirs = [
             torch.full(self.t[f].shape, fill, dtype=self.t[f].dtype)
             for f, fill in zip(_TOP, _TOP_EMPTY, strict=True)
         ]
-        theirs[0][column, slot] = value
-        theirs[1][column, slot] = rows.keys[row]
-        neighbours = rows.window[row]
-        context = values[neighbours.clamp_min(0), column[:, None]]
-        theirs[2][column, slot] = torch.where(neighbours >= 0, context, math.nan)
+        theirs[0].view(-1).index_copy_(0, place, value)
+        theirs[1].view(-1).index_copy_(0, place, rows.keys.index_select(0, row))
+        neighbours = rows.window.index_select(0, row)
+        spots = (neighbours.clamp_min(0) * n + column[:, None]).view(-1)
+        context = values.view(-1).index_select(0, spots).view(neighbours.shape)
+        context.masked_fill_(neighbours < 0, math.nan)
+        theirs[2].view(-1, theirs[2].shape[2]).index_copy_(0, place, context)
+        if bool(torch.isinf(self.t["top_value"][:, 0]).all()):  # nothing to merge with
+            self.t.update(zip(_TOP, theirs, strict=True))
+            return
         merged = merge_sorted([self.t[f] for f in _TOP], theirs, _top_before)
         self.t.update(zip(_TOP, merged, strict=True))
 
@@ -464,15 +474,15 @@ class ComponentStats:
         m = self.settings.bin_samples
         tables = [self.t[f].reshape(n_groups, m).clone() for f in _BINS]  # updated in place
         hist = batch.scalars["hist"].reshape(-1).to(torch.float64)
-        start, stage = 0, 32
+        start, stage = 0, 64
         while start < n_rows:
             last = tables[1][:, -1]
             # expected candidates if every remaining row went in one stage (uniform hashes)
             share = (last.to(torch.float64) / 2.0**62).clamp(max=1.0)
             expected = float((hist * share).sum()) * (n_rows - start) / n_rows
             end = n_rows
-            if expected > n_rows * n / 16 and n_rows - start > 2 * stage:
-                end, stage = start + stage, 2 * stage
+            if expected > n_rows * n / 8 and n_rows - start > 2 * stage:
+                end, stage = start + stage, 4 * stage
             group, rank = self._bin_candidates(batch, last, start, end)
             if group.numel():
                 self._enter_bins(tables, rows, batch, group, rank)
@@ -526,12 +536,15 @@ class ComponentStats:
         touched = (first[:, 0] < n_rows).nonzero().squeeze(1)
         first = first.index_select(0, touched)
         real = first < n_rows
-        row = batch.order[first.clamp(max=n_rows - 1)]
-        column = torch.div(touched, N_BINS, rounding_mode="floor")[:, None].expand_as(row)
+        row = batch.order.index_select(0, first.clamp(max=n_rows - 1).view(-1))
+        column = torch.div(touched, N_BINS, rounding_mode="floor")
+        spots = (row.view(first.shape) * batch.values.shape[1] + column[:, None]).view(-1)
         theirs = [
-            torch.where(real, rows.keys[row], KEY_SENTINEL),
-            torch.where(real, batch.priority[row], KEY_SENTINEL),
-            torch.where(real, batch.values[row, column], math.nan),
+            torch.where(real, rows.keys.index_select(0, row).view(first.shape), KEY_SENTINEL),
+            torch.where(real, batch.priority.index_select(0, row).view(first.shape), KEY_SENTINEL),
+            torch.where(
+                real, batch.values.view(-1).index_select(0, spots).view(first.shape), math.nan
+            ),
         ]
         mine = [t.index_select(0, touched) for t in tables]
         if not bool((mine[1][:, 0] == KEY_SENTINEL).all()):
