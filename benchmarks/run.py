@@ -106,6 +106,7 @@ def main() -> None:
     import bench_capture
     import bench_catalogue
     import bench_dedup
+    import bench_graph
     import bench_startup
     import bench_sweep
 
@@ -116,6 +117,7 @@ def main() -> None:
         bench_catalogue.main(),
         bench_dedup.main(),
         bench_sweep.main(),
+        bench_graph.main(),
         peers(),
         patching(),
         families(),
