@@ -25,6 +25,8 @@ from ..exceptions import OutputError, StoreError
 from ._stats import ComponentStats, SweepSettings
 
 FORMAT = "scalarlens-sweep/2"
+"""/2: shard files without ``bin_priority``, results without the per-bin tables.  A directory of
+another version reads as another sweep (refused unless ``overwrite``)."""
 MANIFEST = "manifest.json"
 RESULTS = "results.safetensors"
 SHARDS = "shards"
@@ -51,7 +53,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise StoreError(f"{path}: not a readable sweep manifest ({exc})") from None
-    if data.get("format") != FORMAT:
+    if not str(data.get("format")).startswith(FORMAT.split("/")[0] + "/"):  # any version
         raise StoreError(f"{path}: not a ScalarLens sweep manifest (format {data.get('format')!r})")
     return data
 
