@@ -58,7 +58,14 @@ def run(args: argparse.Namespace, registry: Any) -> int:
     tokens = model.tokenizer.encode(prompt) if hasattr(model, "tokenizer") else None
     n_tokens = len(tokens) if tokens is not None else 0
     block = args.block_mb * 2**20
-    need = estimate_memory(model.dims, n_tokens, max_nodes=args.max_nodes, block_bytes=block)
+    dtype = getattr(model, "dtype", None)
+    need = estimate_memory(
+        model.dims,
+        n_tokens,
+        max_nodes=args.max_nodes,
+        block_bytes=block,
+        model_bytes=dtype.itemsize if dtype is not None else 8,
+    )
     print(
         f"graph of {model.name}: {n_tokens} tokens, up to {args.max_nodes} component nodes; "
         f"memory needed beyond the model: at most {need / 2**20:,.0f} MiB",

@@ -203,12 +203,12 @@ def _logits(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 @FAMILIES
 def test_objective_edges_are_the_logit_difference(model_type: str, root: str) -> None:
-    """Edges + bias into the objective = the *pre-cap* logit difference (the linear part).
+    """Edges + bias into the objective = its ``value``, the *pre-cap* logit difference.
 
-    Without a soft-cap that is the logit difference, and the objective's ``value``.  With
-    Gemma's final ``c·tanh(l/c)`` the node's ``value`` is the capped difference the model
-    outputs, ``c·tanh(l_t/c) − c·tanh(l_d/c)``, which the edges do not sum to: the cap is
-    outside the linearisation (as circuit-tracer, which attributes pre-cap logits).
+    Without a soft-cap that is the logit difference the model outputs.  With Gemma's final
+    ``c·tanh(l/c)`` the model outputs ``c·tanh(l_t/c) − c·tanh(l_d/c)``: that is the node's
+    ``activation``, and the cap is outside the linearisation (as in circuit-tracer, which
+    attributes pre-cap logits).
     """
     model, graph = graph_for(model_type, root)
     pre, logits = _logits(model)
@@ -217,14 +217,15 @@ def test_objective_edges_are_the_logit_difference(model_type: str, root: str) ->
     node = graph.nodes[graph.objective]
     total = _incoming_sum(graph, graph.objective) + node.bias
     assert _close(total, pre_diff), (model_type, total, pre_diff)
-    assert _close(node.value, capped_diff, 1e-12), (model_type, node.value, capped_diff)
+    assert _close(node.value, pre_diff, 1e-12), (model_type, node.value, pre_diff)
+    assert _close(node.activation, capped_diff, 1e-12), (model_type, node.activation, capped_diff)
     cap = model.dims.logit_softcap
     if cap is None:
-        assert _close(node.value, total), (model_type, node.value, total)
+        assert _close(node.activation, node.value, 1e-12)
     else:
         capped = cap * torch.tanh(pre / cap)
-        assert _close(node.value, float(capped[TARGET] - capped[DISTRACTOR]), 1e-12)
-        assert abs(node.value - total) > 1e-3  # the cap is live on these logits
+        assert _close(node.activation, float(capped[TARGET] - capped[DISTRACTOR]), 1e-12)
+        assert abs(node.activation - node.value) > 1e-3  # the cap is live on these logits
     errors = [s for s in graph.incoming(graph.objective) if "error" in graph.nodes[s].kind]
     assert errors and any(abs(graph.incoming(graph.objective)[s]) > 1e-6 for s in errors)
 
@@ -294,8 +295,6 @@ def test_identities_hold_to_float32_rounding_with_hugging_face_s_norms(
     for i, node in enumerate(graph.nodes):
         if node.kind in ("neuron", "head", "objective"):
             total = _incoming_sum(graph, i) + node.bias
-            if node.kind == "objective" and model.dims.logit_softcap is not None:
-                continue  # the capped value: see test_objective_edges_are_the_logit_difference
             assert _close(total, node.value, rel), (model_type, graph.label(i), total, node.value)
             worst = max(worst, abs(total - node.value) / max(1.0, abs(node.value)))
     assert worst < rel
