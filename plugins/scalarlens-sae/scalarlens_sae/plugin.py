@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from scalarlens import DerivedScalarType, DstConfig, Factory, hookimpl
 
 from ._derivers import FACTORIES, PROVIDER, example_configs, make_interventions
+from ._latent_gradients import LATENT_GRADIENT_FACTORIES, latent_gradient_example_configs
 from ._transcoder_derivers import (
     TRANSCODER_FACTORIES,
     TRANSCODER_PROVIDER,
@@ -23,14 +24,18 @@ SCALARLENS_PLUGIN_API = 1
 
 @hookimpl
 def scalarlens_derivers() -> Mapping[DerivedScalarType, Factory]:
-    """Offline ``sae.*``, online ``sae.online.*`` and ``transcoder.*`` DSTs (see the README)."""
-    return {**FACTORIES, **TRANSCODER_FACTORIES}
+    """Offline ``sae.*``, online ``sae.online.*``, latent-gradient and ``transcoder.*`` DSTs."""
+    return {**FACTORIES, **LATENT_GRADIENT_FACTORIES, **TRANSCODER_FACTORIES}
 
 
 @hookimpl
 def scalarlens_dst_examples() -> Mapping[str, DstConfig]:
     """Every DST needs options: a random 8-latent SAE at layer 0, a random 8-latent CLT."""
-    return {**example_configs(), **transcoder_example_configs()}
+    return {
+        **example_configs(),
+        **latent_gradient_example_configs(),
+        **transcoder_example_configs(),
+    }
 
 
 @hookimpl
