@@ -17,6 +17,7 @@ __all__ = ["draw"]
 COLOURS = {
     "embedding": "#7f7f7f",
     "neuron": "#1f77b4",
+    "feature": "#9467bd",
     "head": "#ff7f0e",
     "mlp_error": "#c7c7c7",
     "attn_error": "#dbdb8d",
@@ -88,7 +89,7 @@ def draw(
                 label=kind.replace("_", " "),
             )
     strongest = sorted(
-        (i for i in kept if graph.nodes[i].kind in ("neuron", "head", "objective")),
+        (i for i in kept if graph.nodes[i].kind in ("neuron", "feature", "head", "objective")),
         key=lambda i: (
             -abs(float(graph.influence[i])) if graph.nodes[i].kind != "objective" else -1e9
         ),
@@ -98,7 +99,7 @@ def draw(
         text = (
             "objective"
             if n.kind == "objective"
-            else f"L{n.layer}{'H' if n.kind == 'head' else 'N'}{n.index}"
+            else f"L{n.layer}{dict(head='H', feature='F').get(n.kind, 'N')}{n.index}"
         )
         ax.annotate(text, xy[i], xytext=(3, 3), textcoords="offset points", fontsize=7, zorder=3)
     ax.set_xticks(range(n_tokens))

@@ -48,7 +48,7 @@ FWD, BWD = PassType.FORWARD, PassType.BACKWARD
 
 __all__ = ["AttributionGraph", "Node", "attribution_graph", "estimate_memory"]
 
-KINDS = ("embedding", "neuron", "head", "attn_error", "mlp_error", "objective")
+KINDS = ("embedding", "neuron", "feature", "head", "attn_error", "mlp_error", "objective")
 
 
 @attrs.define
@@ -87,6 +87,7 @@ class AttributionGraph:
     d_mlp: int
     settings: dict[str, Any]
     n_heads: int = 0
+    feature_offset: int = 0  # heads and error nodes are numbered as features from here
     qk_edges: dict[int, dict[str, dict[int, float]]] = attrs.Factory(dict)
     influence: torch.Tensor | None = None
     kept_nodes: list[int] | None = None
@@ -121,6 +122,7 @@ class AttributionGraph:
         what = {
             "embedding": f"emb {word!r}",
             "neuron": f"L{n.layer} N{n.index}",
+            "feature": f"L{n.layer} F{n.index}",
             "head": f"L{n.layer} H{n.index}",
             "attn_error": f"L{n.layer} attn (other heads)",
             "mlp_error": f"L{n.layer} mlp (other neurons)",
@@ -193,6 +195,7 @@ def attribution_graph(
     max_nodes: int = 2048,
     block_bytes: int = 256 * 2**20,
     qk_heads: int = 8,
+    transcoder: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> AttributionGraph:
     """The attribution graph of ``target`` (minus ``distractor``) at the prompt's last token.
@@ -200,7 +203,9 @@ def attribution_graph(
     ``max_nodes`` neurons and heads are kept as nodes (by ``|activation × gradient|``), the
     rest go into error nodes.  ``qk_heads``: how many of the strongest head nodes also get
     their query- and key-path edges (gradient attributions through reconstitution; 0 for none,
-    and only on models that implement ``scalarlens.Reconstitutable``).  Prune with
+    and only on models that implement ``scalarlens.Reconstitutable``).  ``transcoder``: a
+    (cross-layer) transcoder whose features replace the neurons of the MLPs it writes (see
+    ``_features``); the error nodes then hold what it does not reconstruct.  Prune with
     :func:`scalarlens_circuits.prune` and export with :func:`to_neuronpedia`.
     """
     from scalarlens._prepare import _encode, prepare_tokens
@@ -224,6 +229,10 @@ def attribution_graph(
     say(f"running the prompt ({len(tokens)} tokens) forward and backward")
     run = _capture(model, tokens, objective)
     builder = _Builder(model, tokens, run, tgt, dst, max_nodes, block_bytes, say)
+    if transcoder is not None:
+        from ._features import TranscoderFeatures
+
+        builder.features = TranscoderFeatures(transcoder, builder)
     graph = builder.build()
     if qk_heads and _reconstitutable(model):
         from ._qk import trace_qk
@@ -255,7 +264,7 @@ _FORWARD = (
     ALT.ATTN_POST_NORM_SCALE,
     ALT.MLP_POST_NORM_SCALE,
 )
-_BACKWARD = (ALT.RESID_DELTA_ATTN, ALT.MLP_POST_ACT)
+_BACKWARD = (ALT.RESID_DELTA_ATTN, ALT.RESID_DELTA_MLP, ALT.MLP_POST_ACT)
 
 
 def _capture(model: ModelAdapter, tokens: list[int], objective: Any) -> Any:
@@ -294,6 +303,7 @@ class _Builder:
         self.dtype = torch.float64
         self._caps: dict[Any, torch.Tensor] = {}
         self._weights: dict[Any, torch.Tensor] = {}
+        self.features: Any = None  # TranscoderFeatures, when a transcoder replaces MLPs
 
     # --- small accessors --------------------------------------------------------------------
 
@@ -364,15 +374,18 @@ class _Builder:
             per_head = per_head * self.post_factor(layer, "attn")[:, None]
             self.head_writes[layer] = per_head
             head_value = torch.einsum("thd,td->th", per_head, self.grad_attn[layer])
+            scores.append(("head", layer, head_value.abs()))
+            if self.features is not None and self.features.replaces(layer):
+                continue
             post = self.cap(ALT.MLP_POST_ACT, layer)
             grad = self.cap(ALT.MLP_POST_ACT, layer, BWD)
-            scores.append((layer, head_value.abs(), (post * grad).abs()))
+            scores.append(("neuron", layer, (post * grad).abs()))
+        if self.features is not None:
+            scores += [("feature", s, self.features.scores(s)) for s in self.features.sources]
         nodes: list[Node] = []
         # Candidates: (score, kind, layer, index, position), every position up to the last.
-        flat_scores, keys = [], []
-        for layer, heads, neurons in scores:
-            flat_scores += [heads.reshape(-1), neurons.reshape(-1)]
-            keys += [("head", layer, heads.shape), ("neuron", layer, neurons.shape)]
+        flat_scores = [score.reshape(-1) for _, _, score in scores]
+        keys = [(kind, layer, score.shape) for kind, layer, score in scores]
         all_scores = torch.cat(flat_scores)
         k = min(self.max_nodes, all_scores.numel())
         chosen = (
@@ -401,6 +414,9 @@ class _Builder:
         writes: list[torch.Tensor] = [emb]
         src_pos: list[torch.Tensor] = [torch.arange(t)]
         src_ids: list[torch.Tensor] = [torch.arange(t)]
+        src_stage: list[torch.Tensor] = [torch.zeros(t, dtype=torch.long)]
+        # Feature writes into each target layer's MLP output: (positions, k×D) per layer.
+        feature_writes: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Selected components.
         chosen_at: dict[tuple[str, int], list[tuple[int, int, int]]] = {}
         for kind, layer, index, p in selected:
@@ -411,6 +427,19 @@ class _Builder:
         for (kind, layer), members in chosen_at.items():
             index = torch.tensor([m[0] for m in members])
             pos = torch.tensor([m[1] for m in members])
+            ids = torch.tensor([m[2] for m in members])
+            if kind == "feature":  # a write at every target layer, the same node
+                for node_id, a in zip(
+                    ids.tolist(), self.features.latents[layer][pos, index].tolist(), strict=True
+                ):
+                    nodes[node_id].activation = a
+                for target, rows in self.features.write_rows(layer, index, pos):
+                    feature_writes.setdefault(target, []).append((pos, rows))
+                    writes.append(rows)
+                    src_pos.append(pos)
+                    src_ids.append(ids)
+                    src_stage.append(torch.full((len(members),), 2 * target + 2))
+                continue
             if kind == "head":
                 comp = self.head_writes[layer][pos, index]
                 acts = (comp * self.grad_attn[layer][pos]).sum(-1)
@@ -423,7 +452,8 @@ class _Builder:
                 nodes[node_id].activation = a
             writes.append(comp)
             src_pos.append(pos)
-            src_ids.append(torch.tensor([m[2] for m in members]))
+            src_ids.append(ids)
+            src_stage.append(torch.full((len(members),), 2 * layer + (1 if kind == "head" else 2)))
         # Error nodes: each sublayer's write minus its bias and its kept components.
         bias_rows, bias_pos, bias_stage = [], [], []
         for layer in range(n_layers):
@@ -432,18 +462,26 @@ class _Builder:
                 ("mlp", ALT.RESID_DELTA_MLP, W.MLP_BIAS_RESIDUAL, "mlp_error"),
             ):
                 stage = 2 * layer + 1 if sub == "attn" else 2 * layer + 2
-                bias = self.weight(bias_loc, layer)[None, :] * self.post_factor(layer, sub)
+                replaced = (
+                    sub == "mlp" and self.features is not None and self.features.replaces(layer)
+                )
+                raw_bias = self.features.bias(layer) if replaced else self.weight(bias_loc, layer)
+                bias = raw_bias[None, :] * self.post_factor(layer, sub)
                 rest = self.cap(delta_loc, layer) - bias
                 key = ("head" if sub == "attn" else "neuron", layer)
                 if key in comp_writes:
                     pos = torch.tensor([m[1] for m in chosen_at[key]])
                     rest = rest.index_add(0, pos, comp_writes[key], alpha=-1.0)
+                if replaced:
+                    for pos, rows in feature_writes.get(layer, []):
+                        rest = rest.index_add(0, pos, rows, alpha=-1.0)
                 first = len(nodes)
                 norms = rest.norm(dim=-1).tolist()
                 nodes.extend(Node(kind, layer, 0, p, stage, 0.0, 0.0, norms[p]) for p in range(t))
                 writes.append(rest)
                 src_pos.append(torch.arange(t))
                 src_ids.append(torch.arange(first, first + t))
+                src_stage.append(torch.full((t,), stage))
                 bias_rows.append(bias)
                 bias_pos.append(torch.arange(t))
                 bias_stage.append(torch.full((t,), stage))
@@ -454,7 +492,7 @@ class _Builder:
         self.src_w = torch.cat(writes)
         self.src_pos = torch.cat(src_pos)
         self.src_ids = torch.cat(src_ids)
-        self.src_stage = torch.tensor([nodes[i].stage for i in self.src_ids.tolist()])
+        self.src_stage = torch.cat(src_stage)
         self.bias_w = torch.cat(bias_rows)
         self.bias_pos = torch.cat(bias_pos)
         self.bias_stage = torch.cat(bias_stage)
@@ -484,6 +522,9 @@ class _Builder:
             n_layers=n_layers,
             d_mlp=self.dims.d_mlp,
             n_heads=self.dims.n_heads,
+            feature_offset=max(
+                self.dims.d_mlp, self.features.n_latents if self.features is not None else 0
+            ),
             settings={
                 "max_nodes": self.max_nodes,
                 "target": self.tgt,
@@ -512,12 +553,13 @@ class _Builder:
                 for i in range(0, len(members), size):
                     yield self._head_block(layer, members[i : i + size])
                 continue
+            block = self._feature_block if kind == "feature" else self._neuron_block
             by_position: dict[int, list[tuple[int, int, int]]] = {}
             for m in members:
                 by_position.setdefault(m[1], []).append(m)
             for _, group in sorted(by_position.items()):
                 for i in range(0, len(group), size):
-                    yield self._neuron_block(layer, group[i : i + size])
+                    yield block(layer, group[i : i + size])
         yield self._objective_block()
 
     def _neuron_block(self, layer: int, members: list[tuple[int, int, int]]) -> _Targets:
@@ -531,7 +573,7 @@ class _Builder:
         b_in = self.weight(W.MLP_BIAS_UP if gated else W.MLP_BIAS_HIDDEN, layer)[index]
         if gated:  # act(gate) frozen: post = a·up, a = post / up
             post = self.cap(ALT.MLP_POST_ACT, layer)[pos, index]
-            resid = self._mlp_input(layer)[pos]  # k×D normalised input
+            resid = self.mlp_input(layer)[pos]  # k×D normalised input
             up = (resid * w_in).sum(-1) + b_in
             scale = torch.where(up.abs() > 1e-30, post / up, torch.zeros_like(up))
             value = post
@@ -550,7 +592,26 @@ class _Builder:
         p0 = members[0][1]
         return _Targets([m[2] for m in members], directions, factor, stage, p0, p0)
 
-    def _mlp_input(self, layer: int) -> torch.Tensor:
+    def _feature_block(self, layer: int, members: list[tuple[int, int, int]]) -> _Targets:
+        """Transcoder features at one token: ``z = g·x + c`` with the gate frozen, ``x`` the
+        normalised MLP input, so the read vector is ``centre(γ⊙g)/σ`` as for a neuron."""
+        gain = self.weight(W.LAYER_NORM_GAIN_PRE_MLP, layer)
+        beta = self.weight(W.LAYER_NORM_BIAS_PRE_MLP, layer)
+        sigma = self.cap(ALT.MLP_INPUT_LAYER_NORM_SCALE, layer)[:, 0]
+        position = members[0][1]
+        index = torch.tensor([m[0] for m in members])
+        grads, constant, value = self.features.read(layer, index, position)
+        directions = _center(gain * grads, self.layernorm)
+
+        def factor(src_pos: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            same = src_pos[:, None] == position
+            return same.to(self.dtype).expand(-1, len(members)) / sigma[position]
+
+        self._record(members, value, constant + grads @ beta)
+        stage = torch.full((len(members),), self.mlp_read_stage(layer))
+        return _Targets([m[2] for m in members], directions, factor, stage, position, position)
+
+    def mlp_input(self, layer: int) -> torch.Tensor:
         loc = ALT.RESID_POST_ATTN if not self.dims.parallel_residual else None
         if loc is None:
             resid = (

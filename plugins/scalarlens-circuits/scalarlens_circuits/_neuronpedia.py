@@ -4,8 +4,9 @@ Ids follow circuit-tracer's conventions: ``E_{token}_{pos}`` for embeddings, ``{
 {pos}`` for components and ``{n_layers+1}_{token}_{pos}`` for the target logit.  Heads and error
 nodes are numbered as features after the MLP's neurons, so every id keeps the
 ``{layer}_{feature}_{pos}`` shape and no two collide (circuit-tracer's ``0_{layer}_{pos}`` error
-ids would collide with layer-0 neurons here): head ``h`` is feature ``d_mlp + h``, the
-attention error node ``d_mlp + n_heads``, the MLP error node ``d_mlp + n_heads + 1``.
+ids would collide with layer-0 neurons here): with ``offset`` = the MLP width (or the
+transcoder's latent count, if larger), head ``h`` is feature ``offset + h``, the attention error
+node ``offset + n_heads``, the MLP error node ``offset + n_heads + 1``.
 Query/key-path edges are exported beside the links, under ``qk_links`` (``{source, target,
 weight, path}``), because they are not part of the linear graph.
 """
@@ -23,6 +24,7 @@ __all__ = ["FEATURE_TYPES", "node_id", "to_neuronpedia", "write_neuronpedia"]
 FEATURE_TYPES = {
     "embedding": "embedding",
     "neuron": "mlp neuron",
+    "feature": "cross layer transcoder",
     "head": "attention head",
     "mlp_error": "mlp reconstruction error",
     "attn_error": "attention reconstruction error",
@@ -34,14 +36,15 @@ def node_id(graph: AttributionGraph, i: int) -> str:
     n = graph.nodes[i]
     if n.kind == "embedding":
         return f"E_{n.index}_{n.position}"
-    if n.kind == "neuron":
+    offset = graph.feature_offset or graph.d_mlp
+    if n.kind in ("neuron", "feature"):
         return f"{n.layer}_{n.index}_{n.position}"
     if n.kind == "head":
-        return f"{n.layer}_{graph.d_mlp + n.index}_{n.position}"
+        return f"{n.layer}_{offset + n.index}_{n.position}"
     if n.kind == "attn_error":
-        return f"{n.layer}_{graph.d_mlp + graph.n_heads}_{n.position}"
+        return f"{n.layer}_{offset + graph.n_heads}_{n.position}"
     if n.kind == "mlp_error":
-        return f"{n.layer}_{graph.d_mlp + graph.n_heads + 1}_{n.position}"
+        return f"{n.layer}_{offset + graph.n_heads + 1}_{n.position}"
     return f"{graph.n_layers + 1}_{n.index}_{n.position}"
 
 
@@ -66,10 +69,10 @@ def _js_node_id(graph: AttributionGraph, i: int) -> str:
 
 def _feature(graph: AttributionGraph, i: int) -> int | None:
     n = graph.nodes[i]
-    if n.kind == "neuron":
+    if n.kind in ("neuron", "feature"):
         return n.index
     if n.kind == "head":
-        return graph.d_mlp + n.index
+        return (graph.feature_offset or graph.d_mlp) + n.index
     return None
 
 

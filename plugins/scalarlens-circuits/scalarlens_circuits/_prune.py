@@ -18,7 +18,7 @@ from ._graph import AttributionGraph
 
 __all__ = ["PruneResult", "influence", "prune"]
 
-COMPONENTS = ("neuron", "head")
+COMPONENTS = ("neuron", "feature", "head")
 
 
 @attrs.frozen
