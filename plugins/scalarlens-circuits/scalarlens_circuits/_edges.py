@@ -9,7 +9,9 @@ there.  The edge is U's write times ``∂f_N/∂r``.
 * **many → one** (``options["circuits"]["node"]`` = N): ``edge.node_attribution_grad`` is
   ``R = ∂f_N/∂r``; ``edge.mlp_out_attribution``, ``edge.attn_out_attribution`` and
   ``edge.token_out_attribution`` are every neuron's, head-and-token-pair's and embedding's
-  write times ``R`` — exactly zero where the writer does not precede N.
+  write times ``R`` — exactly zero where the writer does not precede N.  The ``*_out_activation``
+  twins use ``G = ∂act_N/∂r`` (``edge.node_activation_residual_grad``) instead: direct effects
+  on N's activation rather than on its attribution (no backward pass needed).
 * **one → many** (``node`` = U): ``edge.node_write`` is U's write vector; the ``*_in_attribution``
   DSTs are ``J_f(r_l)·w_U`` for every downstream neuron or head pair of each layer (one
   forward-mode JVP per layer), ``*_in_activation`` the same without the gradient weighting
@@ -225,8 +227,10 @@ def _activation_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> t
     return reconstitute_gradient(fn, resid).to(resid.dtype)
 
 
-def _ref_grad() -> DstReference:
-    return DstReference("edge.node_attribution_grad", FWD, NO_LAYERS)
+def _ref_grad(weighted: bool = True) -> DstReference:
+    """``R``: N's attribution gradient, or (unweighted) its activation gradient ``∂act_N/∂r``."""
+    name = "edge.node_attribution_grad" if weighted else "edge.node_activation_residual_grad"
+    return DstReference(name, FWD, NO_LAYERS)
 
 
 def _mlp_out(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
@@ -448,46 +452,61 @@ RECIPES: tuple[Recipe, ...] = (
             "edge.node_activation_residual_grad", lambda c, d: _reading_sources(_node_of(c, d))
         ),
     ),
-    Recipe(
-        _dst(
-            "edge.mlp_out_attribution",
-            (T, F),
-            NodeType.MLP_NEURON,
-            "edge from every neuron into node N (zero where it does not precede N)",
-            location=MLP,
-        ),
-        "a[t,n]·(W_out[n]·R[t])",
-        _mlp_out,
-        (RawScalarSource(ALT.MLP_POST_ACT), RawScalarSource(ALT.MLP_POST_NORM_SCALE), _ref_grad()),
-    ),
-    Recipe(
-        _dst(
-            "edge.attn_out_attribution",
-            (T, S, H),
-            NodeType.ATTENTION_HEAD,
-            "edge from every head and token pair into node N (zero where it does not precede N)",
-            location=ATTN,
-        ),
-        "p[t,s,h]·(v[s,h]W_O[h]·R[t])",
-        _attn_out,
-        (
-            RawScalarSource(ALT.ATTN_QK_PROBS),
-            RawScalarSource(ALT.ATTN_VALUE),
-            RawScalarSource(ALT.ATTN_POST_NORM_SCALE),
-            _ref_grad(),
-        ),
-    ),
-    Recipe(
-        _dst(
-            "edge.token_out_attribution",
-            (T, ONE),
-            NodeType.LAYER,
-            "edge from every token's embedding into node N",
-            has_no_layers=True,
-        ),
-        "x_emb[t]·R[t]",
-        _token_out,
-        (RawScalarSource(ALT.RESID_POST_EMBEDDING, FWD, NO_LAYERS), _ref_grad()),
+    *(
+        recipe
+        for weighted, kind, grad in (
+            (True, "attribution", "R"),
+            (False, "activation", "G"),
+        )
+        for recipe in (
+            Recipe(
+                _dst(
+                    f"edge.mlp_out_{kind}",
+                    (T, F),
+                    NodeType.MLP_NEURON,
+                    f"edge from every neuron into node N's {kind} (zero where it does not "
+                    "precede N)",
+                    location=MLP,
+                ),
+                f"a[t,n]·(W_out[n]·{grad}[t])",
+                _mlp_out,
+                (
+                    RawScalarSource(ALT.MLP_POST_ACT),
+                    RawScalarSource(ALT.MLP_POST_NORM_SCALE),
+                    _ref_grad(weighted),
+                ),
+            ),
+            Recipe(
+                _dst(
+                    f"edge.attn_out_{kind}",
+                    (T, S, H),
+                    NodeType.ATTENTION_HEAD,
+                    f"edge from every head and token pair into node N's {kind} (zero where it "
+                    "does not precede N)",
+                    location=ATTN,
+                ),
+                f"p[t,s,h]·(v[s,h]W_O[h]·{grad}[t])",
+                _attn_out,
+                (
+                    RawScalarSource(ALT.ATTN_QK_PROBS),
+                    RawScalarSource(ALT.ATTN_VALUE),
+                    RawScalarSource(ALT.ATTN_POST_NORM_SCALE),
+                    _ref_grad(weighted),
+                ),
+            ),
+            Recipe(
+                _dst(
+                    f"edge.token_out_{kind}",
+                    (T, ONE),
+                    NodeType.LAYER,
+                    f"edge from every token's embedding into node N's {kind}",
+                    has_no_layers=True,
+                ),
+                f"x_emb[t]·{grad}[t]",
+                _token_out,
+                (RawScalarSource(ALT.RESID_POST_EMBEDDING, FWD, NO_LAYERS), _ref_grad(weighted)),
+            ),
+        )
     ),
     Recipe(
         _dst(

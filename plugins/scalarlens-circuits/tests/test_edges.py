@@ -75,13 +75,16 @@ def _grad_at(model: Any, location: ALT, layer: int) -> torch.Tensor:
     return grad
 
 
-def test_out_edges_into_a_neuron_match_brute_force() -> None:
-    """Many → one: the edge from each layer-0/1 neuron at the token into neuron N at layer 2."""
+@pytest.mark.parametrize("kind", ["attribution", "activation"])
+def test_out_edges_into_a_neuron_match_brute_force(kind: str) -> None:
+    """Many → one: the edge from each layer-0/1 neuron at the token into neuron N at layer 2
+    (its attribution act·∇act, or its activation alone for the *_activation twin)."""
     model = random_gpt2()
     t, n = T - 1, 7
     node = {"kind": "neuron", "layer": 2, "token": t, "index": n}
-    store = _derive(model, ["edge.mlp_out_attribution"], node)
-    grad = float(_grad_at(model, ALT.MLP_POST_ACT, 2)[t, n])
+    name = f"edge.mlp_out_{kind}"
+    store = _derive(model, [name], node)
+    grad = float(_grad_at(model, ALT.MLP_POST_ACT, 2)[t, n]) if kind == "attribution" else 1.0
     clean = _clean(
         model,
         [
@@ -95,7 +98,7 @@ def test_out_edges_into_a_neuron_match_brute_force() -> None:
     for upstream, held in ((0, [(ALT.RESID_DELTA_ATTN, 1), (ALT.RESID_DELTA_MLP, 1)]), (1, [])):
         held = [*held, (ALT.RESID_DELTA_ATTN, 2), (ALT.MLP_INPUT_LAYER_NORM_SCALE, 2)]
         holds = [_hold(loc, layer, clean[(loc, layer)]) for loc, layer in held]
-        edges = store.get("edge.mlp_out_attribution", upstream)
+        edges = store.get(name, upstream)
         for m in (0, 3, 11):
             up = _attribution_after(
                 model,
@@ -118,8 +121,8 @@ def test_out_edges_into_a_neuron_match_brute_force() -> None:
             checked += 1
     assert checked == 6
     # Causal zeroing: layer 2's own MLP and every other token contribute nothing.
-    assert store.get("edge.mlp_out_attribution", 2).abs().max() == 0
-    assert store.get("edge.mlp_out_attribution", 0)[:t].abs().max() == 0
+    assert store.get(name, 2).abs().max() == 0
+    assert store.get(name, 0)[:t].abs().max() == 0
 
 
 def test_in_edges_from_a_neuron_match_brute_force() -> None:
