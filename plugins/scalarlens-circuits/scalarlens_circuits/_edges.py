@@ -616,7 +616,7 @@ RECIPES: tuple[Recipe, ...] = (
 
 FACTORIES = recipe_factories(RECIPES)
 
-_EXAMPLE_NODE = {"kind": "neuron", "layer": 0, "token": -1, "index": 0}
-EXAMPLES = {
-    recipe.dst.name: DstConfig(options={"circuits": {"node": _EXAMPLE_NODE}}) for recipe in RECIPES
-}
+_EXAMPLE = DstConfig(
+    options={"circuits": {"node": {"kind": "neuron", "layer": 0, "token": -1, "index": 0}}}
+)
+EXAMPLES = {recipe.dst.name: _EXAMPLE for recipe in RECIPES}  # one config: built once
