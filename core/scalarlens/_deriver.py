@@ -219,7 +219,14 @@ class ScalarDeriver:
 
     @property
     def parameter_sizes(self) -> dict[Dimension, int]:
-        return dict(self.dimension_sizes)
+        """Sizes of option-decided axes: declared here, else inherited from the derivers this
+        one reads (a DST over another plugin's SAE latents has that SAE's latent count)."""
+        sizes: dict[Dimension, int] = {}
+        for source in self.sub_scalar_sources:
+            if isinstance(source, DerivedScalarSource):
+                sizes.update(source.scalar_deriver.parameter_sizes)
+        sizes.update(self.dimension_sizes)
+        return sizes
 
     def check_pass(self, pass_type: PassType, needed_by: str = "") -> None:
         if pass_type not in self.derivable_pass_types:

@@ -244,9 +244,14 @@ def conformance_tests(
     *,
     model: Callable[[], ModelAdapter] = tiny_model,
     configs: Mapping[str, DstConfig] | None = None,
+    with_plugins: tuple[str, ...] = (),
 ) -> Callable[[str], None]:
-    """A pytest test, parametrised over every DST ``plugin`` registers (all plugins if None)."""
-    reg = isolated_registry(*([plugin] if plugin else []))
+    """A pytest test, parametrised over every DST ``plugin`` registers (all plugins if None).
+
+    The registry holds the builtins and ``plugin`` only, plus ``with_plugins``: the plugins
+    whose DSTs ``plugin``'s DSTs read by name (e.g. ``("sae",)`` for edges into SAE latents).
+    """
+    reg = isolated_registry(*([plugin, *with_plugins] if plugin else []))
     names = sorted(
         name for info in reg.plugins() if plugin in (None, info.name) for name in info.dsts
     )

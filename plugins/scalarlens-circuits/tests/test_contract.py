@@ -6,4 +6,5 @@ the last token, valid on whatever model the kit uses.
 
 from scalarlens.testing import conformance_tests
 
-test_contract = conformance_tests("circuits")
+# The SAE edges read scalarlens-sae's DSTs by name, so the kit's registry keeps that plugin too.
+test_contract = conformance_tests("circuits", with_plugins=("sae",))

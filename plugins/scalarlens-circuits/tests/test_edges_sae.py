@@ -164,11 +164,6 @@ def test_in_attribution_is_activation_times_the_latents_gradient() -> None:
     assert torch.allclose(store.get("edge.sae_in_attribution", 1), act * grad, atol=1e-14)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core gap: a deriver cannot inherit AUTOENCODER_LATENTS' size from the sae.* DSTs it "
-    "references, so the kit cannot resolve the declared T×A shape",
-)
 def test_sae_edges_conform_with_both_plugins() -> None:
     """The conformance kit, with scalarlens-sae installed beside this plugin."""
     for name, config in SAE_EDGE_EXAMPLES.items():
