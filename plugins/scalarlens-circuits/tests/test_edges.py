@@ -179,6 +179,58 @@ def test_in_edges_from_a_neuron_match_brute_force() -> None:
     assert store.get("edge.mlp_in_attribution", 0).abs().max() == 0
 
 
+def test_query_and_value_in_edges_match_brute_force() -> None:
+    """One → many through the other two attention paths (the key path is tested above)."""
+    model = random_gpt2()
+    t, n = 3, 5
+    node = {"kind": "neuron", "layer": 0, "token": t, "index": n}
+    names = ["edge.attn_query_in_attribution", "edge.attn_value_in_attribution"]
+    store = _derive(model, names, node)
+    clean = _clean(
+        model,
+        [
+            (ALT.ATTN_INPUT_LAYER_NORM_SCALE, 1),
+            (ALT.ATTN_QUERY, 1),
+            (ALT.ATTN_KEY, 1),
+            (ALT.ATTN_VALUE, 1),
+        ],
+    )
+    sigma = _hold(ALT.ATTN_INPUT_LAYER_NORM_SCALE, 1, clean[(ALT.ATTN_INPUT_LAYER_NORM_SCALE, 1)])
+
+    def perturbed(holds: list[Intervention], location: ALT, sign: float) -> torch.Tensor:
+        caps = [CaptureRequest(location, FWD, [1])]
+        (run,) = model.run(
+            [TOKENS], caps, None, interventions=[*holds, _scale_neuron(0, t, n, 1 + sign * ETA)]
+        )
+        out: torch.Tensor = run.captured[(location, FWD)][1]
+        return out
+
+    # Query path: keys and values held; only row t's probabilities move.
+    holds = [sigma, *(_hold(loc, 1, clean[(loc, 1)]) for loc in (ALT.ATTN_KEY, ALT.ATTN_VALUE))]
+    pgrads = _grad_at(model, ALT.ATTN_QK_PROBS, 1)
+    up = perturbed(holds, ALT.ATTN_QK_PROBS, 1.0)
+    down = perturbed(holds, ALT.ATTN_QK_PROBS, -1.0)
+    want = (up - down) / (2 * ETA) * pgrads
+    got = store.get("edge.attn_query_in_attribution", 1)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-9)
+    assert got[t].abs().max() > 0 and got[:t].abs().max() == 0 and got[t + 1 :].abs().max() == 0
+
+    # Value path: queries and keys held, so the pattern is fixed and only v at token t moves;
+    # f[q,s,h] = p[q,s,h]·(v[s,h]·∇o[q,h]).
+    holds = [sigma, *(_hold(loc, 1, clean[(loc, 1)]) for loc in (ALT.ATTN_QUERY, ALT.ATTN_KEY))]
+    probs = _clean(model, [(ALT.ATTN_QK_PROBS, 1)])[(ALT.ATTN_QK_PROBS, 1)]
+    go = _grad_at(model, ALT.ATTN_WEIGHTED_SUM_OF_VALUES, 1)
+    dv = (perturbed(holds, ALT.ATTN_VALUE, 1.0) - perturbed(holds, ALT.ATTN_VALUE, -1.0)) / (
+        2 * ETA
+    )
+    want = probs * torch.einsum("shd,qhd->qsh", dv, go)
+    got = store.get("edge.attn_value_in_attribution", 1)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-9)
+    columns = torch.ones(T, dtype=torch.bool)
+    columns[t] = False
+    assert got[:, t].abs().max() > 0 and got[:, columns].abs().max() == 0
+
+
 def test_reconstituted_read_vector_equals_the_real_backward() -> None:
     """edge.node_activation_residual_grad == ∂act/∂residual from a real backward pass (σ held)."""
     model = random_gpt2()
