@@ -206,3 +206,18 @@ def test_post_norm_models_go_through_gamma_over_sigma(tmp_path: Path) -> None:
         batched = store.get("sae.attn_write_to_latents_batched", LAYER)[..., j]
         summed = store.get("sae.attn_write_to_latent_sum_heads", LAYER)[..., 0]
         assert torch.allclose(batched, summed, atol=1e-5, rtol=1e-4)
+
+
+def test_mlp_input_jacobian_rows_are_the_latent_gradients(model: Any) -> None:
+    """The same for an ``mlp.post_act`` SAE (the ``T×A×F`` form)."""
+    dsts = ["sae.input_jacobian_mlp", "sae.latent_input_grad_mlp"]
+    nonzero = 0
+    for j in (0, 5, 17):
+        config = _config("mlp.post_act", j)
+        store = scalarlens.derive(model, TOKENS[0], dsts, config=config, layers=[LAYER])
+        jac = store.get("sae.input_jacobian_mlp", LAYER)
+        assert jac.shape[1:] == (N_LATENTS, model.dims.d_mlp)
+        grad = store.get("sae.latent_input_grad_mlp", LAYER)
+        assert torch.allclose(jac[:, j], grad, atol=1e-12)
+        nonzero += int(grad.abs().max() > 0)
+    assert nonzero > 0  # at least one of the latents is active somewhere
