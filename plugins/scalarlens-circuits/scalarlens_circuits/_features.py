@@ -8,7 +8,9 @@ the MLP's output at every target layer ``t ≥ s``:
 This is the graph circuit-tracer builds: features are nodes, each MLP's output minus the
 transcoder's reconstruction is the error node (``y_t − ŷ_t``, plus the writes of features not
 kept), and with the encoder's gate frozen (which latents are active) a feature's activation is
-linear in the residual stream its source layer reads.
+linear in the residual stream its source layer reads.  ``y_t`` is the MLP's write to the
+residual stream as ``scalarlens-sae`` defines it (``resid.delta_mlp``, after any post-norm), so
+decoder rows are written as they are: no post-norm factor.
 
 The transcoder is any object with the shape of ``scalarlens_sae``'s ``Transcoder`` — ``layers``
 (source layers), ``encode(layer, x)``, ``decoders[(s, t)]`` (``A×D``), ``b_dec[t]`` and
@@ -85,7 +87,7 @@ class TranscoderFeatures:
         for target in self.targets:
             if (source, target) not in self.tc.decoders:
                 continue
-            g = b.cap(ALT.RESID_DELTA_MLP, target, BWD) * b.post_factor(target, "mlp")
+            g = b.cap(ALT.RESID_DELTA_MLP, target, BWD)  # ŷ is resid.delta_mlp itself
             grad = grad + g @ self.decoder(source, target).T
         return (z * grad).abs()
 
@@ -98,7 +100,7 @@ class TranscoderFeatures:
         for target in self.targets:
             if (source, target) in self.tc.decoders:
                 w = self.decoder(source, target).index_select(0, index)
-                out.append((target, z[:, None] * w * self.builder.post_factor(target, "mlp")[pos]))
+                out.append((target, z[:, None] * w))
         return out
 
     def read(

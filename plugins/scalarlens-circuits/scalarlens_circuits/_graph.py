@@ -465,8 +465,10 @@ class _Builder:
                 replaced = (
                     sub == "mlp" and self.features is not None and self.features.replaces(layer)
                 )
-                raw_bias = self.features.bias(layer) if replaced else self.weight(bias_loc, layer)
-                bias = raw_bias[None, :] * self.post_factor(layer, sub)
+                if replaced:  # b_dec is part of resid.delta_mlp as written (after any post-norm)
+                    bias = self.features.bias(layer)[None, :].expand(t, -1)
+                else:
+                    bias = self.weight(bias_loc, layer)[None, :] * self.post_factor(layer, sub)
                 rest = self.cap(delta_loc, layer) - bias
                 key = ("head" if sub == "attn" else "neuron", layer)
                 if key in comp_writes:

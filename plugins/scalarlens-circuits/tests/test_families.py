@@ -298,3 +298,51 @@ def test_identities_hold_to_float32_rounding_with_hugging_face_s_norms(
             assert _close(total, node.value, rel), (model_type, graph.label(i), total, node.value)
             worst = max(worst, abs(total - node.value) / max(1.0, abs(node.value)))
     assert worst < rel
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt_neox"])
+def test_transcoder_features_on_post_norm_and_parallel_models(model_type: str, root: str) -> None:
+    """A transcoder's output is ``resid.delta_mlp`` as written (after Gemma's post-norm): an edge
+    from a layer-0 latent into a layer-1 latent is ``z·W_dec[0→0]`` (no post-norm factor) times
+    the layer-1 latent's read vector, recomputed here by autograd through the adapter.  On a
+    parallel-residual model the layer-1 MLP reads the layer's input, before layer-1 attention."""
+    sae = pytest.importorskip("scalarlens_sae")
+    model = adapter_for(model_type, root)
+    dims = model.dims
+    tc = sae.random_transcoder(24, dims.d_model, dims.n_layers, seed=2, cross_layer=True)
+    graph = attribution_graph(
+        model, PROMPT, target=TARGET, distractor=DISTRACTOR, max_nodes=80, transcoder=tc, qk_heads=0
+    )
+    for i, node in enumerate(graph.nodes):
+        if node.kind in ("feature", "head", "objective"):
+            assert _close(_incoming_sum(graph, i) + node.bias, node.value), graph.label(i)
+    reading = scalarlens.residual_read_by(dims, "mlp", 1)
+    first = scalarlens.residual_read_by(dims, "mlp", 0)
+    captures = [
+        scalarlens.CaptureRequest(loc, FWD, None if at is None else [at])
+        for loc, at in (reading, first)
+    ]
+    (run,) = model.run([PROMPT], captures, None)
+    edges = graph.edges.coalesce()
+    pairs = [
+        (tgt, src)
+        for tgt, src in edges.indices().T.tolist()
+        if graph.nodes[src].kind == "feature"
+        and graph.nodes[src].layer == 0
+        and graph.nodes[tgt].kind == "feature"
+        and graph.nodes[tgt].layer == 1
+    ]
+    assert pairs
+    x0 = model.sublayer_input(
+        run.captured[(first[0], FWD)][first[1]], 0, "mlp", detach_scale=True
+    ).detach()
+    for tgt, src in pairs[:4]:
+        u, n = graph.nodes[src], graph.nodes[tgt]
+        resid = run.captured[(reading[0], FWD)][reading[1]].clone().requires_grad_(True)
+        z = tc.encode(1, model.sublayer_input(resid, 1, "mlp", detach_scale=True))
+        (read,) = torch.autograd.grad(z[n.position, n.index], resid)
+        z_u = tc.encode(0, x0)[u.position, u.index]
+        want = float(z_u * tc.decoders[(0, 0)][u.index] @ read[n.position])
+        # 1e-6: Hugging Face's LayerNorm rounds through float32 in this autograd path (a
+        # post-norm factor applied twice, or the wrong residual read, is off by O(1)).
+        assert _close(graph.incoming(tgt)[src], want, 1e-6), (model_type, graph.label(src))
