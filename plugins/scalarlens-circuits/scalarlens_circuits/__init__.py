@@ -16,7 +16,7 @@ from typing import Any
 
 _LAZY = {
     "._graph": ("AttributionGraph", "Node", "attribution_graph", "estimate_memory"),
-    "._prune": ("PruneResult", "influence", "prune"),
+    "._prune": ("PruneResult", "find_threshold", "influence", "prune"),
     "._neuronpedia": ("to_neuronpedia", "write_neuronpedia", "node_id"),
     "._draw": ("draw",),
 }

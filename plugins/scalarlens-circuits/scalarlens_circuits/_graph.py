@@ -90,6 +90,7 @@ class AttributionGraph:
     feature_offset: int = 0  # heads and error nodes are numbered as features from here
     qk_edges: dict[int, dict[str, dict[int, float]]] = attrs.Factory(dict)
     influence: torch.Tensor | None = None
+    cumulative_influence: torch.Tensor | None = None
     kept_nodes: list[int] | None = None
     kept_edges: torch.Tensor | None = None
 

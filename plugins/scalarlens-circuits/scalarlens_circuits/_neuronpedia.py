@@ -58,22 +58,36 @@ def _layer(graph: AttributionGraph, i: int) -> str:
 
 
 def _js_node_id(graph: AttributionGraph, i: int) -> str:
-    """circuit-tracer's front-end id: one per feature, shared by its positions."""
+    """circuit-tracer's front-end id: ``E_{token}-{pos}``, ``L_{token}-{pos}``, and
+    ``{layer}_{feature}-0`` for components and errors (shared by a feature's positions)."""
     n = graph.nodes[i]
     if n.kind == "embedding":
-        return f"E_{n.index}-0"
+        return f"E_{n.index}-{n.position}"
     if n.kind == "objective":
-        return f"L_{n.index}-0"
+        return f"L_{n.index}-{n.position}"
     return node_id(graph, i).rsplit("_", 1)[0] + "-0"
 
 
-def _feature(graph: AttributionGraph, i: int) -> int | None:
+def _cantor(x: int, y: int) -> int:
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def _feature(graph: AttributionGraph, i: int) -> int:
+    """circuit-tracer's ``feature`` field: an embedding's position, ``-1`` for an error node,
+    the target token for the logit, ``cantor(layer, latent)`` for a transcoder feature (its id
+    across layers); a neuron's index, a head's ``offset + h``."""
     n = graph.nodes[i]
-    if n.kind in ("neuron", "feature"):
+    if n.kind == "embedding":
+        return n.position
+    if n.kind in ("attn_error", "mlp_error"):
+        return -1
+    if n.kind == "objective":
         return n.index
+    if n.kind == "feature":
+        return _cantor(int(n.layer or 0), n.index)
     if n.kind == "head":
         return (graph.feature_offset or graph.d_mlp) + n.index
-    return None
+    return n.index
 
 
 def to_neuronpedia(
@@ -85,6 +99,9 @@ def to_neuronpedia(
 
         raise ConfigError("to_neuronpedia: prune the graph first (scalarlens_circuits.prune)")
     ids = {i: node_id(graph, i) for i in graph.kept_nodes}
+    cumulative = (
+        graph.cumulative_influence if graph.cumulative_influence is not None else graph.influence
+    )
     nodes = []
     for i in graph.kept_nodes:
         n = graph.nodes[i]
@@ -97,7 +114,7 @@ def to_neuronpedia(
                 "feature_type": FEATURE_TYPES[n.kind],
                 "jsNodeId": _js_node_id(graph, i),
                 "clerp": graph.label(i),
-                "influence": float(graph.influence[i]),
+                "influence": float(cumulative[i]),
                 "activation": float(n.activation),
                 "is_target_logit": n.kind == "objective",
                 "run_idx": 0,

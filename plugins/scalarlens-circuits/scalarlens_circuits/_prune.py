@@ -16,7 +16,7 @@ import torch
 
 from ._graph import AttributionGraph
 
-__all__ = ["PruneResult", "influence", "prune"]
+__all__ = ["PruneResult", "find_threshold", "influence", "prune"]
 
 COMPONENTS = ("neuron", "feature", "head")
 
@@ -49,42 +49,53 @@ def influence(edges: torch.Tensor, start: torch.Tensor, max_steps: int = 10_000)
         if not bool(x.abs().max() > 0):
             return total
         total = total + x
-    raise RuntimeError("influence did not converge: the graph has a cycle")
+    from scalarlens.exceptions import ConfigError
+
+    raise ConfigError("influence did not converge: the graph has a cycle (edges must go forward)")
 
 
-def _cumulative_keep(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Mask of the highest ``scores`` whose running total stays within ``threshold`` of the
-    sum (the first one always kept)."""
-    order = torch.argsort(scores, descending=True)
-    running = torch.cumsum(scores[order], 0)
-    total = running[-1] if running.numel() else torch.tensor(0.0)
-    keep_sorted = running <= threshold * total
-    if keep_sorted.numel():
-        keep_sorted[0] = True
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[order] = keep_sorted
-    return keep
+def find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The smallest score to keep so the kept scores carry at least ``threshold`` of the total:
+    sort descending, and take the score where the running fraction first reaches the threshold
+    (circuit-tracer's rule — the score that crosses it is kept)."""
+    if scores.numel() == 0:
+        return torch.tensor(0.0, dtype=scores.dtype)
+    ordered = torch.sort(scores, descending=True).values
+    total = ordered.sum()
+    if not bool(total > 0):
+        return ordered[0]
+    fraction = torch.cumsum(ordered, 0) / total
+    at = int(torch.searchsorted(fraction, torch.tensor(threshold, dtype=fraction.dtype)))
+    return ordered[min(at, ordered.numel() - 1)]
 
 
 def prune(
     graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98
 ) -> PruneResult:
-    """Prune ``graph`` in place (``kept_nodes``, ``kept_edges``, ``influence``) and return it."""
+    """Prune ``graph`` in place (``kept_nodes``, ``kept_edges``, ``influence``) and return it.
+
+    As circuit-tracer: keep the nodes whose influence on the objective reaches
+    ``node_threshold`` of the total (embeddings and the objective always), score the edges
+    among them by ``Â[t,s]·(influence[t] + objective weight[t])`` and keep those reaching
+    ``edge_threshold``; then, repeatedly, drop components and error nodes with no kept outgoing
+    edge and components with no kept incoming edge.  ``graph.influence`` is each node's
+    influence on the objective; ``graph.cumulative_influence`` the share of the total carried by
+    the nodes at least as influential as it (Neuronpedia's ``influence`` field).
+    """
+    from scalarlens.exceptions import ConfigError
+
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0 < value <= 1:
-            from scalarlens.exceptions import ConfigError
-
             raise ConfigError(f"prune: {name} must be in (0, 1], got {value}")
     n = len(graph.nodes)
     start = torch.zeros(n, dtype=torch.float64)
     start[graph.objective] = 1.0
     node_influence = influence(graph.edges, start)
 
-    is_component = torch.tensor([node.kind in COMPONENTS for node in graph.nodes])
-    keep = ~is_component
-    if bool(is_component.any()):
-        comp = torch.nonzero(is_component)[:, 0]
-        keep[comp[_cumulative_keep(node_influence[comp], node_threshold)]] = True
+    kinds = [node.kind for node in graph.nodes]
+    always = torch.tensor([k in ("embedding", "objective") for k in kinds])
+    component = torch.tensor([k in COMPONENTS for k in kinds])
+    keep = (node_influence >= find_threshold(node_influence, node_threshold)) | always
 
     a = graph.edges.coalesce()
     rows, cols = a.indices()
@@ -92,35 +103,33 @@ def prune(
     sub = torch.sparse_coo_tensor(
         a.indices()[:, alive], a.values()[alive], a.shape, check_invariants=False
     ).coalesce()
-    sub_influence = influence(sub, start)
     normalised = _normalised(sub)
-    score = normalised.values() * (sub_influence + start)[normalised.indices()[0]]
-    kept = (
-        _cumulative_keep(score, edge_threshold)
-        if score.numel()
-        else torch.zeros(0, dtype=torch.bool)
-    )
-    kept_index = sub.indices()[:, kept]
-    edges = torch.sparse_coo_tensor(
-        kept_index, sub.values()[kept], a.shape, check_invariants=False
-    ).coalesce()
+    score = normalised.values() * (influence(sub, start) + start)[normalised.indices()[0]]
+    kept = score >= find_threshold(score, edge_threshold)
+    targets, sources = normalised.indices()
 
-    # Nodes still connected to the objective through kept edges.
-    reach = torch.zeros(n, dtype=torch.bool)
-    reach[graph.objective] = True
-    for _ in range(n):
-        grow = reach.clone()
-        targets, sources = kept_index
-        grow[sources[reach[targets]]] = True
-        if bool((grow == reach).all()):
+    # Drop what no longer connects: nodes (not embeddings) with no outgoing kept edge, and
+    # components with no incoming one, until nothing changes.
+    while True:
+        kept = kept & keep[targets] & keep[sources]
+        has_out = torch.zeros(n, dtype=torch.bool)
+        has_out[sources[kept]] = True
+        has_in = torch.zeros(n, dtype=torch.bool)
+        has_in[targets[kept]] = True
+        new = keep & (always | has_out) & (~component | has_in)
+        if bool((new == keep).all()):
             break
-        reach = grow
-    nodes = torch.nonzero(reach)[:, 0].tolist()
-    both = reach[kept_index[0]] & reach[kept_index[1]]
+        keep = new
     edges = torch.sparse_coo_tensor(
-        kept_index[:, both], sub.values()[kept][both], a.shape, check_invariants=False
-    )
-    edges = edges.coalesce()
+        normalised.indices()[:, kept], sub.values()[kept], a.shape, check_invariants=False
+    ).coalesce()
+    nodes = torch.nonzero(keep)[:, 0].tolist()
+    order = torch.argsort(node_influence, descending=True)
+    cumulative = torch.zeros_like(node_influence)
+    total = node_influence.sum()
+    if bool(total > 0):
+        cumulative[order] = torch.cumsum(node_influence[order], 0) / total
     graph.influence, graph.kept_nodes, graph.kept_edges = node_influence, nodes, edges
+    graph.cumulative_influence = cumulative
     graph.settings.update(node_threshold=node_threshold, edge_threshold=edge_threshold)
     return PruneResult(nodes, edges, node_influence)

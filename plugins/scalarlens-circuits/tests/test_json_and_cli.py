@@ -35,7 +35,7 @@ NODE = {
     ],
     "properties": {
         "node_id": {"type": "string"},
-        "feature": {"type": ["integer", "null"]},
+        "feature": {"type": "integer"},
         "layer": {"type": "string"},
         "ctx_idx": {"type": "integer", "minimum": 0},
         "feature_type": {"type": "string"},
