@@ -93,6 +93,7 @@ from .hookspecs import PLUGIN_API_VERSION, hookimpl
 if TYPE_CHECKING:
     from ._activations import ActivationsAndMetadata, RawActivationStore
     from ._compare import Comparison, compare
+    from ._demo import demo_prompt
     from ._derive import derive
     from ._model import (
         CallableObjective,
@@ -111,7 +112,7 @@ if TYPE_CHECKING:
         RunResult,
     )
     from ._plan import EvaluationCounter, Plan, derive_from_raw, execute_plan, make_plan
-    from ._prepare import Preparation, prepare, unsupported_reason
+    from ._prepare import Preparation, encode_prompt, encode_token, prepare, unsupported_reason
     from ._reconstitute import (
         AttentionParts,
         Reconstitutable,
@@ -154,7 +155,8 @@ _LAZY = {
     ),
     "._plan": ("EvaluationCounter", "Plan", "derive_from_raw", "execute_plan", "make_plan"),
     "._derive": ("derive",),
-    "._prepare": ("Preparation", "prepare", "unsupported_reason"),
+    "._prepare": ("Preparation", "encode_prompt", "encode_token", "prepare", "unsupported_reason"),
+    "._demo": ("demo_prompt",),
     "._reconstitute": (
         "AttentionParts",
         "Reconstitutable",
@@ -285,9 +287,12 @@ __all__ = [
     "act_times_grad",
     "attention_on_path",
     "compare",
+    "demo_prompt",
     "derive",
     "derive_from_raw",
     "direction_source",
+    "encode_prompt",
+    "encode_token",
     "execute_plan",
     "export_neuronpedia",
     "hookimpl",

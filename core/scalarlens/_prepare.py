@@ -57,6 +57,21 @@ def _encode(model: ModelAdapter, item: str | int, role: str) -> int:
     return ids[0]
 
 
+def encode_token(model: ModelAdapter, item: str | int, role: str = "target") -> int:
+    """A word or token id as one token id of ``model``'s vocabulary.
+
+    For plugins that take a target token: the error names ``role`` and says how to fix a word
+    that is several tokens or an id outside the vocabulary.
+    """
+    return _encode(model, item, role)
+
+
+def encode_prompt(model: ModelAdapter, prompt: Any) -> list[int]:
+    """One prompt (text or token ids) as token ids, checked as ``derive`` checks them."""
+    (tokens,) = prepare_tokens(model, prompt)
+    return tokens
+
+
 def prepare_objective(
     model: ModelAdapter, target: str | int | None, distractor: str | int | None
 ) -> LogitDiffObjective | None:

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, registry: Any) -> int:
     model = scalarlens.load_model(args.model)
     prompt, target, distractor = args.prompt, args.target, args.distractor
     if prompt is None:
-        from scalarlens._demo import demo_prompt
+        from scalarlens import demo_prompt
 
         prompt, demo_target, demo_distractor = demo_prompt()
         target = target if target is not None else demo_target

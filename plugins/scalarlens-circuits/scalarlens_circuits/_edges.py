@@ -96,7 +96,12 @@ def _detach(ctx: DeriveContext) -> bool:
 
 def _need(x: torch.Tensor | None, what: str) -> torch.Tensor:
     if x is None:
-        raise AssertionError(f"missing input: {what}")
+        from scalarlens.exceptions import MissingActivationError
+
+        raise MissingActivationError(
+            f"an edge DST's input was not provided: {what} (a layer indexer returned nothing "
+            "where the kernel needs a tensor; report this with the DST and its options)"
+        )
     return x
 
 
@@ -222,6 +227,16 @@ def _activation_grad(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> t
 
     resid0 = _need(inputs[0] if inputs[0] is not None else inputs[1], "a residual")
     node = _node(ctx, resid0.shape[0])
+    if node.kind == "head" and (node.path not in ("q", "k") or node.key_token is None):
+        from scalarlens.exceptions import ConfigError
+
+        # Σ_s p[t,s,h] = 1 whatever the residual (a zero read vector), and a head's value path
+        # has no scalar activation: only one probability is a well-defined head activation.
+        raise ConfigError(
+            f"{ctx.dst.name}: a head's activation is one attention probability p[t,s,h]; give "
+            "the node path 'q' or 'k' and a key_token (or use the attribution DSTs, which weight "
+            "by the objective's gradient)"
+        )
     resid = _node_residual(inputs, node, ctx)
     fn = _activation_fn(node, _model(ctx), _detach(ctx), None)
     return reconstitute_gradient(fn, resid).to(resid.dtype)

@@ -111,11 +111,17 @@ class AttributionGraph:
             path.append(max(incoming, key=lambda s: abs(incoming[s])))
 
     def find(self, kind: str, layer: int | None, index: int, position: int) -> int:
-        """The node id of ``(kind, layer, index, position)``; ``KeyError`` if it is not a node."""
+        """The node id of ``(kind, layer, index, position)``."""
         for i, n in enumerate(self.nodes):
             if (n.kind, n.layer, n.index, n.position) == (kind, layer, index, position):
                 return i
-        raise KeyError((kind, layer, index, position))
+        from scalarlens.exceptions import ConfigError
+
+        raise ConfigError(
+            f"the graph has no {kind} node at layer {layer}, index {index}, token {position}: "
+            "it was not kept as a node (neurons and heads are kept by |activation × gradient| up "
+            "to max_nodes; the others are inside the error nodes) — raise max_nodes"
+        )
 
     def label(self, i: int) -> str:
         n = self.nodes[i]
@@ -209,14 +215,17 @@ def attribution_graph(
     ``_features``); the error nodes then hold what it does not reconstruct.  Prune with
     :func:`scalarlens_circuits.prune` and export with :func:`to_neuronpedia`.
     """
-    from scalarlens._prepare import _encode, prepare_tokens
+    from scalarlens import encode_prompt, encode_token
 
     say = progress or (lambda _: None)
-    if max_nodes < 0:
-        raise ModelInputError(f"attribution_graph: max_nodes must be ≥ 0, got {max_nodes}")
-    (tokens,) = prepare_tokens(model, prompt)
-    tgt = _encode(model, target, "target")
-    dst = None if distractor is None else _encode(model, distractor, "distractor")
+    for name, value in (("max_nodes", max_nodes), ("qk_heads", qk_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ModelInputError(
+                f"attribution_graph: {name} must be an integer ≥ 0, got {value!r}"
+            )
+    tokens = encode_prompt(model, prompt)
+    tgt = encode_token(model, target, "target")
+    dst = None if distractor is None else encode_token(model, distractor, "distractor")
     if dst == tgt:
         raise ModelInputError(
             f"target and distractor are the same token (id {tgt}); their logit difference is "
@@ -235,11 +244,18 @@ def attribution_graph(
 
         builder.features = TranscoderFeatures(transcoder, builder)
     graph = builder.build()
-    if qk_heads and _reconstitutable(model):
+    if qk_heads and not _reconstitutable(model):
+        say(
+            f"query/key paths not traced: model {model.name!r} does not implement "
+            "scalarlens.Reconstitutable"
+        )
+        graph.settings["qk_heads"] = 0
+    elif qk_heads:
         from ._qk import trace_qk
 
         say(f"tracing query and key paths of the {qk_heads} strongest heads")
         trace_qk(graph, builder, model, qk_heads)
+        graph.settings["qk_heads"] = qk_heads
     return graph
 
 

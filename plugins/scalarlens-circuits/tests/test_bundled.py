@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import scalarlens
 from scalarlens import ActivationLocationType as ALT
-from scalarlens._demo import demo_prompt
+from scalarlens import demo_prompt
 
 from scalarlens_circuits import attribution_graph, prune
 

@@ -315,3 +315,160 @@ def test_a_bad_node_names_the_valid_range() -> None:
         )
     with pytest.raises(scalarlens.ConfigError, match="needs a node"):
         scalarlens.derive(model, TOKENS, ["edge.node_write"])
+
+
+def test_a_head_activation_needs_one_probability() -> None:
+    """Σ_s p = 1 has no read vector, and the value path has no scalar activation: refused."""
+    model = random_gpt2()
+    for node in (
+        {"kind": "head", "layer": 1, "token": -1, "index": 0, "path": "k"},
+        {"kind": "head", "layer": 1, "token": -1, "index": 0, "path": "v", "key_token": 1},
+    ):
+        with pytest.raises(scalarlens.ConfigError, match="one attention probability"):
+            _derive(model, ["node.token_read"], node)
+    ok = {"kind": "head", "layer": 1, "token": -1, "index": 0, "path": "k", "key_token": 2}
+    read = _derive(model, ["edge.node_activation_residual_grad"], ok)
+    grad = read.get("edge.node_activation_residual_grad")
+    assert grad[2].abs().max() > 0  # the key token's residual moves that probability
+
+
+def test_head_pair_and_embedding_out_edges_match_brute_force() -> None:
+    """Many → one from a head at a token pair and from an embedding, into a layer-1 neuron."""
+    model = random_gpt2()
+    t, n = T - 1, 3
+    node = {"kind": "neuron", "layer": 1, "token": t, "index": n}
+    store = _derive(model, ["edge.attn_out_attribution", "edge.token_out_attribution"], node)
+    grad = float(_grad_at(model, ALT.MLP_POST_ACT, 1)[t, n])
+    clean = _clean(
+        model,
+        [(ALT.RESID_DELTA_MLP, 0), (ALT.RESID_DELTA_ATTN, 1), (ALT.MLP_INPUT_LAYER_NORM_SCALE, 1)],
+    )
+    holds = [_hold(loc, layer, clean[(loc, layer)]) for loc, layer in clean]
+
+    def scale_value(s: int, h: int, factor: float) -> Intervention:
+        def fn(v: torch.Tensor, _: Any) -> torch.Tensor:
+            v = v.clone()
+            v[:, s, h] = v[:, s, h] * factor
+            return v
+
+        return Intervention(ALT.ATTN_VALUE, fn, [0], name="scale v")
+
+    edges = store.get("edge.attn_out_attribution", 0)
+    for s, h in ((t, 0), (2, 1), (0, 3)):
+        up = _attribution_after(
+            model, [*holds, scale_value(s, h, 1 + ETA)], ALT.MLP_POST_ACT, 1, (t, n), grad
+        )
+        down = _attribution_after(
+            model, [*holds, scale_value(s, h, 1 - ETA)], ALT.MLP_POST_ACT, 1, (t, n), grad
+        )
+        assert float(edges[t, s, h]) == pytest.approx((up - down) / (2 * ETA), rel=1e-6, abs=1e-9)
+    assert edges[:t].abs().max() == 0  # other query tokens do not write into token t
+
+    emb_holds = [
+        *holds,
+        _hold(
+            ALT.RESID_DELTA_ATTN,
+            0,
+            _clean(model, [(ALT.RESID_DELTA_ATTN, 0)])[(ALT.RESID_DELTA_ATTN, 0)],
+        ),
+    ]
+
+    def scale_embedding(factor: float) -> Intervention:
+        def fn(x: torch.Tensor, _: Any) -> torch.Tensor:
+            x = x.clone()
+            x[:, t] = x[:, t] * factor
+            return x
+
+        return Intervention(ALT.RESID_POST_EMBEDDING, fn, None, name="scale embedding")
+
+    up = _attribution_after(
+        model, [*emb_holds, scale_embedding(1 + ETA)], ALT.MLP_POST_ACT, 1, (t, n), grad
+    )
+    down = _attribution_after(
+        model, [*emb_holds, scale_embedding(1 - ETA)], ALT.MLP_POST_ACT, 1, (t, n), grad
+    )
+    tokens = store.get("edge.token_out_attribution")
+    assert float(tokens[t, 0]) == pytest.approx((up - down) / (2 * ETA), rel=1e-6, abs=1e-9)
+
+
+def test_activation_twins_are_the_attributions_without_the_gradient() -> None:
+    """For a neuron N, f_N = act_N·∇act_N with ∇ held: every attribution edge is its
+    activation twin times that one gradient; in-edges likewise, element by element."""
+    model = random_gpt2()
+    t, n = T - 1, 6
+    into = {"kind": "neuron", "layer": 2, "token": t, "index": n}
+    names = [
+        "edge.node_attribution_grad",
+        "edge.node_activation_residual_grad",
+        "edge.mlp_out_attribution",
+        "edge.mlp_out_activation",
+        "edge.attn_out_attribution",
+        "edge.attn_out_activation",
+        "edge.token_out_attribution",
+        "edge.token_out_activation",
+    ]
+    store = _derive(model, names, into)
+    g = float(_grad_at(model, ALT.MLP_POST_ACT, 2)[t, n])
+    pairs = [("node_attribution_grad", "node_activation_residual_grad", None)]
+    pairs += [(f"{k}_out_attribution", f"{k}_out_activation", 0) for k in ("mlp", "attn")]
+    pairs += [("token_out_attribution", "token_out_activation", None)]
+    for attribution, activation, layer in pairs:
+        a = store.get(f"edge.{attribution}", layer)
+        b = store.get(f"edge.{activation}", layer)
+        assert torch.allclose(a, g * b, atol=1e-13) and b.abs().max() > 0, attribution
+
+    from_ = {"kind": "neuron", "layer": 0, "token": 2, "index": 4}
+    names = [
+        "edge.mlp_in_attribution",
+        "edge.mlp_in_activation",
+        "edge.attn_query_in_attribution",
+        "edge.attn_query_in_activation",
+        "edge.attn_key_in_attribution",
+        "edge.attn_key_in_activation",
+    ]
+    store = _derive(model, names, from_)
+    grads = {
+        "mlp": _grad_at(model, ALT.MLP_POST_ACT, 1),
+        "attn": _grad_at(model, ALT.ATTN_QK_PROBS, 1),
+    }
+    for kind in ("mlp", "attn_query", "attn_key"):
+        a = store.get(f"edge.{kind}_in_attribution", 1)
+        b = store.get(f"edge.{kind}_in_activation", 1)
+        grad = grads["mlp" if kind == "mlp" else "attn"]
+        assert torch.allclose(a, b * grad, atol=1e-13) and b.abs().max() > 0, kind
+
+
+def test_direct_edge_to_the_objective_is_the_builtin_direct_effect() -> None:
+    model = random_gpt2()
+    t, n = 4, 13
+    store = _derive(
+        model,
+        ["edge.node_write_to_final_residual_grad"],
+        {"kind": "neuron", "layer": 1, "token": t, "index": n},
+    )
+    builtin = scalarlens.derive(
+        model, TOKENS, ["mlp.write_to_final_residual_grad"], target=TARGET, distractor=DISTRACTOR
+    )
+    got = store.get("edge.node_write_to_final_residual_grad")
+    want = float(builtin.get("mlp.write_to_final_residual_grad", 1)[t, n])
+    assert float(got[t, 0]) == pytest.approx(want, abs=1e-12)
+    assert got[:t].abs().max() == 0 and got[t + 1 :].abs().max() == 0
+
+
+def test_token_read_is_the_read_vector_against_the_embeddings() -> None:
+    """node.token_read[t] = E · ∂act_N/∂r[t], the gradient taken by a real backward pass."""
+    model = random_gpt2()
+    t, n = T - 1, 9
+    store = _derive(
+        model, ["node.token_read"], {"kind": "neuron", "layer": 1, "token": t, "index": n}
+    )
+    objective = scalarlens.NodeObjective(ALT.MLP_POST_ACT, 1, (t, n))
+    detach = [Intervention(ALT.MLP_INPUT_LAYER_NORM_SCALE, lambda v, _: v.detach(), [1])]
+    (run,) = model.run(
+        [TOKENS], [CaptureRequest(ALT.RESID_POST_ATTN, BWD, [1])], objective, interventions=detach
+    )
+    read = run.captured[(ALT.RESID_POST_ATTN, BWD)][1][t]
+    embedding = model.weight(scalarlens.WeightLocationType.EMBEDDING)
+    got = store.get("node.token_read")
+    assert torch.allclose(got[t], embedding @ read, atol=1e-12)
+    assert got[:t].abs().max() == 0

@@ -26,7 +26,7 @@ import attrs
 import torch
 from scalarlens import ActivationLocationType as ALT
 from scalarlens import AttentionParts
-from scalarlens.exceptions import ModelInputError
+from scalarlens.exceptions import ModelInputError, UnsupportedModelError
 
 from ._attention import LayerHooks, active
 from ._families import Family
@@ -175,9 +175,11 @@ class Reconstitution:
             finally:
                 active.reset(token)
             if stop.value not in seen:
-                raise RuntimeError(
+                raise UnsupportedModelError(
                     f"layer {layer}: the {self.family.name} attention module never reached the "
-                    f"{stop.value!r} hook (is the 'scalarlens' attention implementation set?)"
+                    f"{stop.value!r} hook, so it cannot be reconstituted; load the model through "
+                    "scalarlens (load_model / load_hf_model), which sets the 'scalarlens' "
+                    "attention implementation"
                 )
             return seen
 
@@ -243,8 +245,9 @@ class Reconstitution:
             for handle in handles:
                 handle.remove()
         if len(calls) != len(self.layers):
-            raise RuntimeError(
+            raise UnsupportedModelError(
                 f"recorded {len(calls)} of {len(self.layers)} attention calls of the "
-                f"{self.family.name} model"
+                f"{self.family.name} model, so its layers cannot be reconstituted; its decoder "
+                "layers must each call their attention module once (report this family)"
             )
         return calls
