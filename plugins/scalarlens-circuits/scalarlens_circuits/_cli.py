@@ -58,7 +58,8 @@ def run(args: argparse.Namespace, registry: Any) -> int:
     tokens = model.tokenizer.encode(prompt) if hasattr(model, "tokenizer") else None
     n_tokens = len(tokens) if tokens is not None else 0
     block = args.block_mb * 2**20
-    dtype = getattr(model, "dtype", None)
+    # Captures are kept in the adapter's accumulation dtype (float32 for a bfloat16 model).
+    dtype = getattr(model, "accumulation_dtype", None) or getattr(model, "dtype", None)
     need = estimate_memory(
         model.dims,
         n_tokens,

@@ -154,26 +154,28 @@ def estimate_memory(
 ) -> int:
     """Bytes the graph needs beyond the model, worst case.
 
-    In the model's dtype (``model_bytes`` per value; 8, float64, is the worst case): the run's
-    activations kept for its backward pass (attention scores and probabilities, MLP and
-    residual vectors, the logits), most of which the allocator still holds afterwards, and its
-    captures.  In float64 (``bytes_per_value``): the captures again (the graph's working
-    copies), every head's write at every token, the attention weights, the sources (and the
+    In the dtype captures are kept in (``model_bytes`` per value; 8, float64, is the worst
+    case): the run's activations kept for its backward pass (attention scores and
+    probabilities, MLP and residual vectors, the logits), most of which the allocator still
+    holds afterwards, and its captures, attention patterns included.  In float64
+    (``bytes_per_value``): the per-token captures again (the graph's working copies; patterns
+    are converted one block of targets at a time), the attention weights, the sources (and the
     pieces they are concatenated from), one edge block, and the sparse edges (every source
     reading every target at earlier positions, with the copies made while they are assembled).
     """
     t, layers, d = n_tokens, dims.n_layers, dims.d_model
     heads, d_head, d_mlp = dims.n_heads, dims.d_head, dims.d_mlp
-    captured = layers * t * (5 * d + heads * (t + d_head) + 3 * d_mlp) + t * d
+    captured = layers * t * (5 * d + heads * d_head + 3 * d_mlp) + t * d
+    patterns = layers * t * heads * t  # attention probabilities, kept in the model's dtype
     activations = layers * t * (3 * heads * t + 2 * d_mlp + 6 * d) + t * dims.n_vocab
-    head_writes = layers * t * heads * d
     weights = layers * 2 * heads * d_head * d
     n_src = t + max_nodes + 2 * layers * t
     sources = 2 * n_src * d
     avg_src_per_target = min(n_src, max(1, n_src // max(1, t)) * max(1, t // 2))
     sparse = (max_nodes + 1) * avg_src_per_target * 3  # values + two int64 indices
-    in_float64 = captured + head_writes + weights + sources + sparse
-    total = (captured + activations) * model_bytes + in_float64 * bytes_per_value + block_bytes
+    in_float64 = captured + weights + sources + sparse
+    in_model = captured + patterns + activations
+    total = in_model * model_bytes + in_float64 * bytes_per_value + block_bytes
     return int(HEADROOM * total)
 
 
@@ -320,6 +322,7 @@ class _Builder:
         self.dtype = torch.float64
         self._caps: dict[Any, torch.Tensor] = {}
         self._weights: dict[Any, torch.Tensor] = {}
+        self._mlp_inputs: dict[int, torch.Tensor] = {}
         self.features: Any = None  # TranscoderFeatures, when a transcoder replaces MLPs
 
     # --- small accessors --------------------------------------------------------------------
@@ -328,14 +331,15 @@ class _Builder:
         """A captured tensor in float64 (converted once, then cached)."""
         key = (loc, layer, pass_type)
         if key not in self._caps:
-            self._caps[key] = self.run.captured[(loc, pass_type)][layer].to(self.dtype)
+            captured = self.run.captured[(loc, pass_type)][layer]
+            self._caps[key] = captured.to(device="cpu", dtype=self.dtype)
         return self._caps[key]
 
     def weight(self, loc: W, layer: int | None = None) -> torch.Tensor:
         """A model weight in float64 (read once, then cached)."""
         key = (loc, layer)
         if key not in self._weights:
-            self._weights[key] = self.model.weight(loc, layer).to(self.dtype)
+            self._weights[key] = self.model.weight(loc, layer).to(device="cpu", dtype=self.dtype)
         return self._weights[key]
 
     def weight_slice(
@@ -344,7 +348,9 @@ class _Builder:
         """``weight(loc, layer)`` at ``index`` along ``dim``, converting only that slice to
         float64 (uncached): whole float64 copies of the unembedding and MLP matrices of a
         float32 model are most of the model again (GPT-2 small: 835 MiB)."""
-        return self.model.weight(loc, layer).index_select(dim, index).to(self.dtype)
+        weight = self.model.weight(loc, layer)
+        picked = weight.index_select(dim, index.to(weight.device))
+        return picked.to(device="cpu", dtype=self.dtype)
 
     def post_factor(self, layer: int, sublayer: str) -> torch.Tensor:
         """``γ/σ`` of a sublayer's post-norm per token (``T×D``), or ones without post-norms."""
@@ -353,6 +359,13 @@ class _Builder:
         scale = ALT.ATTN_POST_NORM_SCALE if sublayer == "attn" else ALT.MLP_POST_NORM_SCALE
         gain = W.ATTN_POST_NORM_GAIN if sublayer == "attn" else W.MLP_POST_NORM_GAIN
         return self.weight(gain, layer)[None, :] / self.cap(scale, layer)
+
+    def head_rows(self, layer: int, heads: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The writes of heads ``heads`` at tokens ``pos`` (``k×D``, through any post-norm)."""
+        mixed = self.cap(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, layer)[pos, heads]  # k×dv
+        w_o = self.weight(W.ATTN_TO_RESIDUAL, layer)[heads]  # k×dv×D
+        rows = torch.einsum("kv,kvd->kd", mixed, w_o)
+        return rows * self.post_factor(layer, "attn")[pos]
 
     def values_weight(self, layer: int) -> torch.Tensor:
         """``W_V`` per query head, ``H×D×dv`` (grouped heads share their group's)."""
@@ -379,18 +392,16 @@ class _Builder:
     def build(self) -> AttributionGraph:
         dims, t = self.dims, self.t
         n_layers = dims.n_layers
-        self.head_writes: dict[int, torch.Tensor] = {}  # layer -> T×H×D
         self.grad_attn = {
             layer: self.cap(ALT.RESID_DELTA_ATTN, layer, BWD) for layer in range(n_layers)
         }
         scores = []
         for layer in range(n_layers):
+            # A head's value, write·g, as mixed·(W_O·(γ/σ ⊙ g)): T×H×dv, never T×H×D.
             mixed = self.cap(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, layer)  # T×H×dv
             w_o = self.weight(W.ATTN_TO_RESIDUAL, layer)  # H×dv×D
-            per_head = torch.einsum("thv,hvd->thd", mixed, w_o)
-            per_head = per_head * self.post_factor(layer, "attn")[:, None]
-            self.head_writes[layer] = per_head
-            head_value = torch.einsum("thd,td->th", per_head, self.grad_attn[layer])
+            g = self.grad_attn[layer] * self.post_factor(layer, "attn")
+            head_value = (mixed * torch.einsum("td,hvd->thv", g, w_o)).sum(-1)
             scores.append(("head", layer, head_value.abs()))
             if self.features is not None and self.features.replaces(layer):
                 continue
@@ -458,7 +469,7 @@ class _Builder:
                     src_stage.append(torch.full((len(members),), 2 * target + 2))
                 continue
             if kind == "head":
-                comp = self.head_writes[layer][pos, index]
+                comp = self.head_rows(layer, index, pos)
                 acts = (comp * self.grad_attn[layer][pos]).sum(-1)
             else:
                 acts = self.cap(ALT.MLP_POST_ACT, layer)[pos, index]
@@ -549,7 +560,9 @@ class _Builder:
                 "target": self.tgt,
                 "distractor": self.dst if self.dst is not None else "",
                 "target_prob": float(
-                    torch.softmax(self.run.logits.to(self.dtype)[-1], dim=-1)[self.tgt]
+                    torch.softmax(self.run.logits.to(device="cpu", dtype=self.dtype)[-1], dim=-1)[
+                        self.tgt
+                    ]
                 ),
             },
         )
@@ -631,6 +644,12 @@ class _Builder:
         return _Targets([m[2] for m in members], directions, factor, stage, position, position)
 
     def mlp_input(self, layer: int) -> torch.Tensor:
+        """The normalised input of ``layer``'s MLP (``T×D``, σ as captured), computed once."""
+        if layer not in self._mlp_inputs:
+            self._mlp_inputs[layer] = self._normalised_mlp_input(layer)
+        return self._mlp_inputs[layer]
+
+    def _normalised_mlp_input(self, layer: int) -> torch.Tensor:
         loc = ALT.RESID_POST_ATTN if not self.dims.parallel_residual else None
         if loc is None:
             resid = (
@@ -649,7 +668,6 @@ class _Builder:
         gain = self.weight(W.LAYER_NORM_GAIN_PRE_ATTN, layer)
         beta = self.weight(W.LAYER_NORM_BIAS_PRE_ATTN, layer)
         sigma = self.cap(ALT.ATTN_INPUT_LAYER_NORM_SCALE, layer)[:, 0]
-        probs = self.cap(ALT.ATTN_QK_PROBS, layer)  # T×S×H
         heads = torch.tensor([m[0] for m in members])
         pos = torch.tensor([m[1] for m in members])
         w_o = self.weight(W.ATTN_TO_RESIDUAL, layer)[heads]  # k×dv×D
@@ -657,12 +675,13 @@ class _Builder:
         c = torch.einsum("kvd,kd->kv", w_o, g)  # k×dv
         w = torch.einsum("kdv,kv->kd", self.values_weight(layer)[heads], c)  # k×D
         directions = _center(gain * w, self.layernorm)
-        p_row = probs[pos, :, heads]  # k×S: each target's pattern
+        # Each target's pattern (k×S), converted alone: no float64 copy of every layer's T×S×H.
+        probs = self.run.captured[(ALT.ATTN_QK_PROBS, FWD)][layer]
+        p_row = probs[pos.to(probs.device), :, heads.to(probs.device)].to("cpu", self.dtype)
         per_source = (beta * w).sum(-1) + (self.values_bias(layer)[heads] * c).sum(-1)  # k
         constant = p_row.sum(-1) * per_source
-        value = torch.einsum(
-            "kd,kd->k", self.head_writes[layer][pos, heads], self.grad_attn[layer][pos]
-        )
+        mixed = self.cap(ALT.ATTN_WEIGHTED_SUM_OF_VALUES, layer)[pos, heads]  # k×dv
+        value = (mixed * c).sum(-1)
 
         def factor(src_pos: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
             return p_row[:, src_pos].T / sigma[src_pos][:, None]
@@ -687,7 +706,7 @@ class _Builder:
         final = self.cap(ALT.RESID_POST_MLP, self.dims.n_layers - 1)[last]
         normed = _center(final, self.layernorm) / sigma[last] * gain + beta
         value = (normed * u).sum()
-        logits = self.run.logits.to(self.dtype)[last]
+        logits = self.run.logits.to(device="cpu", dtype=self.dtype)[last]
         output = logits[self.tgt] - (logits[self.dst] if self.dst is not None else 0.0)
         target = [(self.tgt, last, self.objective_id)]
 

@@ -24,6 +24,8 @@ from scalarlens import (
 
 __all__ = ["trace_qk"]
 
+CHUNK = 4096
+
 
 def trace_qk(graph: Any, builder: Any, model: Any, n_heads: int) -> None:
     """Fill ``graph.qk_edges`` for the ``n_heads`` head nodes with the largest ``|value|``."""
@@ -36,7 +38,7 @@ def trace_qk(graph: Any, builder: Any, model: Any, n_heads: int) -> None:
         resid = builder.run.captured[(location, PassType.FORWARD)][at]  # the model's dtype
         w_o = builder.weight(WeightLocationType.ATTN_TO_RESIDUAL, layer)[h]  # dv×D
         g = builder.grad_attn[layer][t] * builder.post_factor(layer, "attn")[t]
-        c = (w_o @ g).to(resid.dtype)
+        c = (w_o @ g).to(device=resid.device, dtype=resid.dtype)
         out: dict[str, dict[int, float]] = {}
         for path in ("q", "k"):
 
@@ -52,9 +54,19 @@ def trace_qk(graph: Any, builder: Any, model: Any, n_heads: int) -> None:
                 out: torch.Tensor = parts.mixed[t, h] @ c
                 return out
 
-            grad = reconstitute_gradient(value, resid).to(torch.float64)  # T×D
+            grad = reconstitute_gradient(value, resid).to(device="cpu", dtype=torch.float64)
             mask = builder.src_stage <= 2 * layer
-            weights = (builder.src_w * grad[builder.src_pos]).sum(-1) * mask
+            weights = (
+                torch.cat(  # in chunks: never a second sources × D matrix
+                    [
+                        (builder.src_w[i : i + CHUNK] * grad[builder.src_pos[i : i + CHUNK]]).sum(
+                            -1
+                        )
+                        for i in range(0, builder.src_w.shape[0], CHUNK)
+                    ]
+                )
+                * mask
+            )
             nonzero = torch.nonzero(weights)[:, 0]
             out[path] = dict(
                 zip(builder.src_ids[nonzero].tolist(), weights[nonzero].tolist(), strict=True)
