@@ -369,20 +369,16 @@ class _Builder:
 
     def values_weight(self, layer: int) -> torch.Tensor:
         """``W_V`` per query head, ``H×D×dv`` (grouped heads share their group's)."""
-        w = self.weight(W.ATTN_TO_VALUE, layer)
-        return (
-            w.repeat_interleave(self.dims.kv_group_size, dim=0)
-            if w.shape[0] != self.dims.n_heads
-            else w
-        )
+        return self._per_query_head(self.weight(W.ATTN_TO_VALUE, layer))
 
     def values_bias(self, layer: int) -> torch.Tensor:
-        b = self.weight(W.ATTN_BIAS_VALUE, layer)
-        return (
-            b.repeat_interleave(self.dims.kv_group_size, dim=0)
-            if b.shape[0] != self.dims.n_heads
-            else b
-        )
+        return self._per_query_head(self.weight(W.ATTN_BIAS_VALUE, layer))
+
+    def _per_query_head(self, kv: torch.Tensor) -> torch.Tensor:
+        """A key/value-head tensor repeated for each query head of its group (GQA)."""
+        if kv.shape[0] == self.dims.n_heads:
+            return kv
+        return kv.repeat_interleave(self.dims.kv_group_size, dim=0)
 
     def mlp_read_stage(self, layer: int) -> int:
         return 2 * layer if self.dims.parallel_residual else 2 * layer + 1
