@@ -17,9 +17,22 @@ def configure(parser: argparse.ArgumentParser) -> Any:
         "--prompt",
         help="the prompt (default: the demo's repeated sequence on the bundled model)",
     )
-    parser.add_argument("--target", help="the predicted token (word or id) at the last position")
+    parser.add_argument(
+        "--target",
+        help="the predicted token (word or id) at the last position (default with --prompt: the "
+        "model's top logits)",
+    )
     parser.add_argument(
         "--distractor", help="trace target − distractor (default: the target's logit)"
+    )
+    parser.add_argument(
+        "--top-logits", type=int, default=10, help="without --target: at most this many logits"
+    )
+    parser.add_argument(
+        "--logit-probability",
+        type=float,
+        default=0.95,
+        help="without --target: top logits until their probabilities add up to this",
     )
     parser.add_argument("--out", default="graph.json", help="Neuronpedia graph JSON to write")
     parser.add_argument("--plot", help="PNG of the pruned graph to write")
@@ -53,8 +66,8 @@ def run(args: argparse.Namespace, registry: Any) -> int:
         prompt, demo_target, demo_distractor = demo_prompt()
         target = target if target is not None else demo_target
         distractor = distractor if distractor is not None else demo_distractor
-    if target is None:
-        raise ModelInputError("scalarlens graph: give --target (the predicted token)")
+    if target is None and distractor is not None:
+        raise ModelInputError("scalarlens graph: --distractor needs --target")
     tokens = model.tokenizer.encode(prompt) if hasattr(model, "tokenizer") else None
     n_tokens = len(tokens) if tokens is not None else 0
     block = args.block_mb * 2**20
@@ -82,6 +95,8 @@ def run(args: argparse.Namespace, registry: Any) -> int:
         prompt,
         target=_token(target),
         distractor=_token(distractor),
+        top_logits=args.top_logits,
+        logit_probability=args.logit_probability,
         max_nodes=args.max_nodes,
         block_bytes=block,
         qk_heads=args.qk_heads,

@@ -82,13 +82,17 @@ class AttributionGraph:
     token_strings: list[str]
     nodes: list[Node]
     edges: torch.Tensor
-    objective: int
+    objective: int  # the target logit's node (the most probable one in top-logits mode)
     n_layers: int
     d_mlp: int
     settings: dict[str, Any]
     n_heads: int = 0
     feature_offset: int = 0  # heads and error nodes are numbered as features from here
     qk_edges: dict[int, dict[str, dict[int, float]]] = attrs.Factory(dict)
+    # Logit nodes and the weight each carries into pruning (its probability in top-logits mode;
+    # [objective] with weight 1 otherwise).
+    logit_nodes: list[int] = attrs.Factory(list)
+    logit_weights: list[float] = attrs.Factory(list)
     influence: torch.Tensor | None = None
     cumulative_influence: torch.Tensor | None = None
     kept_nodes: list[int] | None = None
@@ -199,8 +203,10 @@ def attribution_graph(
     model: ModelAdapter,
     prompt: str | Sequence[int],
     *,
-    target: str | int,
+    target: str | int | None = None,
     distractor: str | int | None = None,
+    top_logits: int = 10,
+    logit_probability: float = 0.95,
     max_nodes: int = 2048,
     block_bytes: int = 256 * 2**20,
     qk_heads: int = 8,
@@ -208,6 +214,11 @@ def attribution_graph(
     progress: Callable[[str], None] | None = None,
 ) -> AttributionGraph:
     """The attribution graph of ``target`` (minus ``distractor``) at the prompt's last token.
+
+    Without a ``target``, the graph traces the model's own prediction, as circuit-tracer does:
+    the most probable next tokens (at most ``top_logits``, until their probabilities add up to
+    ``logit_probability``) are logit nodes, each ``logit − mean logit``, weighted by its
+    probability when pruning.
 
     ``max_nodes`` neurons and heads are kept as nodes (by ``|activation × gradient|``), the
     rest go into error nodes.  ``qk_heads``: how many of the strongest head nodes also get
@@ -226,21 +237,43 @@ def attribution_graph(
                 f"attribution_graph: {name} must be an integer ≥ 0, got {value!r}"
             )
     tokens = encode_prompt(model, prompt)
-    tgt = encode_token(model, target, "target")
-    dst = None if distractor is None else encode_token(model, distractor, "distractor")
-    if dst == tgt:
-        raise ModelInputError(
-            f"target and distractor are the same token (id {tgt}); their logit difference is "
-            "always zero — pick the token the model might predict instead"
+    objective: Any
+    if target is None:
+        if distractor is not None:
+            raise ModelInputError(
+                "attribution_graph: a distractor needs a target (target − distractor); without "
+                "a target the graph traces the top logits"
+            )
+        logits = _top_logits(model, tokens, top_logits, logit_probability)
+        say("tracing the top logits: " + ", ".join(f"{t} (p={p:.2f})" for t, p in logits))
+        dst = None
+        picked = torch.tensor([t for t, _ in logits])
+        weights = torch.tensor([p for _, p in logits])
+
+        def weighted(out: torch.Tensor) -> torch.Tensor:
+            last = out[-1]
+            centred = last[picked.to(last.device)] - last.mean()
+            return (centred * weights.to(centred)).sum()
+
+        objective = CallableObjective(weighted, name="top logits")
+    else:
+        tgt = encode_token(model, target, "target")
+        dst = None if distractor is None else encode_token(model, distractor, "distractor")
+        if dst == tgt:
+            raise ModelInputError(
+                f"target and distractor are the same token (id {tgt}); their logit difference "
+                "is always zero — pick the token the model might predict instead"
+            )
+        logits = [(tgt, 1.0)]
+        objective = (
+            LogitDiffObjective(tgt, dst)
+            if dst is not None
+            else CallableObjective(lambda out: out[-1, tgt], name=f"logit[{tgt}]")
         )
-    objective: Any = (
-        LogitDiffObjective(tgt, dst)
-        if dst is not None
-        else CallableObjective(lambda logits: logits[-1, tgt], name=f"logit[{tgt}]")
-    )
     say(f"running the prompt ({len(tokens)} tokens) forward and backward")
     run = _capture(model, tokens, objective)
-    builder = _Builder(model, tokens, run, tgt, dst, max_nodes, block_bytes, say)
+    builder = _Builder(model, tokens, run, logits, dst, max_nodes, block_bytes, say)
+    builder.centred = target is None
     if transcoder is not None:
         from ._features import TranscoderFeatures
 
@@ -259,6 +292,29 @@ def attribution_graph(
         trace_qk(graph, builder, model, qk_heads)
         graph.settings["qk_heads"] = qk_heads
     return graph
+
+
+def _top_logits(
+    model: ModelAdapter, tokens: list[int], most: int, probability: float
+) -> list[tuple[int, float]]:
+    """The most probable next tokens, until their probabilities reach ``probability``."""
+    if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+        raise ModelInputError(f"attribution_graph: top_logits must be an integer ≥ 1, got {most!r}")
+    if not 0 < probability <= 1:
+        raise ModelInputError(
+            f"attribution_graph: logit_probability must be in (0, 1], got {probability!r}"
+        )
+    (run,) = model.run([tokens], [], None)
+    probs = torch.softmax(run.logits[-1].to(torch.float64), dim=-1)
+    top = torch.topk(probs, min(most, probs.numel()))
+    out: list[tuple[int, float]] = []
+    total = 0.0
+    for token, p in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+        out.append((token, p))
+        total += p
+        if total >= probability:
+            break
+    return out
 
 
 def _reconstitutable(model: Any) -> bool:
@@ -303,15 +359,17 @@ class _Builder:
         model: ModelAdapter,
         tokens: list[int],
         run: Any,
-        tgt: int,
+        logits: list[tuple[int, float]],
         dst: int | None,
         max_nodes: int,
         block_bytes: int,
         say: Callable[[str], None],
     ) -> None:
         self.model, self.dims, self.tokens, self.run = model, model.dims, tokens, run
+        self.logits = logits
+        self.centred = False  # top-logits mode: each logit node is logit − mean logit
         self.tgt, self.dst, self.max_nodes, self.block_bytes, self.say = (
-            tgt,
+            logits[0][0],
             dst,
             max_nodes,
             block_bytes,
@@ -512,7 +570,9 @@ class _Builder:
                 bias_pos.append(torch.arange(t))
                 bias_stage.append(torch.full((t,), stage))
         objective_id = len(nodes)
-        nodes.append(Node("objective", None, self.tgt, t - 1, 2 * n_layers + 1, 0.0, 0.0, 0.0))
+        self.logit_ids = list(range(objective_id, objective_id + len(self.logits)))
+        for token, _ in self.logits:
+            nodes.append(Node("objective", None, token, t - 1, 2 * n_layers + 1, 0.0, 0.0, 0.0))
 
         self.nodes = nodes
         self.src_w = torch.cat(writes)
@@ -530,6 +590,7 @@ class _Builder:
             rows.append(r)
             cols.append(c)
             vals.append(v)
+        probs = torch.softmax(self.run.logits.to(device="cpu", dtype=self.dtype)[-1], dim=-1)
         n = len(nodes)
         index = (
             torch.stack([torch.cat(rows), torch.cat(cols)])
@@ -545,6 +606,8 @@ class _Builder:
             nodes=self.nodes,
             edges=edges,
             objective=objective_id,
+            logit_nodes=list(self.logit_ids),
+            logit_weights=[p for _, p in self.logits],
             n_layers=n_layers,
             d_mlp=self.dims.d_mlp,
             n_heads=self.dims.n_heads,
@@ -555,11 +618,9 @@ class _Builder:
                 "max_nodes": self.max_nodes,
                 "target": self.tgt,
                 "distractor": self.dst if self.dst is not None else "",
-                "target_prob": float(
-                    torch.softmax(self.run.logits.to(device="cpu", dtype=self.dtype)[-1], dim=-1)[
-                        self.tgt
-                    ]
-                ),
+                "logits": "top" if self.centred else "target",
+                "target_prob": float(probs[self.tgt]),
+                "logit_probs": [float(probs[token]) for token, _ in self.logits],
             },
         )
 
@@ -688,31 +749,41 @@ class _Builder:
         return _Targets([m[2] for m in members], directions, factor, stage, last)
 
     def _objective_block(self) -> _Targets:
+        """The logit nodes: the target (minus the distractor), or each top logit minus the mean
+        logit; their value is the pre-soft-cap logit, their activation the model's output."""
         last = self.t - 1
-        columns = torch.tensor([self.tgt] if self.dst is None else [self.tgt, self.dst])
-        unembed = self.weight_slice(W.UNEMBEDDING, None, columns, 1)  # D×1 or D×2
-        u = unembed[:, 0] - (unembed[:, 1] if self.dst is not None else 0.0)
+        tokens = [token for token, _ in self.logits]
+        columns = torch.tensor(tokens if self.dst is None else [*tokens, self.dst])
+        unembed = self.weight_slice(W.UNEMBEDDING, None, columns, 1)  # D×k (+1)
+        u = unembed[:, : len(tokens)].T  # k×D
+        if self.dst is not None:
+            u = u - unembed[:, -1][None, :]
+        if self.centred:  # logit − mean logit: the mean unembedding column, read once
+            u = u - self.model.weight(W.UNEMBEDDING).mean(dim=1).to("cpu", self.dtype)[None, :]
         gain, beta = self.weight(W.LAYER_NORM_GAIN_FINAL), self.weight(W.LAYER_NORM_BIAS_FINAL)
         sigma = self.cap(ALT.RESID_FINAL_LAYER_NORM_SCALE)[:, 0]
-        directions = _center(gain * u, self.layernorm)[None, :]
-        constant = (beta * u).sum()[None]
-        # The value the edges explain is the logit difference before any soft-cap: the final
-        # norm (σ frozen) of the final residual against the unembedding columns.  The model's
-        # own (capped) objective is the node's activation.
+        directions = _center(gain * u, self.layernorm)
+        constant = (beta * u).sum(-1)
         final = self.cap(ALT.RESID_POST_MLP, self.dims.n_layers - 1)[last]
         normed = _center(final, self.layernorm) / sigma[last] * gain + beta
-        value = (normed * u).sum()
+        value = u @ normed
         logits = self.run.logits.to(device="cpu", dtype=self.dtype)[last]
-        output = logits[self.tgt] - (logits[self.dst] if self.dst is not None else 0.0)
-        target = [(self.tgt, last, self.objective_id)]
+        output = logits[tokens] - (logits[self.dst] if self.dst is not None else 0.0)
+        if self.centred:
+            output = output - logits.mean()
+        members = [
+            (token, last, node_id) for token, node_id in zip(tokens, self.logit_ids, strict=True)
+        ]
 
         def factor(src_pos: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-            return ((src_pos == last).to(self.dtype) / sigma[last])[:, None]
+            same = (src_pos == last).to(self.dtype) / sigma[last]
+            return same[:, None].expand(-1, len(tokens))
 
-        self._record(target, value.reshape(1), constant)
-        self.nodes[self.objective_id].activation = float(output)
-        stage = torch.tensor([2 * self.dims.n_layers])
-        return _Targets([self.objective_id], directions, factor, stage, last, last)
+        self._record(members, value, constant)
+        for node_id, out in zip(self.logit_ids, output.tolist(), strict=True):
+            self.nodes[node_id].activation = out
+        stage = torch.full((len(tokens),), 2 * self.dims.n_layers)
+        return _Targets(list(self.logit_ids), directions, factor, stage, last, last)
 
     def _record(
         self, members: list[tuple[int, int, int]], value: torch.Tensor, constant: torch.Tensor

@@ -99,6 +99,9 @@ def to_neuronpedia(
 
         raise ConfigError("to_neuronpedia: prune the graph first (scalarlens_circuits.prune)")
     ids = {i: node_id(graph, i) for i in graph.kept_nodes}
+    probabilities = dict(
+        zip(graph.logit_nodes, graph.settings.get("logit_probs", []), strict=False)
+    )
     cumulative = (
         graph.cumulative_influence if graph.cumulative_influence is not None else graph.influence
     )
@@ -116,12 +119,10 @@ def to_neuronpedia(
                 "clerp": graph.label(i),
                 "influence": float(cumulative[i]),
                 "activation": float(n.activation),
-                "is_target_logit": n.kind == "objective",
+                "is_target_logit": i == graph.objective,
                 "run_idx": 0,
                 "reverse_ctx_idx": 0,
-                "token_prob": graph.settings.get("target_prob", 0.0)
-                if n.kind == "objective"
-                else 0.0,
+                "token_prob": probabilities.get(i, 0.0),
                 "value": n.value,
                 "bias": n.bias,
             }

@@ -89,7 +89,10 @@ def prune(
             raise ConfigError(f"prune: {name} must be in (0, 1], got {value}")
     n = len(graph.nodes)
     start = torch.zeros(n, dtype=torch.float64)
-    start[graph.objective] = 1.0
+    for node, weight in zip(
+        graph.logit_nodes or [graph.objective], graph.logit_weights or [1.0], strict=True
+    ):
+        start[node] = weight
     node_influence = influence(graph.edges, start)
 
     kinds = [node.kind for node in graph.nodes]

@@ -161,3 +161,33 @@ def _writes(graph, model):  # type: ignore[no-untyped-def]
                     rest = rest - out[j]
             out[i] = rest
     return out
+
+
+def test_without_a_target_the_graph_traces_the_top_logits() -> None:
+    """circuit-tracer's default: the most probable tokens, each ``logit − mean logit``."""
+    from scalarlens_circuits import prune, to_neuronpedia
+
+    model = random_gpt2()
+    graph = attribution_graph(model, TOKENS, max_nodes=60, top_logits=4, logit_probability=0.9)
+    (run,) = model.run([TOKENS], [], None)
+    logits = run.logits[-1]
+    probs = torch.softmax(logits, dim=-1)
+    order = torch.argsort(probs, descending=True).tolist()
+    tokens = [graph.nodes[i].index for i in graph.logit_nodes]
+    assert tokens == order[: len(tokens)] and 1 <= len(tokens) <= 4
+    weights = torch.tensor(graph.logit_weights, dtype=torch.float64)
+    assert torch.allclose(weights, probs[tokens])
+    assert len(tokens) == 4 or float(weights.sum()) >= 0.9
+    for i, token in zip(graph.logit_nodes, tokens, strict=True):
+        node = graph.nodes[i]
+        want = float(logits[token] - logits.mean())
+        assert node.value == pytest.approx(want, abs=1e-9) and node.activation == pytest.approx(
+            want
+        )
+        assert sum(graph.incoming(i).values()) + node.bias == pytest.approx(want, abs=1e-9)
+    prune(graph)
+    data = to_neuronpedia(graph)
+    logit_nodes = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert [n["is_target_logit"] for n in logit_nodes].count(True) == 1
+    top = next(n for n in logit_nodes if n["is_target_logit"])
+    assert top["feature"] == order[0] and top["token_prob"] == pytest.approx(float(probs[order[0]]))

@@ -157,3 +157,27 @@ def test_scalarlens_graph_rejects_a_bad_target(
     )
     assert rc == 1
     assert "notaword" in capsys.readouterr().err
+
+
+def test_scalarlens_graph_traces_the_top_logits_without_a_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "top.json"
+    prompt = "the old king saw a red fox the old king saw a"
+    argv = [
+        "graph",
+        "--prompt",
+        prompt,
+        "--out",
+        str(out),
+        "--max-nodes",
+        "200",
+        "--top-logits",
+        "3",
+    ]
+    assert main(argv) == 0
+    assert "tracing the top logits" in capsys.readouterr().err
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, SCHEMA)
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert 1 <= len(logits) <= 3 and sum(n["is_target_logit"] for n in logits) == 1
