@@ -127,7 +127,9 @@ _LIKE_THE_GRAPH = (
 )
 
 
-def run_like_the_graph(model: Any, captures: list[Any], objective: Any = None) -> Any:
+def run_like_the_graph(
+    model: Any, captures: list[Any], objective: Any = None, interventions: Any = ()
+) -> Any:
     """``model.run`` taking the code paths the graph's own run takes.
 
     Capturing the pattern makes attention eager (its softmax rounds to float32, as Hugging
@@ -137,7 +139,7 @@ def run_like_the_graph(model: Any, captures: list[Any], objective: Any = None) -
     layers = list(range(model.dims.n_layers))
     extra = [scalarlens.CaptureRequest(loc, FWD, layers) for loc in _LIKE_THE_GRAPH]
     extra.append(scalarlens.CaptureRequest(ALT.RESID_FINAL_LAYER_NORM_SCALE, FWD))
-    return model.run([PROMPT], [*captures, *extra], objective)
+    return model.run([PROMPT], [*captures, *extra], objective, interventions=interventions)
 
 
 def _close(got: float, want: float, rel: float = REL) -> bool:
@@ -346,3 +348,61 @@ def test_transcoder_features_on_post_norm_and_parallel_models(model_type: str, r
         # 1e-6: Hugging Face's LayerNorm rounds through float32 in this autograd path (a
         # post-norm factor applied twice, or the wrong residual read, is off by O(1)).
         assert _close(graph.incoming(tgt)[src], want, 1e-6), (model_type, graph.label(src))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox"])
+def test_edge_dsts_match_brute_force(model_type: str, root: str) -> None:
+    """The edge DSTs on grouped-query attention (Llama), sandwich post-norms (Gemma 2) and a
+    parallel residual (NeoX): a layer-0 neuron's in-edges into layer-1 neurons and its out-edge
+    into one layer-1 neuron equal central differences in the real model, with the layer-1
+    attention's write, layer 0's MLP post-norm σ and the reading norm's σ held at their values."""
+    model = adapter_for(model_type, root)
+    objective = scalarlens.LogitDiffObjective(TARGET, DISTRACTOR)
+    # The last token: the tiny models have 2 layers, so a layer-1 MLP elsewhere has no gradient.
+    t, n, eta = len(PROMPT) - 1, 3, 1e-5
+    layers = list(range(model.dims.n_layers))
+    holds_at = [(ALT.RESID_DELTA_ATTN, 1), (ALT.MLP_INPUT_LAYER_NORM_SCALE, 1)]
+    if model.dims.post_norms:
+        holds_at.append((ALT.MLP_POST_NORM_SCALE, 0))
+    caps = [scalarlens.CaptureRequest(loc, FWD, [layer]) for loc, layer in holds_at]
+    caps.append(scalarlens.CaptureRequest(ALT.MLP_POST_ACT, PassType.BACKWARD, layers))
+    (clean,) = run_like_the_graph(model, caps, objective)
+    grads = clean.captured[(ALT.MLP_POST_ACT, PassType.BACKWARD)][1]
+
+    def hold(loc: Any, layer: int) -> scalarlens.Intervention:
+        value = clean.captured[(loc, FWD)][layer]
+        return scalarlens.Intervention(loc, lambda v, _: value.unsqueeze(0).expand_as(v), [layer])
+
+    def scale(factor: float) -> scalarlens.Intervention:
+        def fn(v: torch.Tensor, _: Any) -> torch.Tensor:
+            v = v.clone()
+            v[:, t, n] = v[:, t, n] * factor
+            return v
+
+        return scalarlens.Intervention(ALT.MLP_POST_ACT, fn, [0])
+
+    def post_after(factor: float) -> torch.Tensor:
+        capture = [scalarlens.CaptureRequest(ALT.MLP_POST_ACT, FWD, [1])]
+        interventions = [*(hold(loc, layer) for loc, layer in holds_at), scale(factor)]
+        (run,) = run_like_the_graph(model, capture, None, interventions)
+        post: torch.Tensor = run.captured[(ALT.MLP_POST_ACT, FWD)][1]
+        return post
+
+    fd = (post_after(1 + eta) - post_after(1 - eta)) / (2 * eta) * grads  # T×F
+    upstream = {"kind": "neuron", "layer": 0, "token": t, "index": n}
+    config = scalarlens.DstConfig(options={"circuits": {"node": upstream}})
+    store = scalarlens.derive(
+        model, PROMPT, ["edge.mlp_in_attribution"], config=config, objective=objective
+    )
+    got = store.get("edge.mlp_in_attribution", 1)
+    assert torch.allclose(got[t], fd[t], rtol=1e-5, atol=1e-8), model_type
+    assert got[t].abs().max() > 0 and got[:t].abs().max() == 0
+
+    m = int(fd[t].abs().argmax())  # the downstream neuron this upstream one moves most
+    downstream = {"kind": "neuron", "layer": 1, "token": t, "index": m}
+    config = scalarlens.DstConfig(options={"circuits": {"node": downstream}})
+    store = scalarlens.derive(
+        model, PROMPT, ["edge.mlp_out_attribution"], config=config, objective=objective
+    )
+    out_edge = float(store.get("edge.mlp_out_attribution", 0)[t, n])
+    assert _close(out_edge, float(fd[t, m]), 1e-5), (model_type, out_edge, float(fd[t, m]))
