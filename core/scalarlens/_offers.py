@@ -113,6 +113,7 @@ class Contributions:
         self.examples = OfferTable("DST example")
         self.interventions = OfferTable("intervention provider")
         self.commands = OfferTable("CLI command")
+        self.features = OfferTable("feature loader")
 
     def named(self) -> tuple[OfferTable, ...]:
         """The tables whose names can conflict (and be settled by a preference)."""
@@ -129,11 +130,13 @@ class Contributions:
             "scalarlens_dst_examples": self.examples,
             "scalarlens_interventions": self.interventions,
             "scalarlens_cli_commands": self.commands,
+            "scalarlens_feature_loaders": self.features,
         }[hook]
         for name, value in result.items():
             table.add(name, value, plugin)
         return []
 
     def drop(self, plugin: str) -> None:
-        for table in (self.dsts, self.loaders, self.examples, self.interventions, self.commands):
+        tables = (self.dsts, self.loaders, self.examples, self.interventions, self.commands)
+        for table in (*tables, self.features):
             table.drop(plugin)

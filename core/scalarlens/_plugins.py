@@ -195,6 +195,10 @@ def _check_interventions(result: object) -> str | None:
     return check_mapping("scalarlens_interventions", result, str, "intervention factory")
 
 
+def _check_feature_loaders(result: object) -> str | None:
+    return check_mapping("scalarlens_feature_loaders", result, str, "feature loader")
+
+
 def _check_commands(result: object) -> str | None:
     return check_mapping("scalarlens_cli_commands", result, str, "command")
 
@@ -216,6 +220,7 @@ HOOK_CHECKS: tuple[tuple[str, Callable[[object], str | None]], ...] = (
     ("scalarlens_dst_examples", _check_examples),
     ("scalarlens_interventions", _check_interventions),
     ("scalarlens_cli_commands", _check_commands),
+    ("scalarlens_feature_loaders", _check_feature_loaders),
 )
 
 

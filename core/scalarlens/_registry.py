@@ -265,6 +265,22 @@ class Registry:
         value = self._resolve_offer(self._loaders, max(schemes, key=len)).value
         return value
 
+    def feature_loader(self, spec: str) -> Any:
+        """The plugin loader for a feature dictionary ``spec`` (by its ``scheme:`` prefix).
+
+        Raises ``ConfigError`` naming the registered schemes when no plugin reads ``spec``.
+        """
+        self._ensure_loaded()
+        table = self._set.contributions.features
+        schemes = [key for key in table if key.endswith(":") and spec.startswith(key)]
+        if not schemes:
+            known = ", ".join(sorted(table)) or "none (install scalarlens-sae for transcoders)"
+            raise ConfigError(
+                f"no plugin loads the feature dictionary {spec!r}: give it a registered "
+                f"scheme prefix (registered: {known})"
+            )
+        return self._resolve_offer(table, max(schemes, key=len)).value
+
     def intervention_factory(self, provider: str) -> InterventionFactory:
         """The factory a plugin registered for ``provider`` (hook ``scalarlens_interventions``)."""
         self._ensure_loaded()

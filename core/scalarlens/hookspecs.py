@@ -88,3 +88,16 @@ def scalarlens_cli_commands() -> Mapping[str, CliCommand]:
     ``configure`` that raises is reported (naming the plugin) and the other commands still work.
     """
     return {}
+
+
+@hookspec
+def scalarlens_feature_loaders() -> Mapping[str, Callable[[str, ModelAdapter], Any]]:
+    """Return feature-dictionary loaders (transcoders, SAEs) keyed by a ``scheme:`` prefix.
+
+    ``registry.feature_loader("transcoder:/path")`` finds the loader registered under
+    ``"transcoder:"`` and calls it with the whole spec and the model the dictionary is for, so a
+    plugin that consumes dictionaries (``scalarlens graph --transcoder SPEC``) never imports the
+    plugin that reads them.  What the loader returns is between the two plugins' documented
+    shapes (e.g. ``layers``, ``encode(layer, x)``, ``decoders``, ``b_dec`` for a transcoder).
+    """
+    return {}

@@ -34,6 +34,11 @@ def configure(parser: argparse.ArgumentParser) -> Any:
         default=0.95,
         help="without --target: top logits until their probabilities add up to this",
     )
+    parser.add_argument(
+        "--transcoder",
+        help="a (cross-layer) transcoder whose features replace the MLP neurons, by a spec a "
+        "plugin loads: transcoder:DIR or transcoder-random:N (scalarlens-sae)",
+    )
     parser.add_argument("--out", default="graph.json", help="Neuronpedia graph JSON to write")
     parser.add_argument("--plot", help="PNG of the pruned graph to write")
     parser.add_argument("--slug", default="scalarlens-graph", help="the graph's slug in the JSON")
@@ -90,11 +95,16 @@ def run(args: argparse.Namespace, registry: Any) -> int:
     def say(message: str) -> None:
         print(f"  [{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr)
 
+    transcoder = None
+    if args.transcoder:
+        transcoder = registry.feature_loader(args.transcoder)(args.transcoder, model)
+        say(f"transcoder {args.transcoder}: layers {list(transcoder.layers)}")
     graph = attribution_graph(
         model,
         prompt,
         target=_token(target),
         distractor=_token(distractor),
+        transcoder=transcoder,
         top_logits=args.top_logits,
         logit_probability=args.logit_probability,
         max_nodes=args.max_nodes,

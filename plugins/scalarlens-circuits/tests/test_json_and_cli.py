@@ -181,3 +181,29 @@ def test_scalarlens_graph_traces_the_top_logits_without_a_target(
     jsonschema.validate(data, SCHEMA)
     logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
     assert 1 <= len(logits) <= 3 and sum(n["is_target_logit"] for n in logits) == 1
+
+
+def test_scalarlens_graph_takes_a_transcoder_by_spec(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--transcoder SPEC`` is loaded by whichever plugin registers the scheme (here
+    scalarlens-sae's ``transcoder-random:``): this plugin never imports it."""
+    pytest.importorskip("scalarlens_sae")
+    out = tmp_path / "tc.json"
+    argv = [
+        "graph",
+        "--transcoder",
+        "transcoder-random:64:1",
+        "--out",
+        str(out),
+        "--max-nodes",
+        "300",
+    ]
+    assert main(argv) == 0
+    assert "transcoder transcoder-random:64:1: layers [0, 1]" in capsys.readouterr().err
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, SCHEMA)
+    types = {n["feature_type"] for n in data["nodes"]}
+    assert "cross layer transcoder" in types and "mlp neuron" not in types
+    assert main(["graph", "--transcoder", "nosuch:x", "--out", str(out)]) == 1
+    assert "no plugin loads the feature dictionary 'nosuch:x'" in capsys.readouterr().err

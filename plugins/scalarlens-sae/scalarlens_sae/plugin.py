@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from scalarlens import DerivedScalarType, DstConfig, Factory, hookimpl
 
 from ._derivers import FACTORIES, PROVIDER, example_configs, make_interventions
+from ._feature_loaders import FEATURE_LOADERS
 from ._latent_gradients import LATENT_GRADIENT_FACTORIES, latent_gradient_example_configs
 from ._transcoder_derivers import (
     TRANSCODER_FACTORIES,
@@ -44,3 +45,9 @@ def scalarlens_interventions() -> Mapping[
 ]:
     """``sae``: splice an SAE; ``transcoder``: a transcoder in place of the MLPs (with errors)."""
     return {PROVIDER: make_interventions, TRANSCODER_PROVIDER: make_transcoder_interventions}
+
+
+@hookimpl
+def scalarlens_feature_loaders() -> Mapping[str, Callable[[str, ModelAdapter], Any]]:
+    """``transcoder:PATH`` (from disk) and ``transcoder-random:N[:SEED]`` for other plugins."""
+    return dict(FEATURE_LOADERS)

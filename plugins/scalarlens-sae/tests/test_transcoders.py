@@ -374,3 +374,20 @@ def test_low_memory_recomputation_is_bit_identical(
     for key, value in out["default"].items():
         assert torch.equal(value, out["low"][key]), key
     assert float(out["default"][("transcoder.latents", 0, B)].abs().max()) > 0
+
+
+def test_feature_loader_specs() -> None:
+    """``scalarlens_feature_loaders``: transcoders for other plugins, by spec."""
+    import scalarlens
+    from scalarlens.testing import tiny_model
+
+    model = tiny_model()
+    reg = scalarlens.Registry()
+    tc = reg.feature_loader("transcoder-random:16:2")("transcoder-random:16:2", model)
+    assert tc.n_latents == 16 and tc.layers == tuple(range(model.dims.n_layers))
+    assert tc.d_in == model.dims.d_model
+    for bad in ("transcoder-random:0", "transcoder-random:x", "transcoder-random:4:5:6"):
+        with pytest.raises(scalarlens.ConfigError, match="expected transcoder-random:N_LATENTS"):
+            reg.feature_loader(bad)(bad, model)
+    with pytest.raises(scalarlens.ConfigError, match="give a directory"):
+        reg.feature_loader("transcoder:")("transcoder:", model)
