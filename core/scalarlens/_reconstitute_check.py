@@ -113,6 +113,9 @@ def check_reconstitution(
 def _captured_residual(
     adapter: Any, tokens: Sequence[int], reading: tuple[ALT, int | None]
 ) -> torch.Tensor:
+    """The residual from a run that captures only it, not the one above: capturing attention
+    internals switches a Hugging Face layer from fused to eager attention (a float32 softmax),
+    so that run's residuals differ in the last bits from those of the gradient runs."""
     location, at = reading
     capture = CaptureRequest(location, FWD, None if at is None else [at])
     (run,) = adapter.run([list(tokens)], [capture], return_logits=False)
