@@ -41,7 +41,12 @@ def _normalised(edges: torch.Tensor) -> torch.Tensor:
 
 def influence(edges: torch.Tensor, start: torch.Tensor, max_steps: int = 10_000) -> torch.Tensor:
     """``Σ_{k≥1} start·Âᵏ`` (per node): indirect influence of each node on the ``start`` mix."""
-    a_t = _normalised(edges).t().coalesce()
+    return _series(_normalised(edges), start, max_steps)
+
+
+def _series(normalised: torch.Tensor, start: torch.Tensor, max_steps: int = 10_000) -> torch.Tensor:
+    """The Neumann series of an already normalised adjacency ``Â``."""
+    a_t = normalised.t().coalesce()
     total = torch.zeros_like(start)
     x = start
     for _ in range(max_steps):
@@ -106,8 +111,8 @@ def prune(
     sub = torch.sparse_coo_tensor(
         a.indices()[:, alive], a.values()[alive], a.shape, check_invariants=False
     ).coalesce()
-    normalised = _normalised(sub)
-    score = normalised.values() * (influence(sub, start) + start)[normalised.indices()[0]]
+    normalised = _normalised(sub)  # once, for both the series and the edge scores
+    score = normalised.values() * (_series(normalised, start) + start)[normalised.indices()[0]]
     kept = score >= find_threshold(score, edge_threshold)
     targets, sources = normalised.indices()
 
