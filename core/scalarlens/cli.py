@@ -710,13 +710,17 @@ def _command_word(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> Any:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def add_plugin_commands(parser: argparse.ArgumentParser, registry: Registry) -> None:
     """Add the subcommands plugins offer (hook ``scalarlens_cli_commands``).
 
     Built-in names win; a plugin whose ``configure`` raises is reported on stderr, naming it,
     and its command is left out — the other commands keep working.
     """
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = _subcommands(parser)
     for name, (plugin, configure) in sorted(registry.cli_commands().items()):
         if name in sub.choices:
             continue
@@ -743,8 +747,9 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
         registry = default_registry
     parser = build_parser()
     word = _command_word(argv)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if word is None or word not in sub.choices:  # a plugin's command, or --help listing them
+    if (
+        word is None or word not in _subcommands(parser).choices
+    ):  # a plugin's command, or --help listing them
         add_plugin_commands(parser, registry)
     args = parser.parse_args(argv)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ from ._edges import EXAMPLES, FACTORIES
 SCALARLENS_PLUGIN_API = 1
 
 
+@functools.cache  # asked by two hooks on every registry load: look the metadata up once
 def _with_sae() -> bool:
     """Whether ``scalarlens-sae`` is installed: the SAE edges read its DSTs by name, so they are
     offered only beside it (checked in the package metadata; the plugin is never imported)."""
