@@ -435,10 +435,10 @@ class SaeRecipe(Recipe):
         if self.basis is None or (self.basis == "mlp") == opts.is_mlp_basis:
             return
         other = self.dst.name.replace(f"_{self.basis}", "_resid" if self.basis == "mlp" else "_mlp")
+        where = "mlp.post_act" if self.basis == "mlp" else "a residual-basis location"
         raise SaeConfigError(
-            f"{self.dst.name} is the error of an SAE on "
-            f"{'mlp.post_act' if self.basis == 'mlp' else 'resid.delta_mlp / resid.delta_attn'}"
-            f", but options['sae']['location'] is {opts.location!r}; use {other} instead"
+            f"{self.dst.name} is for an SAE on {where}, but options['sae']['location'] is "
+            f"{opts.location!r}; use {other} instead"
         )
 
 

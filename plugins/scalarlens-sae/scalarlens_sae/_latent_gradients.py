@@ -336,16 +336,6 @@ class LatentRecipe(SaeRecipe):
             latent_index(config, n_latents(opts), name)
         return SaeRecipe.build(self, config)
 
-    def _check_basis(self, opts: SaeOptions) -> None:
-        if self.basis is None or (self.basis == "mlp") == opts.is_mlp_basis:
-            return
-        other = self.dst.name.replace(f"_{self.basis}", "_resid" if self.basis == "mlp" else "_mlp")
-        raise SaeConfigError(
-            f"{self.dst.name} is for an SAE on "
-            f"{'mlp.post_act' if self.basis == 'mlp' else 'a residual-basis location'}, but "
-            f"options['sae']['location'] is {opts.location!r}; use {other} instead"
-        )
-
 
 def _dst(name: str, shape: tuple[Dimension, ...], node: NodeType, text: str, **kw: Any) -> Any:
     return DerivedScalarType(name, shape, node, text, **kw)
