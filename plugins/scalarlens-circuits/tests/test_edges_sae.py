@@ -29,15 +29,13 @@ ETA = 1e-5
 N_LATENTS = 12
 
 
-def _registry() -> scalarlens.Registry:
-    reg = isolated_registry("circuits", "sae")
-    for dst, factory in SAE_EDGE_FACTORIES.items():
-        if dst.name not in {d for info in reg.plugins() for d in info.dsts}:
-            reg.register_factory(dst, factory, plugin="circuits")
-    return reg
+# The plugin offers the SAE edges itself once scalarlens-sae is installed.
+REGISTRY = isolated_registry("circuits", "sae")
 
 
-REGISTRY = _registry()
+def test_the_plugin_offers_the_sae_edges_beside_scalarlens_sae() -> None:
+    offered = {d for info in REGISTRY.plugins() if info.name == "circuits" for d in info.dsts}
+    assert {dst.name for dst in SAE_EDGE_FACTORIES} <= offered
 
 
 def _config(node: dict[str, Any], location: str, layer: int) -> DstConfig:
