@@ -682,7 +682,3 @@ class ComponentStats:
             and self.t[f].numpy().tobytes() == other.t[f].numpy().tobytes()
             for f in fields
         )
-
-
-def settings_dict(settings: SweepSettings) -> dict[str, Any]:
-    return attrs.asdict(settings)
