@@ -52,7 +52,7 @@ from scalarlens import (
 )
 from scalarlens.exceptions import ModelInputError
 
-from ._options import NodeIndex, circuits_options
+from ._options import NodeIndex, circuits_options, read_stage
 
 if TYPE_CHECKING:
     import torch
@@ -107,9 +107,7 @@ def _need(x: torch.Tensor | None, what: str) -> torch.Tensor:
 
 def _read_stage(node: NodeIndex, dims: Any) -> int:
     """The last write stage a downstream node N reads (its sublayer's input residual)."""
-    if node.kind == "head" or dims.parallel_residual:
-        return 2 * node.layer
-    return 2 * node.layer + 1
+    return read_stage(dims, "attn" if node.kind == "head" else "mlp", node.layer)
 
 
 def _post_factor(scale: torch.Tensor | None, gain: W, layer: int, ctx: DeriveContext) -> Any:
@@ -356,13 +354,13 @@ def _jvp_in(
     model, detach, dims = _model(ctx), _detach(ctx), ctx.dims
     layer_input = _layer_input(inputs[1], inputs[2])
     if target == "mlp":
-        read_stage = 2 * layer if dims.parallel_residual else 2 * layer + 1
+        reads = read_stage(dims, "mlp", layer)
         resid = _mlp_reading(inputs[0], layer_input, ctx)
         shape: tuple[int, ...] = (n_tokens, dims.d_mlp)
     else:
-        read_stage, resid = 2 * layer, layer_input
+        reads, resid = read_stage(dims, "attn", layer), layer_input
         shape = (n_tokens, n_tokens, dims.n_heads)
-    if upstream.stage > read_stage:
+    if upstream.stage > reads:
         return torch.zeros(shape, dtype=write.dtype)
     fixed = None if grad is None else grad.detach()
 

@@ -50,6 +50,7 @@ from scalarlens import (
 from scalarlens.exceptions import ConfigError
 
 from ._edges import _detach, _layer_input, _mlp_reading, _model, _need, _node, _read_stage
+from ._options import read_stage
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +85,7 @@ def _input_read_stage(location: str, layer: int, dims: Any) -> int:
     if location == "resid.delta_attn":
         return 2 * layer
     if location in ("mlp.post_act", "resid.delta_mlp"):
-        return 2 * layer if dims.parallel_residual else 2 * layer + 1
+        return read_stage(dims, "mlp", layer)
     return _write_stage(location, layer)  # a residual-stream SAE reads the residual itself
 
 

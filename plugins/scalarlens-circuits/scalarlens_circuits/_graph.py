@@ -39,8 +39,11 @@ from scalarlens import (
     ModelAdapter,
     PassType,
     WeightLocationType,
+    residual_read_by,
 )
 from scalarlens.exceptions import ModelInputError
+
+from ._options import read_stage
 
 ALT = ActivationLocationType
 W = WeightLocationType
@@ -439,7 +442,7 @@ class _Builder:
         return kv.repeat_interleave(self.dims.kv_group_size, dim=0)
 
     def mlp_read_stage(self, layer: int) -> int:
-        return 2 * layer if self.dims.parallel_residual else 2 * layer + 1
+        return read_stage(self.dims, "mlp", layer)
 
     # --- nodes ------------------------------------------------------------------------------
 
@@ -707,15 +710,7 @@ class _Builder:
         return self._mlp_inputs[layer]
 
     def _normalised_mlp_input(self, layer: int) -> torch.Tensor:
-        loc = ALT.RESID_POST_ATTN if not self.dims.parallel_residual else None
-        if loc is None:
-            resid = (
-                self.cap(ALT.RESID_POST_EMBEDDING)
-                if layer == 0
-                else self.cap(ALT.RESID_POST_MLP, layer - 1)
-            )
-        else:
-            resid = self.cap(loc, layer)
+        resid = self.cap(*residual_read_by(self.dims, "mlp", layer))
         gain = self.weight(W.LAYER_NORM_GAIN_PRE_MLP, layer)
         beta = self.weight(W.LAYER_NORM_BIAS_PRE_MLP, layer)
         sigma = self.cap(ALT.MLP_INPUT_LAYER_NORM_SCALE, layer)
@@ -744,7 +739,7 @@ class _Builder:
             return p_row[:, src_pos].T / sigma[src_pos][:, None]
 
         self._record(members, value, constant)
-        stage = torch.full((len(members),), 2 * layer)
+        stage = torch.full((len(members),), read_stage(self.dims, "attn", layer))
         last = max(m[1] for m in members)
         return _Targets([m[2] for m in members], directions, factor, stage, last)
 

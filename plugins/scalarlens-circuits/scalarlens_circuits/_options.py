@@ -15,11 +15,20 @@ import attrs
 from scalarlens import DstConfig
 from scalarlens.exceptions import ConfigError, ModelInputError
 
-__all__ = ["NAMESPACE", "CircuitsOptions", "NodeIndex", "circuits_options"]
+__all__ = ["NAMESPACE", "CircuitsOptions", "NodeIndex", "circuits_options", "read_stage"]
 
 NAMESPACE = "circuits"
 KINDS = ("neuron", "head")
 PATHS = ("q", "k", "v")
+
+
+def read_stage(dims: Any, sublayer: str, layer: int) -> int:
+    """The last write stage (0 embeddings, ``2l+1`` attention, ``2l+2`` MLP at layer ``l``)
+    that ``sublayer`` at ``layer`` reads: attention reads the layer's input; the MLP also reads
+    the layer's attention, except in a parallel-residual block."""
+    if sublayer == "attn" or dims.parallel_residual:
+        return 2 * layer
+    return 2 * layer + 1
 
 
 def _int(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
