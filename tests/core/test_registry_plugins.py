@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 from scalarlens import (
@@ -261,3 +263,36 @@ def test_registry_loads_once_and_get_never_rescans(
     reg.dsts()
     assert calls == []
     assert PassType.BACKWARD in reg.get("mlp.post_act").derivable_pass_types
+
+
+def test_discovery_finds_what_the_standard_library_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Discovery parses only the entry-point files that mention the group; the result is still
+    ``entry_points(group="scalarlens")``: same entry points, same order, and a distribution
+    shadowed by an earlier one of the same name on the path contributes nothing."""
+    from importlib.metadata import entry_points
+
+    from scalarlens._plugins import _entry_points
+
+    def dist(site: Path, name: str, version: str, text: str) -> None:
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(text)
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    dist(first, "sl_shadow", "2.0", "[console_scripts]\nsl-shadow = m:main\n")
+    dist(second, "sl_shadow", "1.0", "[scalarlens]\nshadowed = sl_shadowed_module\n")
+    dist(second, "sl_scripts", "1.0", "[console_scripts]\nscalarlens-tool = scalarlens_tool:main\n")
+    dist(second, "sl_spaced", "1.0", "[console_scripts]\nx = y:z\n\n  [scalarlens]  \nspaced = m\n")
+    monkeypatch.syspath_prepend(str(second))
+    monkeypatch.syspath_prepend(str(first))
+
+    def described(found: Iterable[EntryPoint]) -> list[tuple[str, str, str | None]]:
+        return [(ep.name, ep.value, ep.dist and ep.dist.version) for ep in found]
+
+    ours = described(_entry_points("scalarlens"))
+    assert ours == described(entry_points(group="scalarlens"))
+    assert ("spaced", "m", "1.0") in ours
+    assert "shadowed" not in [name for name, _, _ in ours]
