@@ -53,6 +53,7 @@ from .models._loading import load_model
 
 if TYPE_CHECKING:
     from ._contrast import Progress
+    from ._eager import EagerEvaluation
     from ._registry import Registry
 
 
@@ -92,12 +93,12 @@ def derive(
     plan = make_plan(prepared.requests, adapter.dims.n_layers)
     tokens = prepare_tokens(adapter, prompts_or_tokens)
     baseline_tokens = prepare_baseline(adapter, tokens, baseline, prepared)
-    if objective is None:
-        objective = prepare_objective(adapter, target, distractor)
+    objective = prepare_objective(adapter, target, distractor) if objective is None else objective
     _require_objective(prepared, objective)
     interventions = [*interventions, *plugin_interventions(plan, adapter, registry)]
+    sink = _sink(plan, adapter, tokens, objective, interventions, counter)  # see _eager
     config = prepared.config
-    runs = _run(adapter, plan, tokens, objective, interventions, config)
+    runs = _run(adapter, plan, tokens, objective, interventions, config, sink=sink)
     base_runs = _run_baselines(adapter, plan, baseline_tokens, objective, interventions, config)
     bases: list[RunResult | None] = [*base_runs] if base_runs else [None] * len(runs)
     results = [
@@ -108,8 +109,9 @@ def derive(
             counter=counter,
             objective=objective,
             runs=_other_runs(plan, adapter, run, base, objective, interventions, config, progress),
+            **_evaluated_while_running(sink, b, len(run.tokens)),
         )
-        for run, base in zip(runs, bases, strict=True)
+        for b, (run, base) in enumerate(zip(runs, bases, strict=True))
     ]
     return DerivedScalarStore(
         results, tokens, _metadata(adapter, config, objective, runs, base_runs)
@@ -188,6 +190,35 @@ def _require_objective(prepared: Preparation, objective: Objective | None) -> No
         )
 
 
+def _sink(
+    plan: Plan,
+    adapter: ModelAdapter,
+    tokens: list[list[int]],
+    objective: Objective | None,
+    interventions: Sequence[Intervention],
+    counter: EvaluationCounter | None,
+) -> EagerEvaluation | None:
+    """What the main run evaluates while it runs (``_eager``); ``None`` where nothing can be,
+    the adapter takes no sink, or the run computes its final gradient locally afterwards."""
+    if not getattr(adapter, "accepts_capture_sink", False) or _local_final_gradient(
+        plan, objective, adapter, interventions
+    ):
+        return None
+    from ._eager import EagerEvaluation
+
+    sink = EagerEvaluation(
+        plan, [len(t) for t in tokens], model=adapter, objective=objective, counter=counter
+    )
+    return sink if sink.keys else None
+
+
+def _evaluated_while_running(sink: EagerEvaluation | None, b: int, n_tokens: int) -> dict[str, Any]:
+    """``execute_plan``'s arguments for prompt ``b``'s nodes the sink already evaluated."""
+    if sink is None:
+        return {"n_tokens": n_tokens}
+    return {"evaluated": sink.results(b), "eager": sink.nodes, "n_tokens": n_tokens}
+
+
 def _run(
     adapter: ModelAdapter,
     plan: Plan,
@@ -196,6 +227,8 @@ def _run(
     interventions: Sequence[Intervention],
     config: DstConfig,
     prompt: PromptCombo = PromptCombo.MAIN,
+    *,
+    sink: EagerEvaluation | None = None,
 ) -> list[RunResult]:
     """Capture what the plan needs from the main (or baseline) prompts: one forward, plus a
     backward only where one is needed.  Comparing two prompts, the objective is evaluated on
@@ -212,7 +245,9 @@ def _run(
         runs = adapter.run(tokens, forward, None, interventions=interventions, return_logits=False)
         return [_add_final_gradient(run, objective, adapter, config) for run in runs]
     # Only passed when asked for, so adapters written before memory modes keep working.
-    low = {"memory": config.memory} if config.memory != "default" else {}
+    low: dict[str, Any] = {"memory": config.memory} if config.memory != "default" else {}
+    if sink is not None:
+        low["sink"] = sink
     evaluate = backward or (plan.uses_baseline and objective is not None)
     return adapter.run(
         tokens,

@@ -262,6 +262,29 @@ class RunResult:
     objective_value: float | None = None
 
 
+class CaptureSink(Protocol):
+    """Takes some captures while the model runs instead of the run returning them.
+
+    ``run(..., sink=...)`` hands every capture whose (location, pass) is in ``keys`` to
+    ``offer`` as soon as it exists — one unpadded tensor per prompt, in the accumulation dtype
+    — and leaves it out of ``RunResult.captured``.  A gradient the backward pass never reaches
+    is offered as zeros after the backward, a post-norm scale the model lacks as ones, exactly
+    as ``captured`` would hold them.  The engine uses it to reduce each layer's captures (e.g.
+    act×grad) while the model runs, so they never pile up; it passes ``sink`` only to adapters
+    that declare ``accepts_capture_sink = True`` (``HookedAdapter`` does).
+    """
+
+    @property
+    def keys(self) -> frozenset[tuple[CaptureLocation, PassType]]: ...
+
+    def offer(
+        self,
+        key: tuple[CaptureLocation, PassType],
+        layer: LayerIndex,
+        values: Sequence[torch.Tensor],
+    ) -> None: ...
+
+
 @runtime_checkable
 class ModelAdapter(Protocol):
     """What the engine needs from a model."""

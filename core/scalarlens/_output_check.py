@@ -56,8 +56,15 @@ class OutputChecker:
         self.model_sizes = model_sizes
 
     @classmethod
-    def for_store(cls, raw_store: RawActivationStore, model: ModelAdapter | None) -> OutputChecker:
-        return cls(_n_tokens(raw_store), {} if model is None else model.dims.sizes())
+    def for_store(
+        cls,
+        raw_store: RawActivationStore,
+        model: ModelAdapter | None,
+        n_tokens: int | None = None,
+    ) -> OutputChecker:
+        """``n_tokens`` when known, else read off the store's captures."""
+        known = _n_tokens(raw_store) if n_tokens is None else n_tokens
+        return cls(known, {} if model is None else model.dims.sizes())
 
     def expected(self, deriver: ScalarDeriver) -> tuple[int | None, ...]:
         """Declared sizes, ``None`` where this run cannot know one (no model, no tokens)."""

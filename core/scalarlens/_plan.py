@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -327,13 +327,18 @@ def execute_plan(
     counter: EvaluationCounter | None = None,
     objective: Objective | None = None,
     runs: Mapping[PromptCombo, RawActivationStore] | None = None,
+    evaluated: Mapping[NodeKey, Mapping[LayerIndex, torch.Tensor]] | None = None,
+    eager: frozenset[NodeKey] = frozenset(),
+    n_tokens: int | None = None,
 ) -> dict[DstAndPass, ActivationsAndMetadata]:
     """Evaluate every node once, layer by layer, and return the requested results.
 
     ``raw_store`` holds the main prompt's captures; ``runs`` the other runs a plan comparing
     two prompts reads (the baseline's captures, integrated gradients, patched objectives).
     ``objective`` is what ``ctx.objective`` shows kernels (resolved for this prompt); DSTs
-    declared with ``needs_objective=True`` refuse to run without one.
+    declared with ``needs_objective=True`` refuse to run without one.  ``eager`` nodes ran
+    while the model ran (``_eager``; ``evaluated``: their values still needed); the captures
+    only they read are not in ``raw_store``, so ``n_tokens`` gives the prompt's length.
 
     Intermediate results are dropped as soon as their last consumer has run, so peak memory is
     bounded by what is live, not by the whole DAG.  Kernels run isolated (``_guard``): none can
@@ -351,17 +356,20 @@ def execute_plan(
                 for producer in edge.producers:
                     remaining_uses[producer] += 1
     requested = {key for key, _ in plan.requests}
-    checker = OutputChecker.for_store(raw_store, model)
-    info = _objective_info(plan, objective, checker.n_tokens)
+    checker = OutputChecker.for_store(raw_store, model, n_tokens)
+    info = objective_info(plan, objective, checker.n_tokens)
     storages = model_storages(model)
 
     results: dict[NodeKey, dict[LayerIndex, torch.Tensor]] = {}
     with torch.no_grad():
         for node in plan.nodes:
-            ctx = DeriveContext(node.pass_type, node.deriver.config, node.dst, model, info)
-            results[node.key] = _evaluate(
-                node, ctx, plan, stores, results, checker, counter, storages
-            )
+            if node.key in eager:
+                results[node.key] = dict((evaluated or {}).get(node.key, {}))
+            else:
+                ctx = DeriveContext(node.pass_type, node.deriver.config, node.dst, model, info)
+                results[node.key] = _evaluate(
+                    node, ctx, plan, stores, results, checker, counter, storages
+                )
             for edge in node.edges:
                 if isinstance(edge, NodeEdge):
                     for producer in edge.producers:
@@ -369,6 +377,13 @@ def execute_plan(
                         if remaining_uses[producer] == 0 and producer not in requested:
                             del results[producer]
 
+    return _requested(plan, results)
+
+
+def _requested(
+    plan: Plan, results: Mapping[NodeKey, Mapping[LayerIndex, torch.Tensor]]
+) -> dict[DstAndPass, ActivationsAndMetadata]:
+    """The requested DSTs' values, one entry per (DST, pass)."""
     final: dict[DstAndPass, ActivationsAndMetadata] = {}
     for key, layers in plan.requests:
         dst, _, pass_type, _ = key
@@ -398,9 +413,10 @@ def _check_runs(plan: Plan, stores: Mapping[PromptCombo, RawActivationStore]) ->
         )
 
 
-def _objective_info(
+def objective_info(
     plan: Plan, objective: Objective | None, n_tokens: int | None
 ) -> ObjectiveInfo | None:
+    """What ``ctx.objective`` shows kernels for a prompt of ``n_tokens`` tokens."""
     if objective is None:
         users = [n.dst.name for n in plan.nodes if n.dst.needs_objective]
         if users:
@@ -426,30 +442,55 @@ def _evaluate(
 ) -> dict[LayerIndex, torch.Tensor]:
     """One node's value on every layer it is needed at."""
     expected = checker.expected(node.deriver)
-    kernel = node.deriver.tensor_calculate_derived_scalar_fn
     out: dict[LayerIndex, torch.Tensor] = {}
     for layer in sorted(node.layers, key=lambda x: -1 if x is None else x):
         inputs = tuple(
             _input(edge, layer, plan.n_layers, stores, results, node) for edge in node.edges
         )
-        value = run_kernel(
-            kernel,
-            inputs,
-            layer,
+        out[layer] = evaluate_layer(
+            node,
             ctx,
-            who=functools.partial(_who, node, layer),
-            describe_input=lambda i: str(node.edges[i].source.describe()),
-            model_storages=storages,
+            layer,
+            inputs,
+            checker,
+            expected,
+            counter,
+            storages,
+            describe=lambda i: str(node.edges[i].source.describe()),
         )
-        if counter is not None:
-            counter.by_dst[node.dst.name] += 1
-        passed_through = any(value is tensor for tensor in inputs)
-        checker.check(
-            value, node.deriver, node.pass_type, layer, expected, finite=not passed_through
-        )
-        if node.deriver.config.device is not None:
-            value = value.to(node.deriver.config.device)
-        out[layer] = value.detach()
+    return out
+
+
+def evaluate_layer(
+    node: PlanNode,
+    ctx: DeriveContext,
+    layer: LayerIndex,
+    inputs: tuple[torch.Tensor | None, ...],
+    checker: OutputChecker,
+    expected: tuple[int | None, ...],
+    counter: EvaluationCounter | None,
+    storages: frozenset[int],
+    *,
+    describe: Callable[[int], str],
+) -> torch.Tensor:
+    """One kernel call, isolated and checked: the one way every node is evaluated, after the
+    run here or while it runs (``_eager``), so both give the same bits."""
+    value = run_kernel(
+        node.deriver.tensor_calculate_derived_scalar_fn,
+        inputs,
+        layer,
+        ctx,
+        who=functools.partial(_who, node, layer),
+        describe_input=describe,
+        model_storages=storages,
+    )
+    if counter is not None:
+        counter.by_dst[node.dst.name] += 1
+    passed_through = any(value is tensor for tensor in inputs)
+    checker.check(value, node.deriver, node.pass_type, layer, expected, finite=not passed_through)
+    if node.deriver.config.device is not None:
+        value = value.to(node.deriver.config.device)
+    out: torch.Tensor = value.detach()
     return out
 
 

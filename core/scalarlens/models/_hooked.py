@@ -40,6 +40,7 @@ from .._model import (
     LOGIT_OBJECTIVES,
     CallableObjective,
     CaptureRequest,
+    CaptureSink,
     DirectionObjective,
     Intervention,
     LogitDiffObjective,
@@ -109,6 +110,11 @@ class _RunState:
         factory=dict
     )
     objective_tensor: torch.Tensor | None = None
+    # Captures handed to the engine as they are made instead of being returned (see
+    # ``CaptureSink``), with what has been offered so far and the dtype it is offered in.
+    sink: CaptureSink | None = None
+    sink_dtype: torch.dtype | None = None
+    offered: set[tuple[_Key, LayerIndex]] = attrs.field(factory=set)
     # True while a checkpointed layer is being recomputed for the backward pass (low memory):
     # hooks then apply interventions exactly as before but capture nothing a second time.
     recomputing: bool = False
@@ -181,22 +187,44 @@ class _RunState:
             self.objective_tensor = tensor
         fwd_key = (location, PassType.FORWARD)
         if layer in self.plan.get(fwd_key, ()):
-            self.forward_values.setdefault(fwd_key, {})[layer] = _split_prompts(
-                location, tensor, self.lengths
-            )
+            self._keep(fwd_key, layer, _split_prompts(location, tensor, self.lengths))
         bwd_key = (location, PassType.BACKWARD)
         if layer in self.plan.get(bwd_key, ()):
             self.seen_shapes[(location, layer)] = [
                 tuple(tensor[b][_token_index(location, n)].shape)
                 for b, n in enumerate(self.lengths)
             ]
-            store = self.grads.setdefault(bwd_key, {})
 
             def save_grad(grad: torch.Tensor, _layer: LayerIndex = layer) -> None:
-                store[_layer] = _split_prompts(location, grad, self.lengths)
+                self._keep(bwd_key, _layer, _split_prompts(location, grad, self.lengths))
 
             tensor.register_hook(save_grad)  # type: ignore[no-untyped-call]
         return tensor
+
+    def _keep(self, key: _Key, layer: LayerIndex, values: list[torch.Tensor]) -> None:
+        """Store a capture for the run's result, or hand it to the sink that takes it."""
+        if self.sink is not None and key in self.sink.keys:
+            self.offered.add((key, layer))
+            dtype = self.sink_dtype
+            self.sink.offer(key, layer, [v if v.dtype == dtype else v.to(dtype) for v in values])
+            return
+        values_of = self.forward_values if key[1] is PassType.FORWARD else self.grads
+        values_of.setdefault(key, {})[layer] = values
+
+    def offer_the_rest(self, dtype: torch.dtype, device: torch.device) -> None:
+        """After the run: offer the sink what the model never produced, as ``captured`` fills
+        it (zero gradients the backward did not reach, unit scales of absent post-norms)."""
+        if self.sink is None:
+            return
+        for key, layers in self.plan.items():
+            if key not in self.sink.keys:
+                continue
+            for layer in sorted(layers, key=lambda x: -1 if x is None else x):
+                if (key, layer) not in self.offered:
+                    prompts = range(len(self.lengths))
+                    self._keep(
+                        key, layer, [self._fill(key, layer, b, dtype, device) for b in prompts]
+                    )
 
     def captured(
         self, b: int, dtype: torch.dtype, device: torch.device
@@ -204,23 +232,33 @@ class _RunState:
         """Prompt ``b``'s captures; a gradient the backward never reached is exact zeros."""
         out: dict[_Key, dict[LayerIndex, torch.Tensor]] = {}
         for key, layers in self.plan.items():
-            location, pass_type = key
+            pass_type = key[1]
             source = (self.forward_values if pass_type is PassType.FORWARD else self.grads).get(
                 key, {}
             )
+            if self.sink is not None and key in self.sink.keys:
+                continue  # handed over while the model ran
             per_layer: dict[LayerIndex, torch.Tensor] = {}
             for layer in sorted(layers, key=lambda x: -1 if x is None else x):
                 if layer in source:
                     per_layer[layer] = source[layer][b]
-                elif (location, layer) not in self.seen_shapes and location in POST_NORM_SCALES:
-                    # The model has no such norm: the identity, scale 1 (gradient 0).
-                    fill = torch.ones if pass_type is PassType.FORWARD else torch.zeros
-                    per_layer[layer] = fill((self.lengths[b], 1), dtype=dtype, device=device)
-                else:  # the objective does not depend on this value: its gradient is zero
-                    shape = self.seen_shapes[(location, layer)][b]
-                    per_layer[layer] = torch.zeros(shape, dtype=dtype, device=device)
+                else:
+                    per_layer[layer] = self._fill(key, layer, b, dtype, device)
             out[key] = per_layer
         return out
+
+    def _fill(
+        self, key: _Key, layer: LayerIndex, b: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Prompt ``b``'s value of a capture the model never produced."""
+        location, pass_type = key
+        if (location, layer) not in self.seen_shapes and location in POST_NORM_SCALES:
+            # The model has no such norm: the identity, scale 1 (gradient 0).
+            fill = torch.ones if pass_type is PassType.FORWARD else torch.zeros
+            return fill((self.lengths[b], 1), dtype=dtype, device=device)
+        # The objective does not depend on this value: its gradient is zero.
+        shape = self.seen_shapes[(location, layer)][b]
+        return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class HookedAdapter:
@@ -298,6 +336,9 @@ class HookedAdapter:
 
     recomputes_layers = False
     """Whether ``_forward_model`` honours ``checkpoint`` (``memory="low"``)."""
+
+    accepts_capture_sink = True
+    """``run`` takes ``sink=`` (``CaptureSink``): every hooked adapter does."""
 
     # --- protocol properties ------------------------------------------------------------
 
@@ -554,13 +595,14 @@ class HookedAdapter:
         detach_final_ln_scale: bool = False,
         return_logits: bool = True,
         memory: str = "default",
+        sink: CaptureSink | None = None,
     ) -> list[RunResult]:
         """One padded forward pass (and one backward when a BACKWARD capture is requested).
 
         The backward runs only when some capture asks for ``PassType.BACKWARD``; an objective
         without backward captures is just evaluated (``RunResult.objective_value``).  Per-prompt
         objectives are summed before the single backward, which is exact because prompts never
-        interact.
+        interact.  ``sink`` takes the captures it names as they are made (``CaptureSink``).
         """
         prompts = self._validate_tokens(tokens)
         self._check_memory(memory)
@@ -576,17 +618,16 @@ class HookedAdapter:
             detach_final_ln_scale=detach_final_ln_scale,
             objective_site=site_key,
             lengths=lengths,
+            sink=sink,
+            sink_dtype=self.accumulation_dtype,
         )
         wants_logits = return_logits or any(k[0] is ALT.LOGITS for k in plan)
         unembed = wants_logits or objective is not None
-        rows = None
-        if not wants_logits and isinstance(objective, (LogitDiffObjective, LogProbObjective)):
-            # The objective reads one position per prompt: unembed that row only (T×V → 1×V).
-            positions = [resolve_position(objective.position, n) for n in lengths]
-            rows = torch.tensor(positions, dtype=torch.long, device=self.device)
+        rows = None if wants_logits else self._objective_rows(objective, lengths)
         low = memory == "low" and backward
         logits, values = self._forward_backward(prompts, state, objective, unembed, rows, low)
         _check_all_produced(state)
+        state.offer_the_rest(self.dtype, self.device)
         return [
             RunResult(
                 tokens=tuple(ids),
@@ -600,6 +641,16 @@ class HookedAdapter:
             )
             for b, ids in enumerate(prompts)
         ]
+
+    def _objective_rows(
+        self, objective: Objective | None, lengths: Sequence[int]
+    ) -> torch.Tensor | None:
+        """The one position per prompt a logit objective reads: unembed only that row
+        (``T×V → 1×V``); ``None`` when the objective needs more."""
+        if not isinstance(objective, (LogitDiffObjective, LogProbObjective)):
+            return None
+        positions = [resolve_position(objective.position, n) for n in lengths]
+        return torch.tensor(positions, dtype=torch.long, device=self.device)
 
     def _check_objective(
         self,
@@ -697,6 +748,7 @@ def _check_all_produced(state: _RunState) -> None:
         for layer in layers
         if layer
         not in (state.forward_values if key[1] is PassType.FORWARD else state.grads).get(key, {})
+        and (key, layer) not in state.offered
         and (key[1] is PassType.FORWARD or (key[0], layer) not in state.seen_shapes)
         and key[0] not in POST_NORM_SCALES
     ]
