@@ -198,3 +198,57 @@ def test_kernels_that_call_into_the_model_wait_for_the_run_to_end() -> None:
     )
     assert deferred == [name]
     assert torch.equal(store.get(name), reference.get(name))
+
+
+def test_low_memory_captures_each_activation_when_its_layer_is_recomputed() -> None:
+    """With ``memory="low"`` a layer's activations are captured when the backward pass
+    recomputes that layer, next to their gradients, so no layer's activations wait from the
+    forward pass (the default mode holds every layer's until its gradient arrives)."""
+    dsts = ["attn.act_times_grad_per_token", "mlp.act_times_grad"]
+    original = EagerEvaluation._evaluate
+    most: dict[str, int] = {}
+
+    for memory in ("default", "low"):
+
+        def watching(self: EagerEvaluation, b: int, job: object, memory: str = memory) -> None:
+            held = {x[2] for x in self._available[b] if x[1][1] is PassType.FORWARD}
+            most[memory] = max(most.get(memory, 0), len(held))
+            original(self, b, job)  # type: ignore[arg-type]
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(EagerEvaluation, "_evaluate", watching)
+            scalarlens.derive(
+                tiny_adapter(),
+                [TOKENS],
+                dsts,
+                target=4,
+                distractor=11,
+                config=DstConfig(memory=memory),
+            )
+    assert most == {"default": 3, "low": 1}
+
+
+def test_a_logit_difference_unembeds_two_columns_with_the_same_result() -> None:
+    """The local gradient at the final residual reads two unembedding columns; an adapter whose
+    ``logits_from_final_residual`` takes no ``columns=`` unembeds all V and agrees."""
+    adapter = tiny_adapter()
+    resid = torch.randn(5, adapter.dims.d_model, dtype=torch.float64)
+    full = adapter.logits_from_final_residual(resid)
+    assert torch.allclose(
+        adapter.logits_from_final_residual(resid, columns=[4, 11]), full[:, [4, 11]], atol=1e-12
+    )
+
+    class AllColumns(type(adapter)):  # type: ignore[misc]
+        def logits_from_final_residual(
+            self, resid: torch.Tensor, *, detach_ln_scale: bool = False
+        ) -> torch.Tensor:
+            return super().logits_from_final_residual(resid, detach_ln_scale=detach_ln_scale)
+
+    old = tiny_adapter()
+    old.__class__ = AllColumns
+    name = "mlp.write_to_final_residual_grad"
+    new_way = scalarlens.derive(adapter, [TOKENS], name, target=4, distractor=11)
+    old_way = scalarlens.derive(old, [TOKENS], name, target=4, distractor=11)
+    for layer in range(3):
+        assert torch.allclose(new_way.get(name, layer), old_way.get(name, layer), atol=1e-12)
+        assert float(new_way.get(name, layer).abs().max()) > 0

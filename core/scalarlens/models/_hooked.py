@@ -116,8 +116,12 @@ class _RunState:
     sink_dtype: torch.dtype | None = None
     offered: set[tuple[_Key, LayerIndex]] = attrs.field(factory=set)
     # True while a checkpointed layer is being recomputed for the backward pass (low memory):
-    # hooks then apply interventions exactly as before but capture nothing a second time.
+    # hooks then apply interventions exactly as before but capture nothing a second time —
+    # except the forward values awaiting the recomputation (see ``_awaits_recomputation``).
     recomputing: bool = False
+    recompute_captures: bool = False
+    in_first_run_of_layer: bool = False
+    awaiting: set[tuple[_Key, LayerIndex]] = attrs.field(factory=set)
 
     def checkpoint(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one layer ``fn(*args, **kwargs)`` without keeping its intermediate tensors for
@@ -135,12 +139,15 @@ class _RunState:
             nonlocal calls
             calls += 1
             self.recomputing = calls > 1
+            self.in_first_run_of_layer = calls == 1
             try:
                 return fn(*a, **kw)
             finally:
-                self.recomputing = False
+                self.recomputing = self.in_first_run_of_layer = False
 
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        # Without early stop the recomputation runs the whole layer, so every hook in it fires.
+        early_stop = not self.recompute_captures
+        return checkpoint(run, *args, use_reentrant=False, early_stop=early_stop, **kwargs)
 
     def touches(self, location: ALT, layer: LayerIndex) -> bool:
         """Whether this run captures or intervenes at ``location`` and ``layer`` (an adapter may
@@ -181,13 +188,19 @@ class _RunState:
             # A constant (embedding sum, detached scale, value an intervention wrote): make it
             # a leaf so its own gradient is still observed, while nothing flows upstream.
             tensor = tensor.detach().requires_grad_(True)
+        fwd_key = (location, PassType.FORWARD)
         if self.recomputing:  # captured (and hooked for gradients) on the first run
+            if (fwd_key, layer) in self.awaiting:
+                self.awaiting.remove((fwd_key, layer))
+                self._keep(fwd_key, layer, _split_prompts(location, tensor, self.lengths))
             return tensor
         if self.objective_site == (location, layer):
             self.objective_tensor = tensor
-        fwd_key = (location, PassType.FORWARD)
         if layer in self.plan.get(fwd_key, ()):
-            self._keep(fwd_key, layer, _split_prompts(location, tensor, self.lengths))
+            if self._awaits_recomputation(fwd_key, layer):
+                self.awaiting.add((fwd_key, layer))
+            else:
+                self._keep(fwd_key, layer, _split_prompts(location, tensor, self.lengths))
         bwd_key = (location, PassType.BACKWARD)
         if layer in self.plan.get(bwd_key, ()):
             self.seen_shapes[(location, layer)] = [
@@ -200,6 +213,24 @@ class _RunState:
 
             tensor.register_hook(save_grad)  # type: ignore[no-untyped-call]
         return tensor
+
+    def _awaits_recomputation(self, key: _Key, layer: LayerIndex) -> bool:
+        """Whether a forward value the sink takes is captured when its layer is recomputed in
+        the backward pass (low memory) rather than now, so that no layer's activations are held
+        from the forward pass until its gradient arrives.
+
+        Only inside a checkpointed layer the backward pass is sure to recompute: every layer
+        for an objective on the logits, the layers before a node or direction objective's; and
+        never with interventions (one could cut a layer off from the objective).
+        """
+        if not (self.recompute_captures and self.in_first_run_of_layer):
+            return False
+        if self.sink is None or key not in self.sink.keys or self.interventions:
+            return False
+        site = self.objective_site
+        if site is None:
+            return True
+        return isinstance(layer, int) and isinstance(site[1], int) and layer < site[1]
 
     def _keep(self, key: _Key, layer: LayerIndex, values: list[torch.Tensor]) -> None:
         """Store a capture for the run's result, or hand it to the sink that takes it."""
@@ -620,6 +651,7 @@ class HookedAdapter:
             lengths=lengths,
             sink=sink,
             sink_dtype=self.accumulation_dtype,
+            recompute_captures=memory == "low" and backward and sink is not None,
         )
         wants_logits = return_logits or any(k[0] is ALT.LOGITS for k in plan)
         unembed = wants_logits or objective is not None
@@ -742,6 +774,12 @@ def _upcast(
 
 def _check_all_produced(state: _RunState) -> None:
     """Every requested forward capture was produced (a plugin location needs its ``emit``)."""
+    if state.awaiting:  # _awaits_recomputation promised a recomputation that never came
+        never = sorted((key[0].value, layer) for key, layer in state.awaiting)
+        raise RuntimeError(
+            f"{never} were left for the backward pass's recomputation, which never ran them; "
+            "please report this with the objective used (memory='default' avoids it)"
+        )
     missing = [
         (key[0].value, layer)
         for key, layers in state.plan.items()
