@@ -314,6 +314,24 @@ _HEAD_LOCATIONS = (
 )
 
 
+_TAKES_COLUMNS: dict[type, bool] = {}
+
+
+def _unembeds_columns(adapter_type: type) -> bool:
+    """Whether the adapter's ``logits_from_final_residual`` takes ``columns=`` (optional)."""
+    known = _TAKES_COLUMNS.get(adapter_type)
+    if known is None:
+        import inspect
+
+        method = getattr(adapter_type, "logits_from_final_residual", None)
+        try:
+            known = method is not None and "columns" in inspect.signature(method).parameters
+        except (TypeError, ValueError):  # a C-level callable: assume the old signature
+            known = False
+        _TAKES_COLUMNS[adapter_type] = known
+    return known
+
+
 def _with_final_residual(captures: list[CaptureRequest], n_layers: int) -> list[CaptureRequest]:
     last = frozenset({n_layers - 1})
     for i, capture in enumerate(captures):
@@ -343,10 +361,16 @@ def _add_final_gradient(
         objective = attrs.evolve(objective, position=0)
     with torch.enable_grad():
         leaf = resid[rows].detach().requires_grad_()
-        logits = adapter.logits_from_final_residual(
-            leaf, detach_ln_scale=config.detach_final_ln_scale
-        )
-        value = logits_objective(objective, logits)
+        detach = config.detach_final_ln_scale
+        readout: Any = adapter  # the optional ``columns=`` is not in the protocol
+        if isinstance(objective, LogitDiffObjective) and _unembeds_columns(type(readout)):
+            # ... and of that row's V logits the difference reads two.
+            pair = [objective.target, objective.distractor]
+            two = readout.logits_from_final_residual(leaf, detach_ln_scale=detach, columns=pair)
+            value = two[0, 0] - two[0, 1]
+        else:
+            logits = adapter.logits_from_final_residual(leaf, detach_ln_scale=detach)
+            value = logits_objective(objective, logits)
         (row_grad,) = torch.autograd.grad(value, leaf)
     grad = torch.zeros_like(resid)
     grad[rows] = row_grad

@@ -345,7 +345,11 @@ class FinalResidualReadout(Protocol):
     def logits_from_final_residual(
         self, resid: torch.Tensor, *, detach_ln_scale: bool = False
     ) -> torch.Tensor:
-        """``…×V`` logits from the residual entering the final norm, differentiably."""
+        """``…×V`` logits from the residual entering the final norm, differentiably.
+
+        May also accept ``columns=`` (vocabulary ids) and return only those logits: a logit
+        difference then unembeds two columns, not all ``V`` (``derive`` checks the signature).
+        """
         ...
 
 

@@ -8,7 +8,7 @@ weights live and how to run it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -226,14 +226,22 @@ class GPT2Adapter(HookedAdapter):
         return pre, mlp.act(pre)
 
     def logits_from_final_residual(
-        self, resid: torch.Tensor, *, detach_ln_scale: bool = False
+        self,
+        resid: torch.Tensor,
+        *,
+        detach_ln_scale: bool = False,
+        columns: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """``T×V`` logits from the residual entering the final LayerNorm, differentiably.
+        """``T×V`` logits from the residual entering the final LayerNorm, differentiably
+        (``T×len(columns)``, those vocabulary ids only, when ``columns`` is given).
 
         Lets ``derive`` take the objective's gradient at the final residual locally — through
         ``ln_f`` and the unembedding only — when that is the only gradient a plan needs.
         """
-        return self.final_norm(resid, detach_scale=detach_ln_scale) @ self._model.unembedding().T
+        unembedding = self._model.unembedding()
+        if columns is not None:
+            unembedding = unembedding[list(columns)]
+        return self.final_norm(resid, detach_scale=detach_ln_scale) @ unembedding.T
 
     def _forward_model(
         self,

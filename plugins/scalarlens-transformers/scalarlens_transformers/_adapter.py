@@ -9,7 +9,7 @@ dimensions, the hooked forward pass (:mod:`._hooks`, :mod:`._attention`) and the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -176,13 +176,27 @@ class HFAdapter(HookedAdapter):
         return forward(resid)
 
     def logits_from_final_residual(
-        self, resid: torch.Tensor, *, detach_ln_scale: bool = False
+        self,
+        resid: torch.Tensor,
+        *,
+        detach_ln_scale: bool = False,
+        columns: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Logits (soft-capped where the model caps) from the residual entering the final norm."""
+        """Logits (soft-capped where the model caps) from the residual entering the final norm;
+        only the vocabulary ids in ``columns`` when given (a logit difference reads two)."""
         normed = self.final_norm(resid, detach_scale=detach_ln_scale)
         # Residuals arrive in the accumulation dtype (float32 for a bf16 model).
-        logits = self._lm_head(normed.to(self.dtype)).to(resid.dtype)
-        return self._cap(logits)
+        if columns is None:
+            logits = self._lm_head(normed.to(self.dtype))
+        else:
+            rows = list(columns)
+            bias = self._lm_head.bias
+            logits = torch.nn.functional.linear(
+                normed.to(self.dtype),
+                self._lm_head.weight[rows],
+                None if bias is None else bias[rows],
+            )
+        return self._cap(logits.to(resid.dtype))
 
     # --- reconstitution (scalarlens.Reconstitutable) -----------------------------------------
 

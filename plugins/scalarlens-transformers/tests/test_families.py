@@ -289,3 +289,14 @@ def test_low_memory_mode_is_bit_identical(model_type: str, root: str) -> None:
                 a = stores[0].get(key.dst, layer, key.pass_type, prompt=p)
                 b = stores[1].get(key.dst, layer, key.pass_type, prompt=p)
                 assert torch.equal(a, b), (key, layer, p)
+
+
+@FAMILIES
+def test_logits_of_a_few_columns_equal_those_of_all(model_type: str, root: str) -> None:
+    """``columns=`` (what a logit difference reads) gives the full logits' columns, soft-cap
+    included."""
+    adapter = adapter_for(model_type, root)
+    resid = torch.randn(3, adapter.dims.d_model, generator=torch.Generator().manual_seed(0))
+    full = adapter.logits_from_final_residual(resid)
+    some = adapter.logits_from_final_residual(resid, columns=[TARGET, DISTRACTOR, 3])
+    assert close(some, full[:, [TARGET, DISTRACTOR, 3]], tol=1e-6)
