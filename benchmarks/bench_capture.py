@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 N_TOKENS = (128, 512)
 RUNS = 5
@@ -40,30 +41,73 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _live_bytes_reader() -> Callable[[], int] | None:
+    """Bytes malloc has handed out and not taken back (glibc ``mallinfo2``), or ``None``.
+
+    RSS growth also counts freed heap memory glibc keeps, so it depends on what ran before
+    (a warm-up that freed 100 MB hides 100 MB of the measured run); live bytes do not.
+    """
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+            ).split()
+        ]
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        return None
+    mallinfo2.restype = MallInfo2
+
+    def live() -> int:
+        info = mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    return live
+
+
 class PeakSampler:
-    """Highest RSS seen while the ``with`` block runs, minus the RSS at entry."""
+    """Highest RSS seen while the ``with`` block runs, minus the RSS at entry; likewise the
+    live malloc bytes where glibc reports them (``live_above_baseline``, else ``None``)."""
 
     def __enter__(self) -> PeakSampler:
+        self._live = _live_bytes_reader()
         self.base = _rss()
         self.peak = self.base
+        self.live_base = self.live_peak = self._live() if self._live else 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    def _sample(self) -> None:
+        self.peak = max(self.peak, _rss())
+        if self._live is not None:
+            self.live_peak = max(self.live_peak, self._live())
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
+            self._sample()
             time.sleep(0.001)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self._sample()
 
     @property
     def above_baseline(self) -> int:
         return self.peak - self.base
+
+    @property
+    def live_above_baseline(self) -> int | None:
+        return None if self._live is None else self.live_peak - self.live_base
 
 
 def worker_memory(case: str, n_tokens: int) -> dict[str, float]:
