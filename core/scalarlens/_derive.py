@@ -200,9 +200,10 @@ def _sink(
 ) -> EagerEvaluation | None:
     """What the main run evaluates while it runs (``_eager``); ``None`` where nothing can be,
     the adapter takes no sink, or the run computes its final gradient locally afterwards."""
-    if not getattr(adapter, "accepts_capture_sink", False) or _local_final_gradient(
-        plan, objective, adapter, interventions
-    ):
+    takes_sink = getattr(adapter, "accepts_capture_sink", False) and _has_parameter(
+        type(adapter), "run", "sink"
+    )
+    if not takes_sink or _local_final_gradient(plan, objective, adapter, interventions):
         return None
     from ._eager import EagerEvaluation
 
@@ -314,22 +315,29 @@ _HEAD_LOCATIONS = (
 )
 
 
-_TAKES_COLUMNS: dict[type, bool] = {}
+_PARAMETERS: dict[tuple[type, str, str], bool] = {}
 
 
-def _unembeds_columns(adapter_type: type) -> bool:
-    """Whether the adapter's ``logits_from_final_residual`` takes ``columns=`` (optional)."""
-    known = _TAKES_COLUMNS.get(adapter_type)
+def _has_parameter(adapter_type: type, method_name: str, parameter: str) -> bool:
+    """Whether an adapter's method takes an optional keyword added after adapters were
+    written (``run(sink=)``, ``logits_from_final_residual(columns=)``); a subclass that
+    overrides the method with the older signature keeps working."""
+    key = (adapter_type, method_name, parameter)
+    known = _PARAMETERS.get(key)
     if known is None:
         import inspect
 
-        method = getattr(adapter_type, "logits_from_final_residual", None)
+        method = getattr(adapter_type, method_name, None)
         try:
-            known = method is not None and "columns" in inspect.signature(method).parameters
+            known = method is not None and parameter in inspect.signature(method).parameters
         except (TypeError, ValueError):  # a C-level callable: assume the old signature
             known = False
-        _TAKES_COLUMNS[adapter_type] = known
+        _PARAMETERS[key] = known
     return known
+
+
+def _unembeds_columns(adapter_type: type) -> bool:
+    return _has_parameter(adapter_type, "logits_from_final_residual", "columns")
 
 
 def _with_final_residual(captures: list[CaptureRequest], n_layers: int) -> list[CaptureRequest]:

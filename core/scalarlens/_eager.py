@@ -24,6 +24,7 @@ until then.  Deferring is always correct; it only gives up the memory saving.
 from __future__ import annotations
 
 import functools
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -163,6 +164,9 @@ class EagerEvaluation:
         self.nodes, self.keys = eager_nodes(plan)
         self._plan = plan
         self._lengths = list(lengths)
+        self._lock = threading.RLock()
+        self._holding = False
+        self._held: list[list[_Job]] = [[] for _ in lengths]
         self._model: Any = _ModelWhileRunning(model)
         self._real_model = model
         self._deferred: list[list[_Job]] = [[] for _ in lengths]
@@ -183,6 +187,7 @@ class EagerEvaluation:
                     assert needed is not None
                     self._waiting.setdefault(needed, []).append((key, layer))
                     self._reads[needed] += 1
+        self._unstarted = [job for job, inputs in self._inputs.items() if not set(inputs) - {None}]
         requested = {key for key, _ in plan.requests}
         read_later = {
             producer
@@ -214,10 +219,34 @@ class EagerEvaluation:
             return ("raw", edge.producer, source_layer)
         return ("node", edge.producers[0], source_layer)
 
-    def offer(self, key: RawKey, layer: LayerIndex, values: Sequence[torch.Tensor]) -> None:
-        """Prompt by prompt, the capture ``key`` at ``layer`` (one tensor per prompt)."""
-        for b, value in enumerate(values):
-            self._arrive(b, ("raw", key, layer), value)
+    def offer(
+        self,
+        key: RawKey,
+        layer: LayerIndex,
+        values: Sequence[torch.Tensor],
+        *,
+        hold: bool = False,
+    ) -> None:
+        """Prompt by prompt, the capture ``key`` at ``layer`` (one tensor per prompt).
+
+        ``hold``: the model is inside a layer it will recompute (checkpointed), where any
+        autograd a kernel ran would be taken over by the checkpoint (and ``torch.func`` refuses
+        to run at all): jobs that become ready wait for the next offer outside such a layer, or
+        the end of the run.  Serialised: a model spread over several devices runs gradient hooks
+        on one autograd thread per device.
+        """
+        with self._lock:
+            self._holding = hold
+            try:
+                if not hold:
+                    for b, held in enumerate(self._held):
+                        self._held[b] = []
+                        for job in held:
+                            self._evaluate(b, job)
+                for b, value in enumerate(values):
+                    self._arrive(b, ("raw", key, layer), value)
+            finally:
+                self._holding = False
 
     def results(self, b: int) -> dict[NodeKey, dict[LayerIndex, torch.Tensor]]:
         """Prompt ``b``'s eager values that ``execute_plan`` needs, then forgets them.
@@ -228,7 +257,10 @@ class EagerEvaluation:
             self._model = self._real_model
             for contexts in self._contexts:
                 contexts.clear()
-        deferred, self._deferred[b] = self._deferred[b], []
+        # Jobs still held, jobs whose inputs are all NOT_NEEDED (a causal source before its
+        # range: no input ever arrived to start them), then the jobs deferred during the run.
+        deferred = [*self._held[b], *self._unstarted, *self._deferred[b]]
+        self._held[b], self._deferred[b] = [], []
         for job in deferred:
             self._evaluate(b, job)
         unfinished = [job for job, missing in self._missing[b].items() if missing]
@@ -245,7 +277,10 @@ class EagerEvaluation:
         for job in self._waiting.get(what, ()):
             self._missing[b][job] -= 1
             if self._missing[b][job] == 0:
-                self._evaluate(b, job)
+                if self._holding:
+                    self._held[b].append(job)
+                else:
+                    self._evaluate(b, job)
 
     def _evaluate(self, b: int, job: _Job) -> None:
         import torch

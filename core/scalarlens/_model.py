@@ -282,7 +282,12 @@ class CaptureSink(Protocol):
         key: tuple[CaptureLocation, PassType],
         layer: LayerIndex,
         values: Sequence[torch.Tensor],
-    ) -> None: ...
+        *,
+        hold: bool = False,
+    ) -> None:
+        """``hold=True`` while the model is inside a layer it will recompute (a checkpointed
+        layer with ``memory="low"``): the sink must not run autograd until a later offer."""
+        ...
 
 
 @runtime_checkable

@@ -56,10 +56,10 @@ def test_eager_evaluation_is_bit_identical_for_every_dst(memory: str, objective:
     offers = 0
     original = EagerEvaluation.offer
 
-    def counting(self: EagerEvaluation, *args: object) -> None:
+    def counting(self: EagerEvaluation, *args: object, **kwargs: object) -> None:
         nonlocal offers
         offers += 1
-        original(self, *args)  # type: ignore[arg-type]
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(EagerEvaluation, "offer", counting)
@@ -252,3 +252,85 @@ def test_a_logit_difference_unembeds_two_columns_with_the_same_result() -> None:
     for layer in range(3):
         assert torch.allclose(new_way.get(name, layer), old_way.get(name, layer), atol=1e-12)
         assert float(new_way.get(name, layer).abs().max()) > 0
+
+
+PREVIOUS_LAYER_PLUGIN = """
+import torch
+from scalarlens import (PREVIOUS_LAYER, ActivationLocationType, DerivedScalarType, Dimension,
+                        NodeType, PassType, RawScalarSource, ScalarDeriver, hookimpl)
+
+THE_DST = DerivedScalarType("prev.resid", (Dimension.TOKENS, Dimension.RESIDUAL_STREAM_CHANNELS),
+                            NodeType.RESIDUAL_STREAM_CHANNEL, description="previous layer's")
+
+def kernel(inputs, layer, ctx):
+    x = inputs[0]
+    return torch.zeros(3, ctx.dims.d_model) if x is None else x * 2
+
+@hookimpl
+def scalarlens_derivers():
+    source = RawScalarSource(ActivationLocationType.RESID_POST_MLP, PassType.FORWARD,
+                             PREVIOUS_LAYER)
+    return {THE_DST: lambda config: ScalarDeriver(THE_DST, config, (source,), kernel)}
+"""
+
+
+def test_a_layer_whose_only_input_is_not_needed_is_still_derived(
+    make_plugin_dist: Callable[..., str],
+) -> None:
+    """Layer 0 of a previous-layer DST has no input at all: no capture starts it, so it is
+    evaluated after the run (its kernel is called with ``None``, as without eager evaluation)."""
+    make_plugin_dist(PREVIOUS_LAYER_PLUGIN, dist="scalarlens-prev", version="1.0")
+    registry = Registry()
+    model = scalarlens.load_model("tiny-induction")
+    tokens = [1, 2, 3]
+    store = scalarlens.derive(model, [tokens], "prev.resid", registry=registry)
+    reference = scalarlens.derive(_without_sink(model), [tokens], "prev.resid", registry=registry)
+    assert torch.equal(store.get("prev.resid", 0), torch.zeros(3, model.dims.d_model))
+    for layer in range(model.dims.n_layers):
+        assert torch.equal(store.get("prev.resid", layer), reference.get("prev.resid", layer))
+
+
+def test_low_memory_with_a_kernel_that_runs_autograd_and_an_intervention() -> None:
+    """Kernels taking their own gradients (autograd; ``torch.func`` for the Jacobian) never
+    run inside a layer the backward pass recomputes, where the checkpoint would take over their
+    saved tensors (or ``torch.func`` refuse to run), with or without interventions."""
+    pytest.importorskip("scalarlens_sae")
+    name = "sae.latent_input_grad_resid"
+    options = REGISTRY.dst_examples()[name].options.to_dict()
+    dsts = [name, "sae.input_jacobian_resid", "mlp.act_times_grad"]
+    keep = scalarlens.Intervention(ALT.MLP_POST_ACT, lambda x, layer: x * 1.0, layers={2})
+    for interventions in ([], [keep]):
+        stores = [
+            scalarlens.derive(
+                adapter,
+                [TOKENS],
+                dsts,
+                target=4,
+                distractor=11,
+                interventions=interventions,
+                config=DstConfig(options=options, memory=memory),
+            )
+            for adapter, memory in (
+                (tiny_adapter(), "low"),
+                (_without_sink(tiny_adapter()), "default"),
+            )
+        ]
+        for dst in dsts:
+            entry = stores[1].activations(dst)
+            for layer in entry.layer_indices:
+                assert torch.equal(stores[0].get(dst, layer), stores[1].get(dst, layer)), dst
+
+
+def test_low_memory_with_a_non_differentiable_objective_gives_zero_gradients() -> None:
+    """A callable objective may not depend differentiably on anything: no backward pass
+    reaches the layers, so low memory must not wait for their recomputation."""
+    flat = scalarlens.CallableObjective(lambda logits: (logits[-1].argmax() == 4).to(logits.dtype))
+    store = scalarlens.derive(
+        tiny_adapter(),
+        [TOKENS],
+        "mlp.act_times_grad",
+        objective=flat,
+        config=DstConfig(memory="low"),
+    )
+    for layer in range(3):
+        assert torch.equal(store.get("mlp.act_times_grad", layer), torch.zeros(len(TOKENS), 32))

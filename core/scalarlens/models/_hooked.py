@@ -68,6 +68,14 @@ W = WeightLocationType
 _Key = tuple[CaptureLocation, PassType]
 _ATTN_PAIR_LOCATIONS = (ALT.ATTN_QK_LOGITS, ALT.ATTN_QK_PROBS)
 _ALT_BY_HOOK_NAME: dict[str, ALT] = {alt.value: alt for alt in ALT}
+# Objectives that always depend differentiably on every layer before their site, so the backward
+# pass recomputes those layers (a callable objective may not be differentiable at all).
+_DIFFERENTIABLE_OBJECTIVES = (
+    LogitDiffObjective,
+    LogProbObjective,
+    NodeObjective,
+    DirectionObjective,
+)
 
 
 def _token_index(location: CaptureLocation, length: int) -> tuple[slice, ...]:
@@ -121,6 +129,7 @@ class _RunState:
     recomputing: bool = False
     recompute_captures: bool = False
     in_first_run_of_layer: bool = False
+    checkpointed_calls: int = 0  # > 0 inside a layer the backward pass recomputes
     awaiting: set[tuple[_Key, LayerIndex]] = attrs.field(factory=set)
 
     def checkpoint(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -129,9 +138,10 @@ class _RunState:
 
         Non-reentrant checkpointing keeps the autograd graph of the first run (so gradient
         hooks registered there fire) and only recomputes the tensors it saved; the second call
-        of ``fn`` is that recomputation, during which hooks must not capture again.
+        of ``fn`` is that recomputation, during which hooks capture only the forward values
+        left for it (``_awaits_recomputation``).
         """
-        from torch.utils.checkpoint import checkpoint
+        from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
         calls = 0
 
@@ -140,14 +150,20 @@ class _RunState:
             calls += 1
             self.recomputing = calls > 1
             self.in_first_run_of_layer = calls == 1
+            self.checkpointed_calls += 1
             try:
                 return fn(*a, **kw)
             finally:
                 self.recomputing = self.in_first_run_of_layer = False
+                self.checkpointed_calls -= 1
 
-        # Without early stop the recomputation runs the whole layer, so every hook in it fires.
-        early_stop = not self.recompute_captures
-        return checkpoint(run, *args, use_reentrant=False, early_stop=early_stop, **kwargs)
+        if not self.recompute_captures:
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        # Without early stop the recomputation runs the whole layer, so every hook in it fires
+        # (the setting is read when the checkpoint is entered; a context, unlike checkpoint's
+        # early_stop= argument, exists on every torch this package supports).
+        with set_checkpoint_early_stop(False):
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     def touches(self, location: ALT, layer: LayerIndex) -> bool:
         """Whether this run captures or intervenes at ``location`` and ``layer`` (an adapter may
@@ -237,7 +253,8 @@ class _RunState:
         if self.sink is not None and key in self.sink.keys:
             self.offered.add((key, layer))
             dtype = self.sink_dtype
-            self.sink.offer(key, layer, [v if v.dtype == dtype else v.to(dtype) for v in values])
+            cast = [v if v.dtype == dtype else v.to(dtype) for v in values]
+            self.sink.offer(key, layer, cast, hold=self.checkpointed_calls > 0)
             return
         values_of = self.forward_values if key[1] is PassType.FORWARD else self.grads
         values_of.setdefault(key, {})[layer] = values
@@ -344,7 +361,8 @@ class HookedAdapter:
         ``B×1×V`` — all a logit-difference or log-prob objective reads (the ``logits`` hook is
         then not called: nothing captures it).  ``checkpoint`` (low memory; only passed when
         ``recomputes_layers`` is true): call each layer as ``checkpoint(layer_fn, *args,
-        **kwargs)``; hooks inside the layer then run twice, the second time capturing nothing."""
+        **kwargs)``; hooks inside the layer then run twice (the engine decides what each run
+        captures)."""
         raise NotImplementedError
 
     def _read_weight(self, location: WeightLocationType, layer: LayerIndex) -> torch.Tensor:
@@ -651,7 +669,7 @@ class HookedAdapter:
             lengths=lengths,
             sink=sink,
             sink_dtype=self.accumulation_dtype,
-            recompute_captures=memory == "low" and backward and sink is not None,
+            recompute_captures=_recompute_captures(memory, backward, sink, objective),
         )
         wants_logits = return_logits or any(k[0] is ALT.LOGITS for k in plan)
         unembed = wants_logits or objective is not None
@@ -753,6 +771,18 @@ class HookedAdapter:
                 if total.requires_grad:
                     torch.autograd.backward(total)
         return (None if logits is None else logits.detach()), values
+
+
+def _recompute_captures(
+    memory: str, backward: bool, sink: CaptureSink | None, objective: Objective | None
+) -> bool:
+    """Whether a low-memory run may leave the sink's forward values for the recomputation."""
+    return (
+        memory == "low"
+        and backward
+        and sink is not None
+        and isinstance(objective, _DIFFERENTIABLE_OBJECTIVES)
+    )
 
 
 def _prompt_logits(logits: torch.Tensor, b: int, length: int, n_prompts: int) -> torch.Tensor:

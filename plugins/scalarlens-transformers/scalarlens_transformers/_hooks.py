@@ -269,7 +269,7 @@ class HookedRun:
         def hook(module: Any, args: Any, output: Any) -> Any:
             tensor = output[0] if isinstance(output, tuple) else output
             delta = self.hook(ALT.RESID_DELTA_ATTN.value, i, tensor)
-            if self.parallel:
+            if i in self._layer_input:  # parallel, first forward: _layer_output rebuilds it
                 self._delta_attn[i] = delta
             return (delta, *output[1:]) if isinstance(output, tuple) else delta
 
@@ -278,7 +278,7 @@ class HookedRun:
     def _mlp_write(self, i: int) -> Callable[..., torch.Tensor]:
         def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
             delta = self.hook(ALT.RESID_DELTA_MLP.value, i, output)
-            if self.parallel:
+            if i in self._layer_input:  # (not when the backward pass recomputes the layer)
                 self._delta_mlp[i] = delta
             change = self._post_attn_change.pop(i, None)
             return delta if change is None else delta + change
