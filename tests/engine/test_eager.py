@@ -18,6 +18,7 @@ from scalarlens._plan import make_plan
 
 from tests.builtins._tiny import ALT, TOKENS, tiny_adapter
 from tests.core.test_isolation import HOSTILE
+from tests.engine.test_low_memory import _derive_everything
 
 REGISTRY = scalarlens.registry
 PROMPTS = [TOKENS, TOKENS[:4]]  # a padded batch: the second prompt is shorter
@@ -29,21 +30,8 @@ def _without_sink(adapter: scalarlens.ModelAdapter) -> scalarlens.ModelAdapter:
 
 
 def _derive_every_dst(adapter: object, memory: str, objective: object) -> dict:  # type: ignore[type-arg]
-    examples = REGISTRY.dst_examples()
-    out = {}
-    for name in sorted(REGISTRY.names()):
-        options = examples[name].options.to_dict() if name in examples else {}
-        config = DstConfig(derive_gradients=True, options=options, memory=memory)
-        deriver = REGISTRY.get(name, config)
-        if deriver.reads_baseline() or scalarlens.unsupported_reason(deriver, adapter):
-            continue  # two-prompt plans run after their runs; mlp.up needs a gated MLP
-        store = scalarlens.derive(adapter, PROMPTS, name, objective=objective, config=config)
-        for b in range(len(PROMPTS)):
-            for key in store.keys():
-                entry = store.activations(key.dst, key.pass_type, prompt=b)
-                for layer, tensor in entry.activations_by_layer_index.items():
-                    out[(str(key), b, layer)] = tensor
-    return out
+    # Two-prompt plans are executed after their runs (no sink), so they are left out.
+    return _derive_everything(adapter, memory, objective, PROMPTS, two_prompt_dsts=False)
 
 
 @pytest.mark.parametrize("memory", ["default", "low"])

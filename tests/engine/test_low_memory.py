@@ -18,23 +18,38 @@ from tests.builtins._tiny import ALT, TOKENS, corrupted, tiny_adapter
 REGISTRY = scalarlens.registry
 
 
-def _derive_everything(adapter: object, memory: str, objective: object) -> dict:  # type: ignore[type-arg]
+def _derive_everything(
+    adapter: object,
+    memory: str,
+    objective: object,
+    prompts: list[list[int]] | None = None,
+    *,
+    two_prompt_dsts: bool = True,
+) -> dict:  # type: ignore[type-arg]
+    """Every registered DST (both passes) on ``prompts``, keyed by (DST/pass, prompt, layer);
+    DSTs comparing two prompts get a corrupted baseline unless ``two_prompt_dsts`` is false."""
+    prompts = prompts or [TOKENS]
     examples = REGISTRY.dst_examples()
     out = {}
     for name in sorted(REGISTRY.names()):
         options = examples[name].options.to_dict() if name in examples else {}
         config = DstConfig(derive_gradients=True, options=options, memory=memory)
-        if scalarlens.unsupported_reason(REGISTRY.get(name, config), adapter) is not None:
+        deriver = REGISTRY.get(name, config)
+        if scalarlens.unsupported_reason(deriver, adapter) is not None:
             continue  # mlp.up: GPT-2 has no gated MLP
-        baseline = [corrupted(TOKENS)] if REGISTRY.get(name, config).reads_baseline() else None
+        baseline = None
+        if deriver.reads_baseline():
+            if not two_prompt_dsts:
+                continue
+            baseline = [corrupted(p) for p in prompts]
         store = scalarlens.derive(
-            adapter, [TOKENS], name, objective=objective, config=config, baseline=baseline
+            adapter, prompts, name, objective=objective, config=config, baseline=baseline
         )
-        for key in store.keys():
-            for layer, tensor in store.activations(
-                key.dst, key.pass_type
-            ).activations_by_layer_index.items():
-                out[(str(key), layer)] = tensor
+        for b in range(len(prompts)):
+            for key in store.keys():
+                entry = store.activations(key.dst, key.pass_type, prompt=b)
+                for layer, tensor in entry.activations_by_layer_index.items():
+                    out[(str(key), b, layer)] = tensor
     return out
 
 
