@@ -877,7 +877,8 @@ def worker_memory(directory: str, n_tokens: int, side: str, workload: str) -> di
     with PeakSampler() as sampler:
         result = run_side(side, model, workload, ids)
     del result
-    return {"bytes": float(sampler.above_baseline)}
+    live = sampler.live_above_baseline
+    return {"bytes": float(sampler.above_baseline), "live": None if live is None else float(live)}
 
 
 # --- driver -----------------------------------------------------------------------------------
@@ -1005,10 +1006,12 @@ def main(
                 if with_scalarlens:
                     cases.append(("scalarlens", "hand"))  # ScalarLens in the main venv
                 figures: dict[str, float] = {}
+                live: dict[str, float | None] = {}
                 for case, venv in cases:
                     args = ("memory", directory, str(n), case, workload)
                     try:
-                        figures[case] = _spawn(pythons[venv], *args)["bytes"]
+                        measured = _spawn(pythons[venv], *args)
+                        figures[case], live[case] = measured["bytes"], measured.get("live")
                     except RuntimeError as error:
                         notes.append(
                             f"memory of {LABELS[case]}, {WORKLOAD_LABELS[workload]}, {n} tokens: "
@@ -1020,7 +1023,8 @@ def main(
                     target = MEMORY_TARGETS.get(workload, "") if side != "hand" else ""
                     memory_rows.append(
                         f"| {WORKLOAD_LABELS[workload]} | {n} | {LABELS[side]} | {_mib(base)} | "
-                        f"{_mib(ours) if ours is not None else '—'} | {ratio} | {target} |"
+                        f"{_mib(ours) if ours is not None else '—'} | {ratio} | "
+                        f"{_live_cell(live.get('scalarlens'), live.get(side))} | {target} |"
                     )
     dims = SHAPES[shape]
     lines = [
@@ -1037,15 +1041,16 @@ def main(
         + f"). Times: median of {runs} alternated runs after a warm-up (min–max); ScalarLens is "
         "timed in the same process as each baseline (the ratio is of medians, with the range of "
         "per-run ratios). Memory: peak RSS above the loaded model, fresh process per figure "
-        "(ScalarLens: the main venv).",
+        "(ScalarLens: the main venv); the live-allocation column is the peak of glibc's in-use "
+        "malloc bytes over the same run (freed memory the allocator keeps is not counted).",
         "",
         "| workload | tokens | baseline | baseline time | ScalarLens | ratio | target |",
         "|---|---|---|---|---|---|---|",
         *time_rows,
         "",
         "| peak memory above the model | tokens | baseline | baseline peak | ScalarLens | ratio "
-        "| target |",
-        "|---|---|---|---|---|---|---|",
+        "| live allocations: ScalarLens / baseline | target |",
+        "|---|---|---|---|---|---|---|---|",
         *memory_rows,
         "",
         *(f"- {line}" for line in summary),
@@ -1057,6 +1062,13 @@ def main(
         "",
     ]
     return "\n".join(lines)
+
+
+def _live_cell(ours: float | None, base: float | None) -> str:
+    if ours is None or base is None:
+        return "—"
+    ratio = f"{ours / base:.2f}×" if base > 0 else "—"
+    return f"{ours / 2**20:.1f} / {base / 2**20:.1f} MiB = {ratio}"
 
 
 def _last_line(error: BaseException) -> str:
