@@ -175,19 +175,19 @@ class EagerEvaluation:
         self._storages = model_storages(model)
         by_key = {node.key: node for node in plan.nodes}
         self._node = {key: by_key[key] for key in self.nodes}
+        # Per job: its kernel's inputs in edge order (None: NOT_NEEDED), and the distinct ones.
         self._inputs: dict[_Job, tuple[_Input | None, ...]] = {}
-        self._waiting: dict[_Input, list[_Job]] = {}
-        self._reads: Counter[_Input] = Counter()
+        self._needed: dict[_Job, frozenset[_Input]] = {}
+        self._waiting: dict[_Input, list[_Job]] = {}  # the jobs each input is needed by
         for key in self.nodes:
-            node = by_key[key]
-            for layer in node.layers:
-                inputs = tuple(self._input_of(edge, layer) for edge in node.edges)
-                self._inputs[(key, layer)] = inputs
-                for needed in set(inputs) - {None}:
-                    assert needed is not None
-                    self._waiting.setdefault(needed, []).append((key, layer))
-                    self._reads[needed] += 1
-        self._unstarted = [job for job, inputs in self._inputs.items() if not set(inputs) - {None}]
+            for layer in by_key[key].layers:
+                job = (key, layer)
+                inputs = tuple(self._input_of(edge, layer) for edge in by_key[key].edges)
+                self._inputs[job] = inputs
+                self._needed[job] = frozenset(x for x in inputs if x is not None)
+                for needed in self._needed[job]:
+                    self._waiting.setdefault(needed, []).append(job)
+        self._unstarted = [job for job, needed in self._needed.items() if not needed]
         requested = {key for key, _ in plan.requests}
         read_later = {
             producer
@@ -200,10 +200,11 @@ class EagerEvaluation:
         self._outlives = (requested | read_later) & self.nodes
         n = len(self._lengths)
         self._available: list[dict[_Input, torch.Tensor]] = [{} for _ in range(n)]
-        self._left: list[Counter[_Input]] = [Counter(self._reads) for _ in range(n)]
+        # Per prompt: how many jobs still need each input, how many inputs each job lacks.
+        reads = {what: len(jobs) for what, jobs in self._waiting.items()}
+        self._left: list[Counter[_Input]] = [Counter(reads) for _ in range(n)]
         self._missing: list[dict[_Job, int]] = [
-            {job: len(set(inputs) - {None}) for job, inputs in self._inputs.items()}
-            for _ in range(n)
+            {job: len(needed) for job, needed in self._needed.items()} for _ in range(n)
         ]
         self._results: list[dict[NodeKey, dict[LayerIndex, torch.Tensor]]] = [{} for _ in range(n)]
         self._contexts: list[dict[NodeKey, tuple[DeriveContext, tuple[int | None, ...]]]] = [
@@ -287,9 +288,8 @@ class EagerEvaluation:
 
         key, layer = job
         node = self._node[key]
-        needed = self._inputs[job]
         available = self._available[b]
-        inputs = tuple(None if x is None else available[x] for x in needed)
+        inputs = tuple(None if x is None else available[x] for x in self._inputs[job])
         ctx, expected = self._context(b, node)
         try:
             with torch.no_grad():
@@ -307,8 +307,7 @@ class EagerEvaluation:
         except _NeedsTheModel:  # keeps its inputs; ``results`` evaluates it after the run
             self._deferred[b].append(job)
             return
-        for x in set(needed) - {None}:
-            assert x is not None
+        for x in self._needed[job]:
             self._left[b][x] -= 1
             if not self._left[b][x]:
                 del available[x]
