@@ -128,7 +128,6 @@ class _RunState:
     # except the forward values awaiting the recomputation (see ``_awaits_recomputation``).
     recomputing: bool = False
     recompute_captures: bool = False
-    in_first_run_of_layer: bool = False
     checkpointed_calls: int = 0  # > 0 inside a layer the backward pass recomputes
     awaiting: set[tuple[_Key, LayerIndex]] = attrs.field(factory=set)
 
@@ -149,12 +148,11 @@ class _RunState:
             nonlocal calls
             calls += 1
             self.recomputing = calls > 1
-            self.in_first_run_of_layer = calls == 1
             self.checkpointed_calls += 1
             try:
                 return fn(*a, **kw)
             finally:
-                self.recomputing = self.in_first_run_of_layer = False
+                self.recomputing = False
                 self.checkpointed_calls -= 1
 
         if not self.recompute_captures:
@@ -239,7 +237,8 @@ class _RunState:
         for an objective on the logits, the layers before a node or direction objective's; and
         never with interventions (one could cut a layer off from the objective).
         """
-        if not (self.recompute_captures and self.in_first_run_of_layer):
+        # Inside a checkpointed layer's first run (``_observe`` never asks while recomputing).
+        if not (self.recompute_captures and self.checkpointed_calls > 0):
             return False
         if self.sink is None or key not in self.sink.keys or self.interventions:
             return False
