@@ -238,10 +238,8 @@ class GPT2Adapter(HookedAdapter):
         Lets ``derive`` take the objective's gradient at the final residual locally — through
         ``ln_f`` and the unembedding only — when that is the only gradient a plan needs.
         """
-        unembedding = self._model.unembedding()
-        if columns is not None:
-            unembedding = unembedding[list(columns)]
-        return self.final_norm(resid, detach_scale=detach_ln_scale) @ unembedding.T
+        normed = self.final_norm(resid, detach_scale=detach_ln_scale)
+        return normed @ self._model.unembedding(columns).T
 
     def _forward_model(
         self,

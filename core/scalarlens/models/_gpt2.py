@@ -252,9 +252,11 @@ class GPT2Model(nn.Module):
         assert isinstance(block, _Block)
         return block
 
-    def unembedding(self) -> torch.Tensor:
-        """``V×D`` output matrix (``wte`` when tied, as in ``GPT2LMHeadModel``)."""
-        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+    def unembedding(self, columns: Sequence[int] | None = None) -> torch.Tensor:
+        """``V×D`` output matrix (``wte`` when tied, as in ``GPT2LMHeadModel``); only the rows
+        of the vocabulary ids in ``columns`` when given (a logit difference reads two)."""
+        matrix = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return matrix if columns is None else matrix[list(columns)]
 
     def forward(
         self,
@@ -328,8 +330,5 @@ class GPT2Model(nn.Module):
         for i in range(start_layer, self.config.n_layer):
             resid = self.block(i)(resid, allowed, hook, i, past[i - start_layer] if p else None)
         x = self.ln_f(resid, hook, ALT.RESID_FINAL_LAYER_NORM_SCALE.value, None)
-        unembedding = self.unembedding()
-        if columns is not None:
-            unembedding = unembedding[list(columns)]
-        out: torch.Tensor = x[:, row] @ unembedding.T
+        out: torch.Tensor = x[:, row] @ self.unembedding(columns).T
         return out
