@@ -254,19 +254,19 @@ def _effective_encoder(sae: SparseAutoencoder) -> torch.Tensor:
 
 def _batched_setup(
     inputs: Inputs, ctx: DeriveContext, opts: SaeOptions
-) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """``(W_O[h]·γ) W_eff`` (``H×dv×A``), the active mask ``1[z > 0]`` (``T×A``), ``1/σ``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_O[h]·γ) W_eff`` (``H×dv×A``) and the per-query weight ``1[z > 0]/σ`` (``T×A``;
+    ``σ`` is the post-norm's scale, 1 without post-norms)."""
     import torch
 
     x = need(inputs[4], "resid.delta_attn")
     sae = _sae_for(opts, ctx, x)
     w_o = ctx.weight(W.ATTN_TO_RESIDUAL, opts.layer).to(x.dtype)
-    inv_scale: Any = 1.0
+    weight = (sae.encode(x) > 0).to(x.dtype)
     if ctx.dims.post_norms:
         w_o = w_o * ctx.weight(W.ATTN_POST_NORM_GAIN, opts.layer).to(x.dtype)
-        inv_scale = 1.0 / need(inputs[3], "attn post-norm σ")  # T×1
-    read = torch.einsum("hvd,da->hva", w_o, _effective_encoder(sae))
-    return read, (sae.encode(x) > 0).to(x.dtype), inv_scale
+        weight = weight / need(inputs[3], "attn post-norm σ")  # σ is T×1
+    return torch.einsum("hvd,da->hva", w_o, _effective_encoder(sae)), weight
 
 
 def _attn_to_latents_batched(inputs: Inputs, layer: LayerIndex, ctx: DeriveContext) -> torch.Tensor:
@@ -278,11 +278,9 @@ def _attn_to_latents_batched(inputs: Inputs, layer: LayerIndex, ctx: DeriveConte
     n = n_latents(opts)
     if layer != opts.layer:
         return probs.new_zeros((*probs.shape[:2], n))
-    read, active, inv_scale = _batched_setup(inputs, ctx, opts)
+    read, weight = _batched_setup(inputs, ctx, opts)
     per_source = torch.einsum("shv,hva->sha", need(inputs[1], "attn.v"), read)
-    out = torch.einsum("tsh,sha->tsa", probs, per_source)
-    scale = inv_scale if isinstance(inv_scale, float) else inv_scale.unsqueeze(-1)  # T×1×1
-    return out * scale * active.unsqueeze(1)
+    return torch.einsum("tsh,sha->tsa", probs, per_source) * weight.unsqueeze(1)
 
 
 def _attn_to_latents_per_token_batched(
@@ -296,10 +294,8 @@ def _attn_to_latents_per_token_batched(
     n = n_latents(opts)
     if layer != opts.layer:
         return mixed.new_zeros((*mixed.shape[:2], n))
-    read, active, inv_scale = _batched_setup(inputs, ctx, opts)
-    out = torch.einsum("thv,hva->tha", mixed, read)
-    scale = inv_scale if isinstance(inv_scale, float) else inv_scale.unsqueeze(-1)
-    return out * scale * active.unsqueeze(1)
+    read, weight = _batched_setup(inputs, ctx, opts)
+    return torch.einsum("thv,hva->tha", mixed, read) * weight.unsqueeze(1)
 
 
 # --- recipes --------------------------------------------------------------------------------
