@@ -72,6 +72,14 @@ def _live_bytes_reader() -> Callable[[], int] | None:
     return live
 
 
+def live_cell(ours: float | None, base: float | None, digits: int = 3) -> str:
+    """A table cell with two peak live-allocation figures and their ratio (— where unknown)."""
+    if ours is None or base is None:
+        return "—"
+    ratio = f"{ours / base:.{digits}f}×" if base > 0 else "—"
+    return f"{ours / 2**20:.1f} / {base / 2**20:.1f} MiB = {ratio}"
+
+
 class PeakSampler:
     """Highest RSS seen while the ``with`` block runs, minus the RSS at entry; likewise the
     live malloc bytes where glibc reports them (``live_above_baseline``, else ``None``)."""

@@ -69,7 +69,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from bench_capture import PeakSampler  # noqa: E402
+from bench_capture import PeakSampler, live_cell  # noqa: E402
 from bench_peers import _fmt_s, _mib, _ratio  # noqa: E402
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -1024,7 +1024,7 @@ def main(
                     memory_rows.append(
                         f"| {WORKLOAD_LABELS[workload]} | {n} | {LABELS[side]} | {_mib(base)} | "
                         f"{_mib(ours) if ours is not None else '—'} | {ratio} | "
-                        f"{_live_cell(live.get('scalarlens'), live.get(side))} | {target} |"
+                        f"{live_cell(live.get('scalarlens'), live.get(side), 2)} | {target} |"
                     )
     dims = SHAPES[shape]
     lines = [
@@ -1062,13 +1062,6 @@ def main(
         "",
     ]
     return "\n".join(lines)
-
-
-def _live_cell(ours: float | None, base: float | None) -> str:
-    if ours is None or base is None:
-        return "—"
-    ratio = f"{ours / base:.2f}×" if base > 0 else "—"
-    return f"{ours / 2**20:.1f} / {base / 2**20:.1f} MiB = {ratio}"
 
 
 def _last_line(error: BaseException) -> str:

@@ -64,7 +64,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from bench_capture import PeakSampler  # noqa: E402
+from bench_capture import PeakSampler, live_cell  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -567,15 +567,6 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _live_cell(ours: dict[str, float | None], base: dict[str, float | None]) -> str:
-    """Peak live malloc bytes of both sides and their ratio (— where glibc cannot say)."""
-    a, b = ours.get("live"), base.get("live")
-    if a is None or b is None:
-        return "—"
-    ratio = f"{a / b:.3f}×" if b > 0 else "—"
-    return f"{a / 2**20:.1f} / {b / 2**20:.1f} MiB = {ratio}"
-
-
 def _versions() -> str:
     from importlib.metadata import version
 
@@ -742,10 +733,10 @@ def main(
                 }
                 mem = {case: m["bytes"] for case, m in measured.items()}
                 for label, ours, base, base_label, target in MEMORY_ROWS:
+                    live = live_cell(measured[ours].get("live"), measured[base].get("live"))
                     memory_rows.append(
                         f"| {label} | {shape} | {n} | {_mib(mem[ours])} | {base_label} "
-                        f"{_mib(mem[base])} | {mem[ours] / mem[base]:.3f}× | "
-                        f"{_live_cell(measured[ours], measured[base])} | {target} |"
+                        f"{_mib(mem[base])} | {mem[ours] / mem[base]:.3f}× | {live} | {target} |"
                     )
                 if shape == CURVE_SHAPE:
                     curve[n] = {case: mem[case] for case in CURVE_CASES}
